@@ -1,0 +1,47 @@
+// Fused generalized task arithmetic ("gta" family): task arithmetic, TIES, DARE, breadcrumbs,
+// DELLA and their linear variants in one kernel with mergekit 0.1.5's semantics and
+// fastmerge's numerics (fp32 arithmetic, exact top-k with index tie-break, Philox masks).
+//
+// For each expert t: delta_t = expert_t - base (base absent = 0), sparsified to s_t
+// (mask, optional L1 rescale), v_t = s_t * weight_t. Consensus (TIES sign election) keeps
+// v_t where sign(v_t) equals the majority sign; the merged delta is sum(v_t * keep_t), divided
+// by the divisor when normalizing, times lambda, added to base, rounded once to out's dtype.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "fastmerge/tensor.h"
+
+namespace fastmerge {
+
+enum class Sparsify : int { none = 0, magnitude = 1, random = 2, magnitude_outliers = 3, della_magprune = 4 };
+enum class Consensus : int { none = 0, sum = 1, count = 2 };
+
+struct GtaExpertParams {
+  double weight = 1.0;
+  double density = 1.0;
+  double gamma = 0.01;   // magnitude_outliers: fraction of largest removed
+  double epsilon = 0.15; // della_magprune: half-width of the keep-probability range
+};
+
+struct GtaParams {
+  Sparsify sparsify = Sparsify::none;
+  Consensus consensus = Consensus::none;
+  bool rescale = false;    // L1 rescale of each sparsified delta (mergekit's `rescale`)
+  bool normalize = false;  // divide by the (masked) sum of weights
+  double lambda = 1.0;
+  uint64_t seed = 0;       // random masks: Philox key
+  uint32_t stream = 0;     // random masks: hash of the tensor name
+  std::vector<GtaExpertParams> experts;
+  // DELLA ranks magnitudes along dim 1 (mergekit: argsort(dim=1) after unsqueezing <2-D):
+  // rank_outer groups of rank_len elements spaced rank_inner apart.
+  int64_t rank_outer = 1, rank_len = 1, rank_inner = 1;
+};
+
+// base may be null (deltas are the experts themselves). out has base's (or the experts') numel.
+void gta_merge_cpu(const TensorView* base, const std::vector<TensorView>& experts,
+                   const TensorView& out, const GtaParams& params);
+void gta_merge_cuda(const TensorView* base, const std::vector<TensorView>& experts,
+                    const TensorView& out, const GtaParams& params, StreamHandle stream);
+
+}  // namespace fastmerge

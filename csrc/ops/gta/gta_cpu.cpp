@@ -1,0 +1,321 @@
+// CPU launcher of the fused GTA merge: a statistics pass (top-k windows, L1 norms) when any
+// expert needs one, then one merge pass. Threads take fixed chunks (or, for DELLA, whole rank
+// slabs); per-chunk results are reduced in chunk order, so results never depend on threads.
+#include <algorithm>
+#include <vector>
+
+#include "fastmerge/parallel.h"
+#include "gta.h"
+#include "gta_cpu_kernels.h"
+#include "gta_plan.h"
+
+namespace fastmerge {
+namespace {
+
+float load_one(const TensorView& t, int64_t i) {
+  switch (t.dtype) {
+    case DType::f32: return t.ptr<const float>()[i];
+    case DType::bf16: return to_float(t.ptr<const bf16_t>()[i]);
+    case DType::f16: return to_float(t.ptr<const f16_t>()[i]);
+    default: break;
+  }
+  return 0.0f;
+}
+
+// A top-k selection to make for one expert: which boundary of its plan it fills.
+struct Selection {
+  int expert;
+  bool keep_side;  // true: ExpertPlan::keep_from (top k_keep); false: drop_from (top k_drop)
+  TopkWindow window;
+  bool resolved = false;
+};
+
+// Statistics of one range (chunk or slab).
+struct RangeStats {
+  std::vector<TopkScanResult> scans;            // per selection
+  std::vector<std::vector<uint64_t>> cands;     // per selection
+  std::vector<double> l1_all, l1_kept;          // per expert
+};
+
+// Inputs shared by both passes.
+struct MergeInputs {
+  const TensorView* base;
+  const std::vector<TensorView>* experts;
+  const GtaParams* params;
+  int64_t n;
+};
+
+// Ranges the passes iterate over: fixed chunks, or DELLA's rank slabs (one per dim-0 index).
+struct Ranges {
+  bool slabs;
+  int64_t count, size;
+  int64_t begin(int64_t r) const { return r * size; }
+  int64_t end(int64_t r, int64_t n) const { return std::min(n, (r + 1) * size); }
+};
+
+Ranges make_ranges(const GtaPlan& plan, const GtaParams& p, int64_t n) {
+  if (plan.has_della) return Ranges{true, p.rank_outer, p.rank_len * p.rank_inner};
+  return Ranges{false, num_chunks(n), kChunk};
+}
+
+template <typename Fn>
+void for_each_range(const Ranges& ranges, Fn&& fn) {
+  if (ranges.slabs) {
+    parallel_for(ranges.count, fn);
+  } else {
+#pragma omp parallel for schedule(static) if (ranges.count > 1)
+    for (int64_t r = 0; r < ranges.count; ++r) fn(r);
+  }
+}
+
+// Per-thread scratch of one range.
+struct Scratch {
+  std::vector<float> base, delta, u, v;
+  std::vector<uint64_t> cand;
+  std::vector<float> slab_base, slab_delta;  // DELLA
+  std::vector<float> probs;                  // DELLA: experts x slab
+  std::vector<uint64_t> group;               // DELLA: one rank group
+  explicit Scratch(int experts)
+      : base(kBlock), delta(kBlock), u(kBlock), v(size_t(experts) * kBlock), cand(kBlock) {}
+};
+
+// DELLA keep probabilities of every expert over slab [begin, end): ranks of |delta| along
+// the rank axis (ascending composite order: ties rank lower-index elements higher).
+void della_probs(const MergeInputs& in, const GtaPlan& plan, const GtaBlockKernels& K,
+                 int64_t begin, int64_t end, Scratch& s) {
+  const GtaParams& p = *in.params;
+  const int64_t len = end - begin, L = p.rank_len, I = p.rank_inner;
+  const int T = int(plan.experts.size());
+  s.slab_base.resize(size_t(len));
+  s.slab_delta.resize(size_t(len));
+  s.probs.resize(size_t(T) * len);
+  s.group.resize(size_t(L));
+  if (in.base) K.load(in.base->data, in.base->dtype, begin, len, s.slab_base.data());
+  for (int t = 0; t < T; ++t) {
+    const ExpertPlan& x = plan.experts[t];
+    if (x.kind != MaskKind::della) continue;
+    const TensorView& e = (*in.experts)[t];
+    K.load(e.data, e.dtype, begin, len, s.slab_delta.data());
+    K.subtract(s.slab_delta.data(), in.base ? s.slab_base.data() : nullptr, len, s.slab_delta.data());
+    float* prob = s.probs.data() + size_t(t) * len;
+    for (int64_t c = 0; c < I; ++c) {
+      for (int64_t j = 0; j < L; ++j)
+        s.group[j] = composite_key(magnitude_key(s.slab_delta[j * I + c]), j);
+      std::sort(s.group.begin(), s.group.end());
+      for (int64_t r = 0; r < L; ++r) {
+        const int64_t j = int64_t(kIndexMask - (s.group[r] & kIndexMask));
+        prob[j * I + c] = x.prob_base + (della_rank_norm(r, L) * 2.0f) * x.prob_span;
+      }
+    }
+  }
+}
+
+// One pass over the inputs: scans the unresolved selections' windows and, when gather_l1,
+// the L1 norms of rescaled experts. Resolved selections write their boundaries into plan.
+void stats_pass(const MergeInputs& in, GtaPlan& plan, std::vector<Selection>& sels,
+                bool gather_l1, const GtaBlockKernels& K) {
+  const GtaParams& p = *in.params;
+  const int T = int(plan.experts.size());
+  const Ranges ranges = make_ranges(plan, p, in.n);
+  std::vector<RangeStats> stats(size_t(ranges.count));
+  std::vector<int> active;  // selections still to scan
+  for (size_t i = 0; i < sels.size(); ++i)
+    if (!sels[i].resolved) active.push_back(int(i));
+  const bool need_l1 = gather_l1;
+
+  for_each_range(ranges, [&](int64_t r) {
+    Scratch s(T);
+    RangeStats& st = stats[size_t(r)];
+    st.scans.assign(sels.size(), TopkScanResult{});
+    st.cands.assign(sels.size(), {});
+    st.l1_all.assign(size_t(T), 0.0);
+    st.l1_kept.assign(size_t(T), 0.0);
+    const int64_t begin = ranges.begin(r), end = ranges.end(r, in.n);
+    if (ranges.slabs) della_probs(in, plan, K, begin, end, s);
+    for (int64_t b = begin; b < end; b += kBlock) {
+      const int64_t len = std::min(kBlock, end - b);
+      if (in.base) K.load(in.base->data, in.base->dtype, b, len, s.base.data());
+      for (int t = 0; t < T; ++t) {
+        const ExpertPlan& x = plan.experts[t];
+        bool scan = false;
+        for (int i : active) scan |= sels[size_t(i)].expert == t;
+        if (!scan && !(need_l1 && x.rescale)) continue;
+        const TensorView& e = (*in.experts)[t];
+        K.load(e.data, e.dtype, b, len, s.delta.data());
+        K.subtract(s.delta.data(), in.base ? s.base.data() : nullptr, len, s.delta.data());
+        for (int i : active) {
+          if (sels[size_t(i)].expert != t) continue;
+          const TopkWindow& w = sels[size_t(i)].window;
+          K.topk_scan(s.delta.data(), len, b, w.lo, w.hi, &st.scans[size_t(i)], s.cand.data());
+          st.cands[size_t(i)].insert(st.cands[size_t(i)].end(), s.cand.begin(),
+                                     s.cand.begin() + st.scans[size_t(i)].candidates);
+        }
+        if (!(need_l1 && x.rescale)) continue;
+        const float* u = nullptr;
+        const float* prob = nullptr;
+        if (x.kind == MaskKind::bernoulli || x.kind == MaskKind::della) {
+          K.uniforms(make_stream(p.seed, p.stream, uint32_t(t)), b, len, s.u.data());
+          u = s.u.data();
+          if (x.kind == MaskKind::della) prob = s.probs.data() + size_t(t) * (end - begin) + (b - begin);
+        }
+        K.abs_sums(s.delta.data(), u, prob, x.keep_prob, len, &st.l1_all[size_t(t)],
+                   &st.l1_kept[size_t(t)]);
+      }
+    }
+  });
+
+  // Reduce in range order.
+  std::vector<int64_t> above(sels.size(), 0);
+  std::vector<double> above_l1(sels.size(), 0.0);
+  std::vector<std::vector<uint64_t>> cands(sels.size());
+  for (const RangeStats& st : stats) {
+    for (int i : active) {
+      above[size_t(i)] += st.scans[size_t(i)].above;
+      above_l1[size_t(i)] += st.scans[size_t(i)].above_l1;
+      cands[size_t(i)].insert(cands[size_t(i)].end(), st.cands[size_t(i)].begin(),
+                              st.cands[size_t(i)].end());
+    }
+    for (int t = 0; t < T; ++t) {
+      plan.experts[size_t(t)].l1_before += st.l1_all[size_t(t)];
+      plan.experts[size_t(t)].l1_after += st.l1_kept[size_t(t)];
+    }
+  }
+  for (int i : active) {
+    Selection& sel = sels[size_t(i)];
+    uint64_t boundary = 0;
+    if (!resolve_topk(cands[size_t(i)], above[size_t(i)], sel.window.k, &boundary)) {
+      sel.window = full_topk_window(sel.window.k);  // rare miss: rescan everything
+      continue;
+    }
+    sel.resolved = true;
+    ExpertPlan& x = plan.experts[size_t(sel.expert)];
+    (sel.keep_side ? x.keep_from : x.drop_from) = boundary;
+    if (x.rescale) {
+      // L1 of the top-k: the part above the window plus the kept candidates (|delta| is the
+      // float whose bits are the composite's key).
+      double l1 = above_l1[size_t(i)];
+      for (uint64_t c : cands[size_t(i)])
+        if (c >= boundary) l1 += double(bits_float(uint32_t(c >> kIndexBits)));
+      x.l1_after += sel.keep_side ? l1 : -l1;
+    }
+  }
+}
+
+// Plans the selections of every top-k expert from a sample of its composites.
+std::vector<Selection> plan_selections(const MergeInputs& in, GtaPlan& plan) {
+  std::vector<Selection> sels;
+  const int64_t n = in.n, s = sample_count(n);
+  for (int t = 0; t < int(plan.experts.size()); ++t) {
+    ExpertPlan& x = plan.experts[size_t(t)];
+    if (x.kind != MaskKind::topk_range) continue;
+    std::vector<uint64_t> sample;
+    for (int side = 0; side < 2; ++side) {
+      const bool keep_side = side == 0;
+      const int64_t k = keep_side ? x.k_keep : x.k_drop;
+      if (sample.empty() && k > 0 && k < n && n > 4 * kSampleSize) {
+        sample.resize(size_t(s));
+        const TensorView& e = (*in.experts)[t];
+        for (int64_t j = 0; j < s; ++j) {
+          const int64_t pos = sample_position(j, n, s);
+          const float d = load_one(e, pos) - (in.base ? load_one(*in.base, pos) : 0.0f);
+          sample[size_t(j)] = composite_key(magnitude_key(d), pos);
+        }
+      }
+      std::vector<uint64_t> work = sample;
+      Selection sel{t, keep_side, plan_topk_window(work, n, k)};
+      if (sel.window.trivial) {
+        (keep_side ? x.keep_from : x.drop_from) = sel.window.boundary;
+        sel.resolved = true;
+      }
+      sels.push_back(sel);
+    }
+  }
+  return sels;
+}
+
+void merge_pass(const MergeInputs& in, const GtaPlan& plan, const TensorView& out,
+                const GtaBlockKernels& K) {
+  const GtaParams& p = *in.params;
+  const int T = int(plan.experts.size());
+  const Ranges ranges = make_ranges(plan, p, in.n);
+  std::vector<float> weights(static_cast<size_t>(T));
+  for (int t = 0; t < T; ++t) weights[size_t(t)] = plan.experts[size_t(t)].weight;
+  CombineParams cp;
+  cp.consensus = p.consensus;
+  cp.normalize = p.normalize;
+  cp.lambda = float(p.lambda);
+  cp.divisor = plan.divisor;
+
+  for_each_range(ranges, [&](int64_t r) {
+    Scratch s(T);
+    const int64_t begin = ranges.begin(r), end = ranges.end(r, in.n);
+    if (ranges.slabs) della_probs(in, plan, K, begin, end, s);
+    for (int64_t b = begin; b < end; b += kBlock) {
+      const int64_t len = std::min(kBlock, end - b);
+      if (in.base) K.load(in.base->data, in.base->dtype, b, len, s.base.data());
+      for (int t = 0; t < T; ++t) {
+        const ExpertPlan& x = plan.experts[size_t(t)];
+        const TensorView& e = (*in.experts)[t];
+        float* v = s.v.data() + size_t(t) * kBlock;
+        if (x.kind == MaskKind::drop_all) {
+          K.contribution(nullptr, len, b, x, nullptr, nullptr, v);
+          continue;
+        }
+        K.load(e.data, e.dtype, b, len, s.delta.data());
+        K.subtract(s.delta.data(), in.base ? s.base.data() : nullptr, len, s.delta.data());
+        const float* prob = nullptr;
+        if (x.kind == MaskKind::bernoulli || x.kind == MaskKind::della) {
+          K.uniforms(make_stream(p.seed, p.stream, uint32_t(t)), b, len, s.u.data());
+          if (x.kind == MaskKind::della) prob = s.probs.data() + size_t(t) * (end - begin) + (b - begin);
+        }
+        K.contribution(s.delta.data(), len, b, x, s.u.data(), prob, v);
+      }
+      K.combine(s.v.data(), kBlock, T, weights.data(), cp, in.base ? s.base.data() : nullptr, len,
+                s.delta.data());
+      K.store(out.data, out.dtype, b, len, s.delta.data());
+    }
+  });
+}
+
+}  // namespace
+
+GtaPlan gta_prepare_cpu(const TensorView* base, const std::vector<TensorView>& experts,
+                        const GtaParams& params, int64_t n) {
+  GtaPlan plan = make_gta_plan(params, n);
+  if (n == 0) return plan;
+  const GtaBlockKernels& K = gta_block_kernels();
+  const MergeInputs in{base, &experts, &params, n};
+  if (plan.needs_stats_pass) {
+    std::vector<Selection> sels = plan_selections(in, plan);
+    stats_pass(in, plan, sels, /*gather_l1=*/true, K);
+    // A window that missed the k-th (rare) is rescanned with the full window.
+    while (std::any_of(sels.begin(), sels.end(), [](const Selection& s) { return !s.resolved; }))
+      stats_pass(in, plan, sels, /*gather_l1=*/false, K);
+    // Trivial sides of rescaled top-k experts: boundary 0 selects everything.
+    for (const Selection& sel : sels) {
+      ExpertPlan& x = plan.experts[size_t(sel.expert)];
+      if (x.rescale && sel.window.trivial && sel.window.boundary == 0)
+        x.l1_after += sel.keep_side ? x.l1_before : -x.l1_before;
+    }
+  }
+  finish_gta_plan(plan);
+  return plan;
+}
+
+void gta_merge_cpu(const TensorView* base, const std::vector<TensorView>& experts,
+                   const TensorView& out, const GtaParams& params) {
+  const int64_t n = out.numel();
+  check_flat(out, "out", n);
+  if (base) check_flat(*base, "base", n);
+  for (const TensorView& e : experts) check_flat(e, "expert", n);
+  FM_CHECK(experts.size() == params.experts.size(), "got ", experts.size(), " experts but ",
+           params.experts.size(), " parameter sets");
+  if (params.sparsify == Sparsify::della_magprune)
+    FM_CHECK(params.rank_outer * params.rank_len * params.rank_inner == n,
+             "della rank axis does not cover the tensor");
+  const GtaPlan plan = gta_prepare_cpu(base, experts, params, n);
+  if (n == 0) return;
+  merge_pass(MergeInputs{base, &experts, &params, n}, plan, out, gta_block_kernels());
+}
+
+}  // namespace fastmerge

@@ -1,0 +1,54 @@
+// Block kernels of the CPU GTA path: straight-line loops over one block of floats, compiled
+// once per instruction set (gta_cpu_kernels.cpp) and chosen at run time. The orchestration in
+// gta_cpu.cpp owns threads, chunking and all standard-library work.
+#pragma once
+#include <cstdint>
+
+#include "fastmerge/numeric.h"
+#include "fastmerge/philox.h"
+#include "gta_plan.h"
+
+namespace fastmerge {
+
+constexpr int64_t kBlock = 256;  // elements per block; a multiple of 4 (Philox quads)
+
+struct TopkScanResult {
+  int64_t above = 0;      // composites above the window
+  double above_l1 = 0.0;  // sum of |delta| over them
+  int64_t candidates = 0; // composites written to the candidate buffer
+};
+
+struct CombineParams {
+  Consensus consensus = Consensus::none;
+  bool normalize = false;
+  float lambda = 1.0f;
+  float divisor = 1.0f;  // used without consensus
+};
+
+struct GtaBlockKernels {
+  // dst[j] = float(src[offset + j])
+  void (*load)(const void* src, DType dtype, int64_t offset, int64_t len, float* dst);
+  // dst[offset + j] = round(src[j])
+  void (*store)(void* dst, DType dtype, int64_t offset, int64_t len, const float* src);
+  // d[j] = a[j] - b[j]; b may be null (then a copy)
+  void (*subtract)(const float* a, const float* b, int64_t len, float* d);
+  // u[j] = uniform for element first + j
+  void (*uniforms)(const RandomStream& stream, int64_t first, int64_t len, float* u);
+  // sum |d|, and sum |d| where keep_prob[j] > u[j] (keep_prob null: the scalar p)
+  void (*abs_sums)(const float* d, const float* u, const float* keep_prob, float p, int64_t len,
+                   double* all, double* kept);
+  // Window scan of the sample-window top-k over |d|, flat indices starting at first.
+  void (*topk_scan)(const float* d, int64_t len, int64_t first, uint64_t lo, uint64_t hi,
+                    TopkScanResult* result, uint64_t* candidates);
+  // v[j] = kept ? (d[j] * scale) * weight : 0 for one expert (u: uniforms for random masks,
+  // keep_prob: DELLA's per-element probabilities)
+  void (*contribution)(const float* d, int64_t len, int64_t first, const ExpertPlan& plan,
+                       const float* u, const float* keep_prob, float* v);
+  // out[j] = base[j] + merged delta of the T contribution rows v[t * stride + j]
+  void (*combine)(const float* v, int64_t stride, int experts, const float* weights,
+                  const CombineParams& params, const float* base, int64_t len, float* out);
+};
+
+const GtaBlockKernels& gta_block_kernels();
+
+}  // namespace fastmerge

@@ -1,0 +1,13 @@
+"""Error types. Every user-facing failure is a FastmergeError naming what is at fault."""
+
+
+class FastmergeError(Exception):
+    """Base class of every error fastmerge raises on purpose."""
+
+
+class InvalidArgumentError(FastmergeError, ValueError):
+    """An argument has the wrong type, shape, device, dtype or value."""
+
+
+class NativeUnavailableError(FastmergeError, RuntimeError):
+    """The compiled extension (or its CUDA part) is not available."""

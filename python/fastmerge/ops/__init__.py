@@ -1,0 +1,33 @@
+"""Public functional ops on torch tensors (CPU or CUDA, fp32/fp16/bf16, any shape)."""
+from .gta import (
+    breadcrumbs,
+    breadcrumbs_ties,
+    dare_drop,
+    dare_linear,
+    dare_ties,
+    della,
+    della_linear,
+    generalized_task_arithmetic,
+    linear,
+    task_arithmetic,
+    ties,
+)
+from .interp import model_stock, slerp
+from .select import magnitude_mask
+
+__all__ = [
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "dare_drop",
+    "dare_linear",
+    "dare_ties",
+    "della",
+    "della_linear",
+    "generalized_task_arithmetic",
+    "linear",
+    "magnitude_mask",
+    "model_stock",
+    "slerp",
+    "task_arithmetic",
+    "ties",
+]

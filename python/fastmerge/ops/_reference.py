@@ -1,0 +1,1 @@
+"""Pure-torch reference implementations (test oracle and fallback). Filled in below."""

@@ -1,0 +1,217 @@
+"""Fused generalized task arithmetic: task_arithmetic, ties, dare_*, breadcrumbs*, della*, linear.
+
+Every op here is one call of the fused kernel (csrc/ops/gta): per expert, delta = expert - base
+is sparsified (magnitude top-k, Philox Bernoulli, breadcrumbs outliers or DELLA's rank-based
+probabilities; optional L1 rescale), weighted, sign-elected (TIES consensus) and summed, in fp32
+with one rounding to the output dtype. Method names, parameter names and defaults are
+mergekit 0.1.5's.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .. import _native
+from ..errors import InvalidArgumentError
+from . import _reference
+from ._validate import (
+    PerExpert,
+    capsule,
+    check_experts,
+    check_same_layout,
+    check_scalar,
+    check_seed,
+    check_tensor,
+    cuda_stream,
+    kernel_input,
+    kernel_output,
+    per_expert,
+    resolve_out_dtype,
+    stream_hash,
+    use_native,
+)
+
+SPARSIFICATION = {None: 0, "magnitude": 1, "random": 2, "magnitude_outliers": 3, "della_magprune": 4}
+CONSENSUS = {None: 0, "sum": 1, "count": 2}
+
+
+def della_rank_axis(shape: Sequence[int]):
+    """(outer, len, inner) of mergekit's DELLA ranking: argsort along dim 1 after <2-D tensors
+    are unsqueezed to one row (0-d tensors count as one element)."""
+    shape = list(shape)
+    if len(shape) == 0:
+        return 1, 1, 1
+    if len(shape) == 1:
+        return 1, shape[0], 1
+    inner = 1
+    for s in shape[2:]:
+        inner *= s
+    return shape[0], shape[1], inner
+
+
+def generalized_task_arithmetic(
+    base: Optional[torch.Tensor],
+    experts: Sequence[torch.Tensor],
+    weight: PerExpert,
+    *,
+    density: PerExpert = 1.0,
+    sparsification: Optional[str] = None,
+    consensus: Optional[str] = None,
+    rescale: bool = False,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    gamma: PerExpert = 0.01,
+    epsilon: PerExpert = 0.15,
+    seed: int = 0,
+    name: str = "",
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """The general form behind every task-vector op. base=None merges the experts themselves
+    (deltas against zero), as linear merging and standalone sparsification do."""
+    experts = check_experts(experts)
+    if base is not None:
+        base = check_tensor(base, "base")
+        reference, ref_name = base, "base"
+        others, names = experts, [f"experts[{i}]" for i in range(len(experts))]
+    else:
+        reference, ref_name = experts[0], "experts[0]"
+        others, names = experts[1:], [f"experts[{i}]" for i in range(1, len(experts))]
+    check_same_layout(reference, ref_name, others, names)
+    if sparsification not in SPARSIFICATION:
+        raise InvalidArgumentError(
+            f"sparsification must be one of {sorted(k for k in SPARSIFICATION if k)} or None, got {sparsification!r}"
+        )
+    if consensus not in CONSENSUS:
+        raise InvalidArgumentError(f"consensus must be 'sum', 'count' or None, got {consensus!r}")
+    count = len(experts)
+    weights = per_expert(weight, count, "weight")
+    densities = per_expert(density, count, "density", low=0.0, high=1.0)
+    gammas = per_expert(gamma, count, "gamma", low=0.0, high=1.0)
+    epsilons = per_expert(epsilon, count, "epsilon", low=0.0, high=1.0)
+    if sparsification == "della_magprune":
+        for i, (d, e) in enumerate(zip(densities, epsilons)):
+            if 0.0 < d < 1.0 and not (d + e < 1.0 and d - e > 0.0):
+                raise InvalidArgumentError(
+                    f"della needs density +/- epsilon inside (0, 1): expert {i} has density={d}, epsilon={e}"
+                )
+    lam = check_scalar(lambda_, "lambda_")
+    seed = check_seed(seed)
+    if not isinstance(name, str):
+        raise InvalidArgumentError(f"name must be a string, got {name!r}")
+    dtype = resolve_out_dtype(out_dtype, reference.dtype)
+
+    args = dict(weights=weights, densities=densities, gammas=gammas, epsilons=epsilons,
+                sparsification=sparsification, consensus=consensus, rescale=bool(rescale),
+                normalize=bool(normalize), lambda_=lam, seed=seed, name=name)
+    if not use_native(reference.device):
+        return _reference.generalized_task_arithmetic(base, experts, **args).to(dtype)
+
+    outer, length, inner = della_rank_axis(reference.shape)
+    base_in = kernel_input(base) if base is not None else None
+    expert_in = [kernel_input(e) for e in experts]
+    out = kernel_output(reference.shape, dtype, reference.device)
+    _native.native().gta_merge(
+        capsule(base_in) if base_in is not None else None,
+        [capsule(e) for e in expert_in],
+        capsule(out),
+        SPARSIFICATION[sparsification],
+        CONSENSUS[consensus],
+        bool(rescale),
+        bool(normalize),
+        lam,
+        seed,
+        stream_hash(name),
+        weights,
+        densities,
+        gammas,
+        epsilons,
+        outer,
+        length,
+        inner,
+        cuda_stream(reference.device),
+    )
+    return out.to(dtype) if out.dtype != dtype else out
+
+
+def task_arithmetic(base, experts, weight, *, lambda_=1.0, normalize=False, out_dtype=None):
+    """base + lambda * sum_t weight_t (expert_t - base) (Ilharco et al., 2023)."""
+    return generalized_task_arithmetic(base, experts, weight, lambda_=lambda_, normalize=normalize,
+                                       out_dtype=out_dtype)
+
+
+def ties(base, experts, weight, density, *, lambda_=1.0, normalize=True, consensus="sum",
+         rescale=False, out_dtype=None):
+    """TIES-merging (Yadav et al., 2023): exact magnitude top-k, sign election, disjoint mean."""
+    return generalized_task_arithmetic(base, experts, weight, density=density,
+                                       sparsification="magnitude", consensus=consensus,
+                                       rescale=rescale, normalize=normalize, lambda_=lambda_,
+                                       out_dtype=out_dtype)
+
+
+def dare_ties(base, experts, weight, density, *, seed=0, name="", lambda_=1.0, normalize=False,
+              rescale=True, out_dtype=None):
+    """DARE (Yu et al., 2024) drop with L1 rescale, then TIES sign election."""
+    return generalized_task_arithmetic(base, experts, weight, density=density,
+                                       sparsification="random", consensus="sum", rescale=rescale,
+                                       normalize=normalize, lambda_=lambda_, seed=seed, name=name,
+                                       out_dtype=out_dtype)
+
+
+def dare_linear(base, experts, weight, density, *, seed=0, name="", lambda_=1.0, normalize=False,
+                rescale=True, out_dtype=None):
+    """DARE drop with L1 rescale, summed without sign election."""
+    return generalized_task_arithmetic(base, experts, weight, density=density,
+                                       sparsification="random", consensus=None, rescale=rescale,
+                                       normalize=normalize, lambda_=lambda_, seed=seed, name=name,
+                                       out_dtype=out_dtype)
+
+
+def breadcrumbs(base, experts, weight, density, *, gamma=0.01, lambda_=1.0, normalize=False,
+                rescale=False, out_dtype=None):
+    """Model Breadcrumbs (Davari & Belilovsky, 2023): drop the largest gamma and the smallest
+    magnitudes, keeping density of each task vector."""
+    return generalized_task_arithmetic(base, experts, weight, density=density, gamma=gamma,
+                                       sparsification="magnitude_outliers", consensus=None,
+                                       rescale=rescale, normalize=normalize, lambda_=lambda_,
+                                       out_dtype=out_dtype)
+
+
+def breadcrumbs_ties(base, experts, weight, density, *, gamma=0.01, lambda_=1.0, normalize=False,
+                     rescale=False, out_dtype=None):
+    """Breadcrumbs sparsification with TIES sign election."""
+    return generalized_task_arithmetic(base, experts, weight, density=density, gamma=gamma,
+                                       sparsification="magnitude_outliers", consensus="sum",
+                                       rescale=rescale, normalize=normalize, lambda_=lambda_,
+                                       out_dtype=out_dtype)
+
+
+def della(base, experts, weight, density, *, epsilon=0.15, seed=0, name="", lambda_=1.0,
+          normalize=True, rescale=True, out_dtype=None):
+    """DELLA (Deep et al., 2024): magnitude-ranked drop probabilities, rescale, sign election."""
+    return generalized_task_arithmetic(base, experts, weight, density=density, epsilon=epsilon,
+                                       sparsification="della_magprune", consensus="sum",
+                                       rescale=rescale, normalize=normalize, lambda_=lambda_,
+                                       seed=seed, name=name, out_dtype=out_dtype)
+
+
+def della_linear(base, experts, weight, density, *, epsilon=0.15, seed=0, name="", lambda_=1.0,
+                 normalize=False, rescale=True, out_dtype=None):
+    """DELLA drop without sign election."""
+    return generalized_task_arithmetic(base, experts, weight, density=density, epsilon=epsilon,
+                                       sparsification="della_magprune", consensus=None,
+                                       rescale=rescale, normalize=normalize, lambda_=lambda_,
+                                       seed=seed, name=name, out_dtype=out_dtype)
+
+
+def linear(experts, weight, *, normalize=True, out_dtype=None):
+    """Weighted average sum_t w_t x_t / sum_t w_t (Wortsman et al., 2022); mergekit's linear."""
+    return generalized_task_arithmetic(None, experts, weight, normalize=normalize,
+                                       out_dtype=out_dtype)
+
+
+def dare_drop(x, density, *, seed=0, name="", rescale=True, out_dtype=None):
+    """DARE's drop on one tensor: keep each element with probability density (Philox stream of
+    (seed, name, expert 0)), rescaled to the original L1 norm when rescale."""
+    return generalized_task_arithmetic(None, [x], 1.0, density=density, sparsification="random",
+                                       rescale=rescale, seed=seed, name=name, out_dtype=out_dtype)
