@@ -1,1 +1,409 @@
-"""Pure-torch reference implementations (test oracle and fallback). Filled in below."""
+"""Pure-torch reference implementations: the test oracle, the fallback when _C is missing, and a
+readable statement of what every native op computes.
+
+Semantics are mergekit 0.1.5's merge methods computed in fp32 (inputs of any float dtype are
+converted to fp32 first; the caller rounds the fp32 result once to the output dtype), with the
+improvements of DESIGN.md's numerics contract:
+
+* magnitude top-k keeps exactly k = max(1, int(density * numel)) elements, ordered by (|x|
+  descending, flat index ascending), so ties go to the lowest flat indices;
+* random masks come from a counter-based Philox4x32-10 stream keyed by (seed, tensor name,
+  expert index), one draw per element index (bit-identical to csrc/include/fastmerge/philox.h);
+* DELLA ranks |delta| along dim 1 (mergekit's argsort(dim=1)) with ties ranking the lower index
+  higher, and a one-element rank group gets rank_norm 0.5.
+
+Everything is vectorised torch and runs on any device torch supports; nothing here is tuned for
+speed. Functions return fp32 tensors of the input shape (magnitude_mask returns bool).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+
+_MASK32 = 0xFFFFFFFF
+_NAN_KEY = 0x7FC00000  # every NaN shares one magnitude key, above +inf (0x7F800000)
+_L1_EPS = 1e-7         # mergekit's rescaled_masked_tensor eps
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 copy of t, flattened in logical (row-major) order."""
+    return t.detach().to(torch.float32).reshape(-1)
+
+
+def _scalar(value: float, device) -> torch.Tensor:
+    """value rounded to fp32, as a 0-d tensor on device."""
+    return torch.tensor(value, dtype=torch.float32, device=device)
+
+
+def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
+    """int64 keys that order |x| exactly: the bit pattern of the fp32 |x| (NaNs share one key
+    above +inf). Integer keys avoid any question of how a float sort orders -0.0 or NaN."""
+    bits = _f32(x).abs().view(torch.int32).to(torch.int64)
+    return torch.where(bits > 0x7F800000, torch.full_like(bits, _NAN_KEY), bits)
+
+
+def priority_order(keys: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Indices sorted by (key descending, index ascending) along dim: a stable descending sort
+    keeps equal keys in index order."""
+    return torch.sort(keys, dim=dim, descending=True, stable=True).indices
+
+
+def magnitude_keep_count(density: float, n: int) -> int:
+    """mergekit's magnitude(): density >= 1 keeps all, <= 0 none, else max(1, int(density * n))."""
+    if n <= 0 or density <= 0.0:
+        return 0
+    if density >= 1.0:
+        return n
+    return max(1, int(density * n))
+
+
+def _priority_range_mask(flat: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Mask of the elements whose priority position (0 = largest |x|, ties to lower index) lies
+    in [start, stop)."""
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    if stop > start:
+        mask[priority_order(magnitude_keys(flat))[start:stop]] = True
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Philox4x32-10 (csrc/include/fastmerge/philox.h) with int64 arithmetic
+# ---------------------------------------------------------------------------------------------
+
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+
+
+def _mul_hi_lo(a: torch.Tensor, m: int):
+    """(high 32 bits, low 32 bits) of a * m for uint32 values a (int64 tensor) and constant m,
+    without overflowing int64: m is split into 16-bit halves."""
+    m_hi, m_lo = m >> 16, m & 0xFFFF
+    lo_part = a * m_lo                       # < 2^48
+    hi_part = a * m_hi                       # < 2^48; a*m = hi_part * 2^16 + lo_part
+    low = lo_part + ((hi_part & 0xFFFF) << 16)  # < 2^49
+    return (hi_part >> 16) + (low >> 32), low & _MASK32
+
+
+def philox4x32_10(c0, c1, c2, c3, key0: int, key1: int):
+    """Ten Philox rounds on counters (int64 tensors holding uint32 values) -> four words."""
+    k0, k1 = key0 & _MASK32, key1 & _MASK32
+    for _ in range(10):
+        hi0, lo0 = _mul_hi_lo(c0, _PHILOX_M0)
+        hi1, lo1 = _mul_hi_lo(c2, _PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _PHILOX_W0) & _MASK32
+        k1 = (k1 + _PHILOX_W1) & _MASK32
+    return c0, c1, c2, c3
+
+
+def philox_words(n: int, seed: int, stream: int, expert: int, device=None) -> torch.Tensor:
+    """The uint32 word (as int64) of every element index i < n: word i % 4 of the Philox block
+    at counter (i // 4 low 32 bits, i // 4 high 32 bits, expert, stream), key (seed low 32 bits,
+    seed high 32 bits)."""
+    blocks = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
+    c0 = blocks & _MASK32
+    c1 = blocks >> 32
+    c2 = torch.full_like(blocks, expert & _MASK32)
+    c3 = torch.full_like(blocks, stream & _MASK32)
+    words = philox4x32_10(c0, c1, c2, c3, seed & _MASK32, (seed >> 32) & _MASK32)
+    return torch.stack(words, dim=1).reshape(-1)[:n]
+
+
+def philox_uniforms(n: int, seed: int, stream: int, expert: int, device=None) -> torch.Tensor:
+    """fp32 uniforms in [0, 1): (word >> 8) * 2^-24, exactly representable."""
+    return (philox_words(n, seed, stream, expert, device) >> 8).to(torch.float32) * (2.0 ** -24)
+
+
+def _stream_hash(name: str) -> int:
+    from ._validate import stream_hash  # FNV-1a of the UTF-8 name, shared with the native path
+
+    return stream_hash(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparsification (mergekit.sparsify) of one flat fp32 delta
+# ---------------------------------------------------------------------------------------------
+
+def della_rank_norm(delta: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """DELLA's normalised rank of every element, flat fp32: ranks of |delta| along dim 1 of
+    shape (mergekit argsorts along dim 1 after unsqueezing <2-D tensors to one row), ascending
+    magnitude = ascending rank, ties ranking the lower index higher; rank_norm = (r-1)/(len-1),
+    0.5 for a one-element group."""
+    from .gta import della_rank_axis  # (outer, len, inner); imported late: gta imports us
+
+    outer, length, inner = della_rank_axis(shape)
+    if length <= 1:
+        return torch.full((delta.numel(),), 0.5, dtype=torch.float32, device=delta.device)
+    keys = magnitude_keys(delta).reshape(outer, length, inner)
+    order = priority_order(keys, dim=1)  # position 0 = largest |delta| (lowest index on ties)
+    position = torch.empty_like(order)
+    steps = torch.arange(length, device=delta.device).reshape(1, length, 1).expand_as(order)
+    position.scatter_(1, order, steps)
+    rank0 = (length - 1) - position      # 0 = smallest magnitude
+    # float(rank0) / float(len - 1), one fp32 division (exact ints; correctly rounded quotient)
+    numerator = rank0.to(torch.float32)
+    denominator = torch.full_like(numerator, float(length - 1))
+    return (numerator / denominator).reshape(-1)
+
+
+def sparsify(
+    delta: torch.Tensor,
+    *,
+    method: Optional[str],
+    density: float,
+    gamma: float = 0.01,
+    epsilon: float = 0.15,
+    rescale: bool = False,
+    seed: int = 0,
+    stream: int = 0,
+    expert: int = 0,
+    shape: Sequence[int] = (),
+) -> torch.Tensor:
+    """mergekit's sparsify() in fp32 on a flat delta: the masked (and, with rescale, L1-rescaled)
+    delta. Dropped elements are +0.0 (mergekit multiplies by the mask, giving -0.0 or NaN for
+    inf; only the sign of zero differs on finite data). Methods without a mask (None, density
+    >= 1) return delta untouched and never rescale, as mergekit does."""
+    n = delta.numel()
+    if method is None or density >= 1.0:
+        return delta
+    if method == "magnitude":
+        k = magnitude_keep_count(density, n)
+        if k == 0:
+            return torch.zeros_like(delta)
+        keep = _priority_range_mask(delta, 0, k)
+    elif method == "magnitude_outliers":
+        # mergekit keeps ascending-magnitude ranks [n_bot, n_bot + target_n): in priority order
+        # (descending) that is positions [n - n_bot - target_n, n - n_bot).
+        target_n = int(density * n) if density > 0.0 else 0
+        n_top = int(gamma * n)
+        n_bot = max(0, n - target_n - n_top)
+        keep = _priority_range_mask(delta, n - n_bot - target_n, n - n_bot)
+    elif method == "random":
+        if density <= 0.0:
+            return torch.zeros_like(delta)
+        u = philox_uniforms(n, seed, stream, expert, delta.device)
+        keep = u < _scalar(density, delta.device)
+    elif method == "della_magprune":
+        if density <= 0.0:
+            return torch.zeros_like(delta)
+        if not (density + epsilon < 1.0 and density - epsilon > 0.0):
+            raise ValueError(
+                f"della: density +/- epsilon must lie in (0, 1), got density={density}, epsilon={epsilon}"
+            )
+        rank_norm = della_rank_norm(delta, shape)
+        # prob = float32(d - eps) + (rank_norm * 2) * float32(eps), each step rounded to fp32
+        prob_base = _scalar(density - epsilon, delta.device)
+        prob_span = _scalar(epsilon, delta.device)
+        prob = prob_base + (rank_norm * 2.0) * prob_span
+        u = philox_uniforms(n, seed, stream, expert, delta.device)
+        keep = u < prob
+    else:
+        raise ValueError(f"unknown sparsification {method!r}")
+
+    masked = torch.where(keep, delta, torch.zeros_like(delta))
+    if rescale:
+        # mergekit's rescaled_masked_tensor with the L1 norm, fp32 sums.
+        before = delta.abs().sum()
+        after = masked.abs().sum()
+        eps = _scalar(_L1_EPS, delta.device)
+        if not bool(before < eps) and not bool(after < eps):
+            masked = masked * (before / after)
+    return masked
+
+
+# ---------------------------------------------------------------------------------------------
+# Combination (mergekit's GeneralizedTaskArithmeticMerge.merge_group in fp32)
+# ---------------------------------------------------------------------------------------------
+
+def _sequential_sum(values: List[torch.Tensor], start: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """v0 + v1 + ... left to right (the order of a sum over a short leading dim)."""
+    total = values[0] if start is None else start + values[0]
+    for v in values[1:]:
+        total = total + v
+    return total
+
+
+def combine(
+    contributions: List[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    consensus: Optional[str],
+    normalize: bool,
+    lambda_: float,
+) -> torch.Tensor:
+    """Merged delta from the weighted, sparsified deltas v_t = sparsify(delta_t) * w_t."""
+    device = contributions[0].device
+    zero = torch.zeros_like(contributions[0])
+    if consensus is None:
+        mixed = _sequential_sum(contributions)
+        if normalize:
+            divisor = _scalar(0.0, device)
+            for w in weights:  # fp32 sum of the weights
+                divisor = divisor + _scalar(w, device)
+            if bool(divisor.abs() < 1e-8):
+                divisor = _scalar(1.0, device)
+            mixed = mixed / divisor
+    else:
+        # TIES sign election (mergekit get_mask): majority sign of the summed deltas ("sum") or
+        # of the summed signs ("count"); ties (vote == 0) elect +. Zeros never agree.
+        if consensus == "sum":
+            vote = _sequential_sum(contributions)
+        elif consensus == "count":
+            vote = _sequential_sum([torch.sign(v) for v in contributions])
+        else:
+            raise ValueError(f"unknown consensus {consensus!r}")
+        positive = vote >= 0
+        agree = [torch.where(positive, v > 0, v < 0) for v in contributions]
+        mixed = _sequential_sum([torch.where(a, v, zero) for a, v in zip(agree, contributions)],
+                                start=zero)
+        divisor = _sequential_sum(
+            [torch.where(a, _scalar(w, device), zero) for a, w in zip(agree, weights)],
+            start=zero)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        if normalize:
+            mixed = mixed / divisor
+    if lambda_ != 1.0:
+        mixed = mixed * _scalar(lambda_, device)
+    return mixed
+
+
+def generalized_task_arithmetic(
+    base: Optional[torch.Tensor],
+    experts: Sequence[torch.Tensor],
+    *,
+    weights: Sequence[float],
+    densities: Sequence[float],
+    gammas: Sequence[float],
+    epsilons: Sequence[float],
+    sparsification: Optional[str],
+    consensus: Optional[str],
+    rescale: bool,
+    normalize: bool,
+    lambda_: float,
+    seed: int,
+    name: str,
+) -> torch.Tensor:
+    """base + lambda * combine(sparsify(expert_t - base) * weight_t), fp32, base's shape.
+    base=None: the deltas are the experts themselves and nothing is added back."""
+    reference = base if base is not None else experts[0]
+    shape = tuple(reference.shape)
+    b = _f32(base) if base is not None else None
+    stream = _stream_hash(name)
+    contributions = []
+    for t, expert in enumerate(experts):
+        delta = _f32(expert).to(reference.device)
+        if b is not None:
+            delta = delta - b
+        kept = sparsify(delta, method=sparsification, density=densities[t], gamma=gammas[t],
+                        epsilon=epsilons[t], rescale=rescale, seed=seed, stream=stream,
+                        expert=t, shape=shape)
+        contributions.append(kept * _scalar(weights[t], kept.device))
+    mixed = combine(contributions, weights, consensus=consensus, normalize=normalize,
+                    lambda_=lambda_)
+    out = b + mixed if b is not None else mixed
+    return out.reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection
+# ---------------------------------------------------------------------------------------------
+
+def magnitude_mask(x: torch.Tensor, density: float) -> torch.Tensor:
+    """Bool mask (x's shape) of the k = max(1, int(density * numel)) largest |x|; all for
+    density >= 1, none for density <= 0; equal magnitudes go to the lowest flat indices."""
+    flat = _f32(x)
+    k = magnitude_keep_count(density, flat.numel())
+    return _priority_range_mask(flat, 0, k).reshape(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Interpolation
+# ---------------------------------------------------------------------------------------------
+
+_SLERP_EPS = 1e-8
+_SLERP_DOT_THRESHOLD = 0.9995
+
+
+def slerp(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
+    """mergekit's slerp over the flattened tensors: dot of the normalised vectors (norms <= 1e-8
+    count as 1), clamped to [-1, 1]; |dot| > 0.9995 falls back to linear interpolation.
+    Statistics are accumulated in fp64, the coefficients computed in fp32."""
+    a, b = _f32(base), _f32(other).to(base.device)
+    aa = (a.double() * a.double()).sum()
+    bb = (b.double() * b.double()).sum()
+    ab = (a.double() * b.double()).sum()
+    na, nb = aa.sqrt(), bb.sqrt()
+    na = torch.where(na > _SLERP_EPS, na, torch.ones_like(na))
+    nb = torch.where(nb > _SLERP_EPS, nb, torch.ones_like(nb))
+    dot = (ab / (na * nb)).float().clamp(-1.0, 1.0)
+    t32 = _scalar(t, a.device)
+    one = torch.ones_like(t32)
+    if bool(dot.abs() > _SLERP_DOT_THRESHOLD):
+        coef_a, coef_b = one - t32, t32
+    else:
+        theta = torch.acos(dot)
+        sin_theta = torch.sin(theta)
+        coef_a = torch.sin((one - t32) * theta) / sin_theta
+        coef_b = torch.sin(t32 * theta) / sin_theta
+    return (coef_a * a + coef_b * b).reshape(base.shape)
+
+
+def model_stock(base: torch.Tensor, experts: Sequence[torch.Tensor], *,
+                filter_wise: bool = False) -> torch.Tensor:
+    """mergekit's model_stock: t = T cos / (1 + (T-1) cos) from the mean pairwise cosine of the
+    task vectors (per row of the last dim when filter_wise and base is >= 2-D, else over the
+    whole tensor); t = 0 where |1 + (T-1) cos| < 1e-6; result t * mean(experts) + (1-t) * base.
+    Dot products are accumulated in fp64, everything else is fp32."""
+    shape = tuple(base.shape)
+    count = len(experts)
+    if filter_wise and base.dim() >= 2:
+        row_len = shape[-1]
+    else:
+        row_len = max(base.numel(), 1)
+    w0 = _f32(base)
+    ws = [_f32(e).to(base.device) for e in experts]
+    if w0.numel() == 0:
+        return w0.reshape(shape)
+    rows = w0.numel() // row_len
+    offsets = [(w - w0).double().reshape(rows, row_len) for w in ws]
+    norms = [o.pow(2).sum(dim=-1).sqrt() for o in offsets]
+    cos_sum = torch.zeros(rows, dtype=torch.float32, device=w0.device)
+    pairs = 0
+    for i in range(count):
+        for j in range(i + 1, count):
+            norm_product = (norms[i] * norms[j]).float().clamp(min=1e-6)
+            dot = (offsets[i] * offsets[j]).sum(dim=-1).float()
+            cos_sum = cos_sum + (dot / norm_product).clamp(-1.0, 1.0)
+            pairs += 1
+    cos_theta = cos_sum / torch.full_like(cos_sum, float(pairs)) if pairs else cos_sum
+    denominator = 1.0 + torch.full_like(cos_theta, float(count - 1)) * cos_theta
+    ratio = (torch.full_like(cos_theta, float(count)) * cos_theta) / denominator
+    ratio = torch.where(denominator.abs() < 1e-6, torch.zeros_like(ratio), ratio)
+    ratio = ratio.reshape(rows, 1)
+    average = _sequential_sum([w.reshape(rows, row_len) for w in ws])
+    average = average / torch.full_like(average, float(count))
+    out = ratio * average + (1.0 - ratio) * w0.reshape(rows, row_len)
+    return out.reshape(shape)
+
+
+__all__ = [
+    "combine",
+    "della_rank_norm",
+    "generalized_task_arithmetic",
+    "magnitude_keep_count",
+    "magnitude_keys",
+    "magnitude_mask",
+    "model_stock",
+    "philox4x32_10",
+    "philox_uniforms",
+    "philox_words",
+    "priority_order",
+    "slerp",
+    "sparsify",
+]
+
