@@ -66,8 +66,10 @@ def per_expert(value: PerExpert, count: int, name: str, *, low: Optional[float] 
         values = [float(value)] * count
     else:
         try:
+            if isinstance(value, (str, bytes)):
+                raise TypeError(name)
             values = [float(v) for v in value]  # type: ignore[union-attr]
-        except TypeError:
+        except (TypeError, ValueError):
             raise InvalidArgumentError(f"{name} must be a float or one float per expert, got {value!r}") from None
         if len(values) != count:
             raise InvalidArgumentError(f"{name} has {len(values)} values for {count} experts: {values}")
