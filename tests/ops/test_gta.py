@@ -1,0 +1,628 @@
+"""Fused GTA merges (task_arithmetic, ties, dare_*, breadcrumbs*, della*, linear, dare_drop,
+generalized_task_arithmetic) against the pure-torch reference and mergekit 0.1.5."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastmerge
+import fastmerge.ops as F
+from fastmerge.ops import _reference as R
+
+from conftest import BF16_FLOOR_FACTOR
+from helpers import (
+    DETERMINISTIC_METHODS,
+    GTA_METHODS,
+    RANDOM_METHODS,
+    assert_close,
+    binomial_bound,
+    make_group,
+    mergekit_gta,
+    mergekit_merge,
+    mergekit_params,
+    nudge_threshold_ties,
+    randn,
+    ref_gta,
+    ref_method,
+    rel_l2_delta,
+    run_method,
+)
+
+ODD_SHAPES = [(), (1,), (4097,), (3, 5, 7)]
+ALL_METHODS = sorted(GTA_METHODS)
+
+
+def _tol(rescale: bool) -> str:
+    return "l1_rescale" if rescale else "exact"
+
+
+def _delta_scale(expected: torch.Tensor, base) -> float:
+    b = base.float() if base is not None else torch.zeros_like(expected)
+    return float((expected.float() - b).abs().max()) if expected.numel() else 0.0
+
+
+def check_against_reference(out, expected32, base, rescale, msg=""):
+    """out (any dtype) vs the fp32 reference rounded once to out's dtype."""
+    expected = expected32.to(out.dtype)
+    assert out.dtype == expected.dtype and out.shape == expected.shape, msg
+    assert_close(out, expected, _tol(rescale), scale=_delta_scale(expected32, base), msg=msg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Native vs reference
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.parametrize("shape", ODD_SHAPES, ids=str)
+def test_methods_match_reference(method, shape, dtype, device):
+    base, experts = make_group(shape, 3, seed=1, dtype=dtype, device=device)
+    weight, density = [0.6, 1.0, 0.35], [0.3, 0.5, 0.7]
+    kw = {}
+    if method in RANDOM_METHODS:
+        kw = dict(seed=1234, name="model.layers.0.mlp.up_proj.weight")
+    out = run_method(method, base, experts, weight, density, **kw)
+    expected = ref_method(method, base, experts, weight, density, **kw)
+    check_against_reference(out, expected, base, GTA_METHODS[method][3], msg=method)
+
+
+@pytest.mark.parametrize("sparsification", [None, "magnitude", "random", "magnitude_outliers",
+                                            "della_magprune"])
+@pytest.mark.parametrize("consensus", [None, "sum", "count"])
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("lambda_", [1.0, 0.37])
+def test_generalized_options_match_reference(sparsification, consensus, rescale, normalize,
+                                             lambda_):
+    shape = (13, 29, 3)
+    base, experts = make_group(shape, 3, seed=7)
+    weight = [0.9, -0.4, 0.55]  # a negative weight flips that expert's vote
+    kw = dict(density=[0.25, 0.6, 0.45], gamma=[0.02, 0.1, 0.0], epsilon=[0.2, 0.1, 0.05],
+              sparsification=sparsification, consensus=consensus, rescale=rescale,
+              normalize=normalize, lambda_=lambda_, seed=99, name="w")
+    out = F.generalized_task_arithmetic(base, experts, weight, **kw)
+    expected = ref_gta(base, experts, weight, **kw)
+    has_rescale = rescale and sparsification is not None
+    check_against_reference(out, expected, base, has_rescale)
+
+
+@pytest.mark.parametrize("sparsification", ["magnitude", "random", "magnitude_outliers",
+                                            "della_magprune"])
+@pytest.mark.parametrize("density", [0.0, 1e-4, 1.0])
+def test_edge_densities_match_reference(sparsification, density):
+    base, experts = make_group((17, 19), 2, seed=3)
+    kw = dict(density=density, sparsification=sparsification, consensus="sum", rescale=True,
+              normalize=True, epsilon=min(0.15, density / 2) if 0 < density < 1 else 0.15)
+    out = F.generalized_task_arithmetic(base, experts, [1.0, 0.5], **kw)
+    expected = ref_gta(base, experts, [1.0, 0.5], **kw)
+    check_against_reference(out, expected, base, True)
+    if density == 0.0:  # mergekit: everything dropped, the merge is the base
+        assert torch.equal(out, base)
+
+
+def test_density_zero_and_one_semantics():
+    """Independent of the reference: density 1 keeps every delta unscaled, density 0 none."""
+    base, experts = make_group((31, 7), 2, seed=4)
+    for method in ALL_METHODS:
+        if method == "task_arithmetic":
+            continue
+        full = run_method(method, base, experts, [1.0, 1.0], 1.0, normalize=False)
+        if GTA_METHODS[method][1] is None:
+            expected = (experts[0] - base) + (experts[1] - base) + base
+            assert torch.allclose(full, expected, rtol=0, atol=4e-7 * 8), method
+        none = run_method(method, base, experts, [1.0, 1.0], 0.0)
+        assert torch.equal(none, base), method
+
+
+def test_linear_matches_reference_and_formula(dtype):
+    _, experts = make_group((5, 4097), 3, seed=8, dtype=dtype)
+    weight = [0.2, 0.5, 0.3]
+    for normalize in (False, True):
+        out = F.linear(experts, weight, normalize=normalize)
+        expected = ref_gta(None, experts, weight, normalize=normalize)
+        check_against_reference(out, expected, None, False)
+    # formula, independently: sum w x / sum w in fp64
+    x64 = [e.double() for e in experts]
+    formula = sum(w * x for w, x in zip(weight, x64)) / sum(weight)
+    assert torch.allclose(F.linear(experts, weight, out_dtype=torch.float32).double(), formula,
+                          rtol=0, atol=8 * 2**-24 * float(formula.abs().max()) + 4 * 2**-24)
+
+
+def test_linear_zero_weight_sum_is_not_normalized():
+    _, experts = make_group((9,), 2, seed=8)
+    out = F.linear(experts, [1.0, -1.0])
+    assert torch.equal(out, ref_gta(None, experts, [1.0, -1.0], normalize=True))
+    assert torch.equal(out, experts[0] - experts[1])
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("shape", ODD_SHAPES + [(64, 1000)], ids=str)
+def test_dare_drop_matches_reference(shape, rescale, dtype):
+    x = randn(shape, seed=2, dtype=dtype)
+    out = F.dare_drop(x, 0.3, seed=5, name="x", rescale=rescale)
+    expected = ref_gta(None, [x], 1.0, density=0.3, sparsification="random", rescale=rescale,
+                       seed=5, name="x")
+    check_against_reference(out, expected, None, rescale)
+
+
+def test_random_masks_are_keyed_by_seed_name_expert_and_index():
+    x = randn((4099,), seed=2) + 10.0  # no zeros: nonzero <=> kept
+    kept = lambda **kw: F.dare_drop(x, 0.5, rescale=False, **kw) != 0  # noqa: E731
+    a = kept(seed=1, name="a")
+    assert torch.equal(a, kept(seed=1, name="a"))
+    assert not torch.equal(a, kept(seed=2, name="a"))
+    assert not torch.equal(a, kept(seed=1, name="b"))
+    assert not torch.equal(a, kept(seed=2**40 + 1, name="a"))  # high seed word matters
+    # counted by element index: a prefix of the tensor gets the prefix of the mask
+    assert torch.equal(F.dare_drop(x[:1001], 0.5, seed=1, name="a", rescale=False) != 0, a[:1001])
+    # expert index: the second expert's mask is stream (seed, name, 1)
+    zero = torch.zeros_like(x)
+    two = F.generalized_task_arithmetic(zero, [zero, x], [1.0, 1.0], density=0.5,
+                                        sparsification="random", seed=1, name="a")
+    words = R.philox_uniforms(x.numel(), 1, fastmerge.ops._validate.stream_hash("a"), 1)
+    assert torch.equal(two != 0, words < 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts, dtypes, out_dtype
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_non_contiguous_inputs(method):
+    base, experts = make_group((23, 41), 2, seed=9)
+    weight, density = [0.8, 0.6], 0.4
+    # transposed views
+    bt, et = base.t(), [e.t() for e in experts]
+    assert not bt.is_contiguous()
+    out = run_method(method, bt, et, weight, density)
+    same = run_method(method, bt.contiguous(), [e.contiguous() for e in et], weight, density)
+    assert torch.equal(out, same)
+    check_against_reference(out, ref_method(method, bt, et, weight, density), bt,
+                            GTA_METHODS[method][3])
+    # strided slices
+    bs, es = base[::2, 1::3], [e[::2, 1::3] for e in experts]
+    out = run_method(method, bs, es, weight, density)
+    same = run_method(method, bs.contiguous(), [e.contiguous() for e in es], weight, density)
+    assert torch.equal(out, same)
+
+
+@pytest.mark.parametrize("base_dtype,expert_dtypes", [
+    (torch.bfloat16, (torch.float16, torch.float32)),
+    (torch.float16, (torch.bfloat16, torch.bfloat16)),
+    (torch.float32, (torch.bfloat16, torch.float16)),
+])
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_mixed_dtypes(method, base_dtype, expert_dtypes):
+    base, experts = make_group((7, 300), 2, seed=12)
+    base = base.to(base_dtype)
+    experts = [e.to(d) for e, d in zip(experts, expert_dtypes)]
+    weight, density = [0.5, 0.9], 0.3
+    out = run_method(method, base, experts, weight, density)
+    assert out.dtype == base_dtype
+    expected = ref_method(method, base, experts, weight, density)
+    check_against_reference(out, expected, base, GTA_METHODS[method][3])
+    # out_dtype override: one rounding of the same fp32 result
+    for od in (torch.float32, torch.float16, torch.bfloat16):
+        o = run_method(method, base, experts, weight, density, out_dtype=od)
+        assert o.dtype == od
+        check_against_reference(o, expected, base, GTA_METHODS[method][3])
+
+
+def test_float64_inputs_compute_in_fp32():
+    base, experts = make_group((100,), 2, seed=3, dtype=torch.float64)
+    out = F.ties(base, experts, [1.0, 1.0], 0.5)
+    assert out.dtype == torch.float64
+    assert torch.equal(out, ref_method("ties", base, experts, [1.0, 1.0], 0.5).double())
+
+
+@pytest.mark.parametrize("dtype_", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_every_16bit_value_converts_exactly(dtype_):
+    """Loading and storing follow the contract: every fp16/bf16 bit pattern (subnormals, inf,
+    NaN) loads exactly, and fp32 results round to nearest-even like torch's .to()."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype_)
+    out = F.linear([x], 1.0, normalize=False)  # x * 1.0, stored in x's dtype
+    nan = torch.isnan(x)
+    assert torch.equal(torch.isnan(out), nan)
+    assert torch.equal(out[~nan].view(torch.int16), x[~nan].view(torch.int16))
+    up = F.linear([x], 1.0, normalize=False, out_dtype=torch.float32)
+    assert torch.equal(up[~nan], x[~nan].float())
+    # fp32 -> 16-bit rounding over all exponents, ties, subnormals and overflow
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(-2**31, 2**31 - 1, (1 << 18,), generator=g, dtype=torch.int64)
+    y = y.to(torch.int32).view(torch.float32)
+    y = torch.cat([y, torch.tensor([65504.0, 65519.99, 65520.0, 2.0**-25, 2.0**-24 * 1.5,
+                                    1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 1.0 + 2.0**-8,
+                                    -0.0, float("inf"), float("-inf")])])
+    down = F.linear([y], 1.0, normalize=False, out_dtype=dtype_)
+    ynan = torch.isnan(y)
+    expected = y.to(dtype_)
+    assert torch.equal(torch.isnan(down), ynan)
+    bad = (down[~ynan].view(torch.int16) != expected[~ynan].view(torch.int16)).nonzero()
+    assert bad.numel() == 0, f"{bad.numel()} roundings differ, e.g. {y[~ynan][bad[:5].flatten()].tolist()}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Large tensors: the sample-window top-k path, heavy ties, an adversarial sample
+# ---------------------------------------------------------------------------------------------
+
+LARGE = (600, 700)  # 420000 > 4 * 65536 elements
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dare_ties", "della"])
+def test_large_tensor_matches_reference(method):
+    base, experts = make_group(LARGE, 2, seed=21, dtype=torch.bfloat16)
+    kw = dict(seed=3, name="big") if method in RANDOM_METHODS else {}
+    out = run_method(method, base, experts, [0.7, 0.5], [0.2, 0.6], **kw)
+    expected = ref_method(method, base, experts, [0.7, 0.5], [0.2, 0.6], **kw)
+    check_against_reference(out, expected, base, GTA_METHODS[method][3])
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_large_tensor_heavy_ties_keeps_exactly_k_lowest_indices(rescale):
+    """bf16 deltas quantised to 1/8: a few dozen distinct magnitudes, so the threshold value is
+    shared by tens of thousands of elements. Exactly k are kept, and on the threshold the
+    lowest flat indices."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.round(torch.randn(LARGE, generator=g) * 8) / 8
+    q[q == 0] = 0.125  # no zero deltas: kept <=> nonzero
+    x = q.to(torch.bfloat16)
+    n = x.numel()
+    for density in (0.1, 0.37, 0.5):
+        k = max(1, int(density * n))
+        out = F.generalized_task_arithmetic(None, [x], 1.0, density=density,
+                                            sparsification="magnitude", rescale=rescale)
+        kept = (out != 0).reshape(-1)
+        assert int(kept.sum()) == k, density
+        mags = x.float().abs().reshape(-1)
+        threshold = float(mags[kept].min())
+        assert bool((mags[~kept] <= threshold).all())
+        on = (mags == threshold).nonzero().flatten()
+        kept_on = kept[on]
+        m = int(kept_on.sum())
+        assert 0 < m < on.numel(), "threshold group straddles k (test data precondition)"
+        assert bool(kept_on[:m].all()) and not bool(kept_on[m:].any()), "not the lowest indices"
+        expected = ref_gta(None, [x], 1.0, density=density, sparsification="magnitude",
+                           rescale=rescale)
+        check_against_reference(out, expected, None, rescale)
+        if rescale:  # L1 preserved
+            assert math.isclose(float(out.double().abs().sum()), float(x.double().abs().sum()),
+                                rel_tol=1e-2)  # bf16 output rounding
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_adversarial_sample_positions(rescale):
+    """Every sampled position holds a tiny value, so the sample's window misses the k-th
+    element; the exact fallback must still keep the right k."""
+    n = 5 * 65536
+    x = randn((n,), seed=6) + 0.0
+    x[2::5] *= 1e-3  # sample_position(j) = floor((j + 0.5) * 5) = 5j + 2
+    out = F.generalized_task_arithmetic(None, [x], 1.0, density=0.3, sparsification="magnitude",
+                                        rescale=rescale)
+    expected = ref_gta(None, [x], 1.0, density=0.3, sparsification="magnitude", rescale=rescale)
+    check_against_reference(out, expected, None, rescale)
+    assert int((out != 0).sum()) == int(0.3 * n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Threads
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ALL_METHODS + ["linear"])
+def test_same_result_for_1_and_2_threads(method, restore_threads):
+    base, experts = make_group((300, 1000), 2, seed=31)  # > 4 chunks, sample-window path
+    def merge():
+        if method == "linear":
+            return F.linear(experts, [0.3, 0.7])
+        kw = dict(seed=4, name="t") if method in RANDOM_METHODS else {}
+        return run_method(method, base, experts, [0.8, 0.5], 0.3, **kw)
+    restore_threads(1)
+    one = merge()
+    restore_threads(2)
+    two = merge()
+    assert torch.equal(one, two)
+
+
+# ---------------------------------------------------------------------------------------------
+# mergekit 0.1.5, fp32, tie-free inputs
+# ---------------------------------------------------------------------------------------------
+
+MERGEKIT_CASES = [
+    ("task_arithmetic", dict()),
+    ("task_arithmetic", dict(normalize=True, lambda_=0.8)),
+    ("ties", dict(density=0.3)),
+    ("ties", dict(density=[0.2, 0.5, 0.9], normalize=False, lambda_=1.3)),
+    ("ties", dict(density=0.3, rescale=True)),
+    ("breadcrumbs", dict(density=0.3, gamma=0.05)),
+    ("breadcrumbs", dict(density=[0.1, 0.9, 0.5], gamma=[0.0, 0.05, 0.3], normalize=True)),
+    ("breadcrumbs_ties", dict(density=0.3, gamma=0.05, lambda_=0.5)),
+    ("breadcrumbs_ties", dict(density=0.4, gamma=0.02, rescale=True)),
+]
+
+
+@pytest.mark.parametrize("method,params", MERGEKIT_CASES)
+@pytest.mark.parametrize("shape", [(4097,), (3, 5, 7), (64, 300)], ids=str)
+def test_deterministic_methods_match_mergekit_fp32(method, params, shape):
+    pytest.importorskip("mergekit")
+    base, experts = make_group(shape, 3, seed=40)
+    weight = [0.5, 1.0, -0.7]
+    params = dict(params)
+    density = params.pop("density", None)
+    expected = mergekit_merge(method, [base] + experts, mergekit_params(
+        method, weight, density, gamma=params.get("gamma"), lambda_=params.get("lambda_"),
+        normalize=params.get("normalize"), rescale=params.get("rescale")))
+    out = run_method(method, base, experts, weight, density, **params)
+    tol = "mergekit_reduction" if params.get("rescale") else "mergekit_exact"
+    assert_close(out, expected, tol)
+
+
+@pytest.mark.parametrize("consensus", ["sum", "count"])
+@pytest.mark.parametrize("sparsification", [None, "magnitude", "magnitude_outliers"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_generalized_consensus_matches_mergekit_fp32(consensus, sparsification, normalize):
+    pytest.importorskip("mergekit")
+    base, experts = make_group((37, 41), 4, seed=41)
+    weight, density = [0.5, 1.0, 0.7, -0.2], [0.3, 0.6, 0.5, 0.9]
+    method = mergekit_gta(consensus, sparsification, normalize, False)
+    p = {"weight": weight, "density": density, "lambda": 0.9}
+    if sparsification == "magnitude_outliers":
+        p["gamma"] = 0.03
+    expected = mergekit_merge(method, [base] + experts, p)
+    out = F.generalized_task_arithmetic(base, experts, weight, density=density, gamma=0.03,
+                                        sparsification=sparsification, consensus=consensus,
+                                        normalize=normalize, lambda_=0.9)
+    assert_close(out, expected, "mergekit_exact")
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_linear_matches_mergekit_fp32(normalize):
+    pytest.importorskip("mergekit")
+    _, experts = make_group((64, 129), 3, seed=42)
+    weight = [0.2, 0.5, 0.6]
+    expected = mergekit_merge("linear", experts, {"weight": weight, "normalize": normalize},
+                              base_index=None)
+    out = F.linear(experts, weight, normalize=normalize)
+    # mergekit's addcmul_ may fuse multiply and add: see the tolerance table
+    assert_close(out, expected, "mergekit_reduction")
+
+
+def test_wrapper_defaults_match_mergekit_registry():
+    pytest.importorskip("mergekit")
+    import inspect
+
+    from mergekit import merge_methods
+
+    for method, (_, _, normalize, rescale) in GTA_METHODS.items():
+        spec = {p.name: p.default for p in merge_methods.get(method).spec.parameters}
+        assert spec["normalize"] == normalize and spec["rescale"] == rescale, method
+        sig = inspect.signature(getattr(F, method)).parameters
+        assert sig["normalize"].default == spec["normalize"], method
+        if "rescale" in sig:
+            assert sig["rescale"].default == spec["rescale"], method
+        for name in ("gamma", "epsilon"):
+            if name in spec:
+                assert sig[name].default == spec[name], (method, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 accuracy vs an fp32 oracle
+# ---------------------------------------------------------------------------------------------
+
+def _threshold_ks(method, n, density, gamma):
+    if method in ("ties",):
+        return [max(1, int(density * n))]
+    if method.startswith("breadcrumbs"):
+        target = int(density * n)
+        n_bot = max(0, n - target - int(gamma * n))
+        return [n - n_bot, n - n_bot - target]
+    return []
+
+
+BF16_CASES = [
+    ("task_arithmetic", dict()),
+    ("ties", dict(density=0.3)),
+    ("ties", dict(density=0.3, rescale=True)),
+    ("breadcrumbs", dict(density=0.3, gamma=0.05)),
+    ("breadcrumbs_ties", dict(density=0.3, gamma=0.05)),
+]
+
+
+@pytest.mark.parametrize("method,params", BF16_CASES)
+def test_bf16_within_rounding_floor_of_fp32_oracle(method, params, record_property):
+    """Ours in bf16 vs mergekit run on fp32 copies of the same bf16 inputs. Threshold ties are
+    nudged away first so that every tie-breaking rule selects the same elements."""
+    pytest.importorskip("mergekit")
+    base, experts = make_group((64, 64), 3, seed=50, dtype=torch.bfloat16, base_scale=0.02,
+                               delta_scale=0.01)
+    n = base.numel()
+    density, gamma = params.get("density", 1.0), params.get("gamma", 0.01)
+    ks = _threshold_ks(method, n, density, gamma)
+    experts = nudge_threshold_ties(base, experts, [ks] * len(experts))
+    weight = [0.5, 1.0, 0.7]
+    p = mergekit_params(method, weight, params.get("density"), gamma=params.get("gamma"),
+                        rescale=params.get("rescale"))
+    oracle = mergekit_merge(method, [base.float()] + [e.float() for e in experts], p)
+    kw = {k: v for k, v in params.items() if k != "density"}
+    ours = run_method(method, base, experts, weight, params.get("density"), **kw)
+    theirs = mergekit_merge(method, [base] + experts, p)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    floor = rel_l2_delta(oracle.to(torch.bfloat16), oracle, base)
+    ours_err = rel_l2_delta(ours, oracle, base)
+    theirs_err = rel_l2_delta(theirs, oracle, base)
+    record_property("bf16_floor", floor)
+    record_property("bf16_fastmerge_err", ours_err)
+    record_property("bf16_mergekit_err", theirs_err)
+    print(f"{method} {params}: floor {floor:.4%} fastmerge {ours_err:.4%} mergekit-bf16 {theirs_err:.4%}")
+    assert ours_err <= BF16_FLOOR_FACTOR * floor
+
+
+def test_bf16_linear_within_rounding_floor():
+    pytest.importorskip("mergekit")
+    _, experts = make_group((64, 64), 3, seed=51, dtype=torch.bfloat16, base_scale=0.02,
+                            delta_scale=0.01)
+    weight = [0.3, 0.3, 0.4]
+    oracle = mergekit_merge("linear", [e.float() for e in experts], {"weight": weight},
+                            base_index=None)
+    ours = F.linear(experts, weight)
+    theirs = mergekit_merge("linear", experts, {"weight": weight}, base_index=None)
+    floor = rel_l2_delta(oracle.to(torch.bfloat16), oracle, None)
+    ours_err, theirs_err = rel_l2_delta(ours, oracle, None), rel_l2_delta(theirs, oracle, None)
+    print(f"linear: floor {floor:.4%} fastmerge {ours_err:.4%} mergekit-bf16 {theirs_err:.4%}")
+    assert ours_err <= BF16_FLOOR_FACTOR * floor
+
+
+# ---------------------------------------------------------------------------------------------
+# Random methods vs mergekit, by distribution
+# ---------------------------------------------------------------------------------------------
+
+def _della_probs(shape, x, density, epsilon):
+    """DELLA keep probabilities from ranks along dim 1 (computed with argsort here)."""
+    rows = x.reshape(shape[0], shape[1])
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).double()  # 0 = smallest (tie-free data)
+    return (density - epsilon) + ranks / (shape[1] - 1) * 2 * epsilon
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.8])
+def test_kept_fraction_within_binomial_bound(method, density):
+    shape = (200, 1000)
+    x = randn(shape, seed=60)  # no zeros, tie-free
+    zero = torch.zeros(shape)
+    eps = min(0.15, density / 2, (1 - density) / 2)
+    if method == "dare_linear":
+        probs = torch.full((x.numel(),), density, dtype=torch.float64)
+        kw, mk = {}, {}
+    else:
+        probs = _della_probs(shape, x, density, eps).reshape(-1)
+        kw, mk = dict(epsilon=eps), dict(epsilon=eps)
+    ours = run_method(method, zero, [x], 1.0, density, rescale=False, seed=8, name="k", **kw)
+    kept = (ours != 0).reshape(-1)
+    bound = binomial_bound(probs)
+    assert abs(int(kept.sum()) - float(probs.sum())) <= bound
+    if method == "della_linear":  # larger magnitudes are kept more often, by the rank formula
+        top = (x.abs() >= x.abs().median(dim=1, keepdim=True).values).reshape(-1)
+        for part in (top, ~top):
+            assert abs(int(kept[part].sum()) - float(probs[part].sum())) <= binomial_bound(probs[part])
+    if pytest.importorskip("mergekit"):
+        torch.manual_seed(0)
+        theirs = mergekit_merge(method, [zero, x], {"weight": 1.0, "density": density,
+                                                     "rescale": False, **mk})
+        assert abs(int((theirs != 0).sum()) - float(probs.sum())) <= bound
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
+def test_rescale_preserves_l1(method):
+    shape = (100, 1000)
+    x = randn(shape, seed=61)
+    zero = torch.zeros(shape)
+    for density in (0.05, 0.3, 0.9):
+        kw = dict(epsilon=min(0.1, density / 2, (1 - density) / 2)) if method == "della_linear" else {}
+        ours = run_method(method, zero, [x], 1.0, density, seed=2, name="l1", **kw)
+        assert int((ours != 0).sum()) < x.numel()
+        assert math.isclose(float(ours.double().abs().sum()), float(x.double().abs().sum()),
+                            rel_tol=1e-5)
+    # single-tensor dare_drop too
+    d = F.dare_drop(x, 0.2, seed=1, name="l1")
+    assert math.isclose(float(d.double().abs().sum()), float(x.double().abs().sum()), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("method", RANDOM_METHODS)
+def test_random_merge_moments_match_mergekit(method):
+    """Mean and mean square of the merged delta: ours vs mergekit's, each an average of n
+    independent elements; bound = SIGMAS standard deviations estimated from the data."""
+    pytest.importorskip("mergekit")
+    from conftest import SIGMAS
+
+    shape = (400, 1000)
+    base, experts = make_group(shape, 3, seed=62, delta_scale=1.0)
+    experts = [e + 0.3 for e in experts]  # deltas with a nonzero mean
+    weight, density = [0.5, 1.0, 0.7], 0.4
+    kw = dict(epsilon=0.1) if method.startswith("della") else {}
+    ours = run_method(method, base, experts, weight, density, seed=9, name="m", **kw) - base
+    torch.manual_seed(1)
+    theirs = mergekit_merge(method, [base] + experts,
+                            mergekit_params(method, weight, density, **kw)) - base
+    n = ours.numel()
+    a, b = ours.double().reshape(-1), theirs.double().reshape(-1)
+    # E[m^2] >= Var[m] for every element: a conservative standard deviation of the mean
+    sd_mean = math.sqrt(float((a * a).sum() + (b * b).sum())) / n
+    assert abs(float(a.mean() - b.mean())) <= SIGMAS * sd_mean, (float(a.mean()), float(b.mean()))
+    sd_sq = math.sqrt(float((a ** 4).sum() + (b ** 4).sum())) / n
+    assert abs(float((a * a).mean() - (b * b).mean())) <= SIGMAS * sd_sq
+    # DARE's constant keep probability with L1 rescale is unbiased: the mean is the weighted mean
+    # delta (DELLA is not: it keeps large magnitudes more often)
+    expected = sum(w * float((e.double() - base.double()).mean()) for w, e in zip(weight, experts))
+    if method == "dare_linear":
+        assert abs(float(a.mean()) - expected) <= SIGMAS * sd_mean
+
+
+# ---------------------------------------------------------------------------------------------
+# Empty tensors
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(0,), (0, 4), (4, 0), (2, 0, 3)], ids=str)
+def test_empty_tensors(shape):
+    """torch gives contiguous empty tensors strides like (1, 1) for shape (4, 0)."""
+    base = torch.empty(shape)
+    for method in ALL_METHODS:
+        out = run_method(method, base, [torch.empty(shape)] * 2, [1.0, 1.0], 0.5)
+        assert out.shape == shape and out.dtype == base.dtype, method
+    assert F.linear([base, base], [1.0, 1.0]).shape == shape
+
+
+# ---------------------------------------------------------------------------------------------
+# Property tests (hypothesis): ties, dare vs reference
+# ---------------------------------------------------------------------------------------------
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_shapes = st.lists(st.integers(1, 12), min_size=0, max_size=3)
+_dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
+_weights = st.floats(-2.0, 2.0, allow_nan=False, width=32)
+
+
+@given(shape=_shapes, experts=st.integers(1, 4), data=st.data(),
+       dtypes=st.lists(_dtypes, min_size=5, max_size=5), quantise=st.booleans(),
+       normalize=st.booleans(), consensus=st.sampled_from(["sum", "count"]),
+       lambda_=st.sampled_from([1.0, 0.5, 2.0]), seed=st.integers(0, 2**16))
+def test_property_ties_matches_reference(shape, experts, data, dtypes, quantise, normalize,
+                                         consensus, lambda_, seed):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    ex = [base + torch.randn(shape, generator=g) for _ in range(experts)]
+    if quantise:  # many equal magnitudes and exact zeros
+        base = torch.round(base * 2) / 2
+        ex = [torch.round(e * 2) / 2 for e in ex]
+    base = base.to(dtypes[0])
+    ex = [e.to(d) for e, d in zip(ex, dtypes[1:])]
+    weight = data.draw(st.lists(_weights, min_size=experts, max_size=experts), label="weight")
+    density = data.draw(st.lists(st.floats(0.0, 1.0), min_size=experts, max_size=experts),
+                        label="density")
+    out = F.ties(base, ex, weight, density, normalize=normalize, consensus=consensus,
+                 lambda_=lambda_)
+    expected = ref_gta(base, ex, weight, density=density, sparsification="magnitude",
+                       consensus=consensus, normalize=normalize, lambda_=lambda_)
+    check_against_reference(out, expected, base, False)
+
+
+@given(shape=_shapes, experts=st.integers(1, 3), data=st.data(), dtype=_dtypes,
+       linear=st.booleans(), seed=st.integers(0, 2**64 - 1), name=st.text(max_size=8))
+def test_property_dare_matches_reference(shape, experts, data, dtype, linear, seed, name):
+    g = torch.Generator().manual_seed(seed % 2**32)
+    base = torch.randn(shape, generator=g).to(dtype)
+    ex = [(base.float() + torch.randn(shape, generator=g)).to(dtype) for _ in range(experts)]
+    weight = data.draw(st.lists(_weights, min_size=experts, max_size=experts), label="weight")
+    density = data.draw(st.lists(st.floats(0.0, 1.0), min_size=experts, max_size=experts),
+                        label="density")
+    fn = F.dare_linear if linear else F.dare_ties
+    # without rescale the result is bit-exact; with it, within the L1-reduction tolerance
+    out = fn(base, ex, weight, density, seed=seed, name=name, rescale=False)
+    expected = ref_gta(base, ex, weight, density=density, sparsification="random",
+                       consensus=None if linear else "sum", seed=seed, name=name)
+    check_against_reference(out, expected, base, False)
+    out = fn(base, ex, weight, density, seed=seed, name=name)
+    expected = ref_gta(base, ex, weight, density=density, sparsification="random",
+                       consensus=None if linear else "sum", rescale=True, seed=seed, name=name)
+    check_against_reference(out, expected, base, True)

@@ -1,0 +1,138 @@
+"""Bad input raises a fastmerge.FastmergeError subclass whose message names the argument and the
+value at fault."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastmerge
+import fastmerge.ops as F
+
+
+def raises(fn, *fragments):
+    with pytest.raises(fastmerge.FastmergeError) as info:
+        fn()
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert isinstance(info.value, fastmerge.InvalidArgumentError)
+    return message
+
+
+B = torch.zeros(3, 4)
+E = [torch.ones(3, 4), torch.full((3, 4), 2.0)]
+
+
+def test_error_hierarchy():
+    assert issubclass(fastmerge.InvalidArgumentError, fastmerge.FastmergeError)
+    assert issubclass(fastmerge.InvalidArgumentError, ValueError)
+    assert issubclass(fastmerge.NativeUnavailableError, fastmerge.FastmergeError)
+
+
+@pytest.mark.parametrize("call", [
+    lambda e: F.ties(B, [E[0], e], [1.0, 1.0], 0.5),
+    lambda e: F.task_arithmetic(B, [E[0], e], [1.0, 1.0]),
+    lambda e: F.dare_linear(B, [E[0], e], [1.0, 1.0], 0.5),
+    lambda e: F.della(B, [E[0], e], [1.0, 1.0], 0.5),
+    lambda e: F.model_stock(B, [E[0], e]),
+])
+def test_mismatched_shapes(call):
+    raises(lambda: call(torch.ones(4, 3)), "experts[1]", "(4, 3)", "(3, 4)")
+
+
+def test_mismatched_shapes_other_ops():
+    raises(lambda: F.slerp(B, torch.ones(12), 0.5), "other", "(12,)", "(3, 4)")
+    raises(lambda: F.linear([B, torch.ones(2, 4)], [1.0, 1.0]), "experts[1]", "(2, 4)")
+
+
+def test_mismatched_devices():
+    meta = torch.empty(3, 4, device="meta")
+    raises(lambda: F.ties(B, [E[0], meta], [1.0, 1.0], 0.5), "experts[1]", "meta", "cpu")
+    raises(lambda: F.ties(meta, E, [1.0, 1.0], 0.5), "experts[0]", "cpu", "meta")
+    raises(lambda: F.slerp(B, meta, 0.5), "other", "meta")
+    raises(lambda: F.model_stock(B, [meta, E[0]]), "experts[0]", "meta")
+    raises(lambda: F.linear([B, meta], [1.0, 1.0]), "experts[1]", "meta")
+
+
+@pytest.mark.parametrize("int_dtype", [torch.int32, torch.int64, torch.int8, torch.bool,
+                                       torch.uint8])
+def test_integer_dtypes(int_dtype):
+    bad = torch.zeros(3, 4, dtype=int_dtype)
+    name = str(int_dtype)
+    raises(lambda: F.ties(bad, E, [1.0, 1.0], 0.5), "base", name)
+    raises(lambda: F.ties(B, [E[0], bad], [1.0, 1.0], 0.5), "experts[1]", name)
+    raises(lambda: F.magnitude_mask(bad, 0.5), "x", name)
+    raises(lambda: F.slerp(B, bad, 0.5), "other", name)
+    raises(lambda: F.model_stock(bad, E), "base", name)
+
+
+def test_complex_dtype():
+    bad = torch.zeros(3, 4, dtype=torch.complex64)
+    raises(lambda: F.task_arithmetic(B, [bad], 1.0), "experts[0]", "complex64")
+
+
+@pytest.mark.parametrize("density", [-0.1, 1.5, float("nan"), float("inf")])
+def test_density_outside_unit_interval(density):
+    text = repr(float(density)) if math.isfinite(density) else str(float(density))
+    raises(lambda: F.ties(B, E, [1.0, 1.0], density), "density", text)
+    raises(lambda: F.magnitude_mask(B, density), "density", text)
+    raises(lambda: F.dare_drop(B, density), "density", text)
+    raises(lambda: F.ties(B, E, [1.0, 1.0], [0.5, density]), "density[1]", text)
+
+
+def test_per_expert_lists_of_wrong_length():
+    raises(lambda: F.ties(B, E, [1.0, 1.0, 1.0], 0.5), "weight", "3", "2 experts")
+    raises(lambda: F.ties(B, E, [1.0, 1.0], [0.5]), "density", "2 experts")
+    raises(lambda: F.ties(B, E, "heavy", 0.5), "weight", "'heavy'")
+
+
+def test_empty_expert_list():
+    raises(lambda: F.ties(B, [], [], 0.5), "experts", "0")
+    raises(lambda: F.task_arithmetic(B, [], 1.0), "experts", "0")
+    raises(lambda: F.linear([], 1.0), "experts", "0")
+    raises(lambda: F.model_stock(B, [E[0]]), "experts", "at least 2", "1")
+    raises(lambda: F.ties(B, E[0], 1.0, 0.5), "experts", "single tensor")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights(value):
+    raises(lambda: F.ties(B, E, [1.0, value], 0.5), "weight[1]", str(value))
+    raises(lambda: F.task_arithmetic(B, E, value), "weight", str(value))
+    raises(lambda: F.linear(E, torch.tensor([value, 1.0])), "weight[0]", str(value))
+    raises(lambda: F.ties(B, E, [1.0, 1.0], 0.5, lambda_=value), "lambda_", str(value))
+    raises(lambda: F.slerp(B, E[0], value), "t", str(value))
+
+
+@pytest.mark.parametrize("density,epsilon", [(0.5, 0.6), (0.1, 0.1), (0.9, 0.15), (0.3, 0.5)])
+def test_della_epsilon_out_of_range(density, epsilon):
+    msg = raises(lambda: F.della(B, E, [1.0, 1.0], density, epsilon=epsilon), "epsilon",
+                 str(epsilon), str(density))
+    assert "expert 0" in msg
+    raises(lambda: F.della_linear(B, E, [1.0, 1.0], [0.5, density], epsilon=[0.1, epsilon]),
+           "expert 1", str(epsilon))
+
+
+def test_della_epsilon_outside_unit_interval():
+    raises(lambda: F.della(B, E, [1.0, 1.0], 0.5, epsilon=-0.1), "epsilon", "-0.1")
+    raises(lambda: F.della(B, E, [1.0, 1.0], 0.5, epsilon=1.5), "epsilon", "1.5")
+
+
+def test_gamma_outside_unit_interval():
+    raises(lambda: F.breadcrumbs(B, E, [1.0, 1.0], 0.5, gamma=-0.5), "gamma", "-0.5")
+
+
+def test_bad_enumerations_and_scalars():
+    raises(lambda: F.generalized_task_arithmetic(B, E, 1.0, sparsification="topk"),
+           "sparsification", "'topk'")
+    raises(lambda: F.generalized_task_arithmetic(B, E, 1.0, consensus="majority"),
+           "consensus", "'majority'")
+    raises(lambda: F.dare_ties(B, E, 1.0, 0.5, seed=-1), "seed", "-1")
+    raises(lambda: F.dare_ties(B, E, 1.0, 0.5, seed=2**64), "seed", str(2**64))
+    raises(lambda: F.dare_ties(B, E, 1.0, 0.5, seed=1.5), "seed", "1.5")
+    raises(lambda: F.dare_ties(B, E, 1.0, 0.5, name=7), "name", "7")
+    raises(lambda: F.ties(B, E, 1.0, 0.5, out_dtype=torch.int32), "out_dtype", "int32")
+    raises(lambda: F.model_stock(B, E, filter_wise="yes"), "filter_wise", "'yes'")
+    raises(lambda: F.slerp(B, E[0], "half"), "t", "'half'")
+    raises(lambda: F.ties("base", E, 1.0, 0.5), "base", "str")
