@@ -40,6 +40,15 @@ inline int max_threads() {
 #endif
 }
 
+// Index of the calling thread inside a parallel region (0 outside one).
+inline int thread_index() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
 inline void set_threads(int n) {
 #ifdef _OPENMP
   if (n > 0) omp_set_num_threads(n);

@@ -2,6 +2,9 @@
 // expert needs one, then one merge pass. Threads take fixed chunks (or, for DELLA, whole rank
 // slabs); per-chunk results are reduced in chunk order, so results never depend on threads.
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <vector>
 
 #include "fastmerge/parallel.h"
@@ -32,10 +35,31 @@ struct Selection {
 
 // Statistics of one range (chunk or slab).
 struct RangeStats {
-  std::vector<TopkScanResult> scans;            // per selection
-  std::vector<std::vector<uint64_t>> cands;     // per selection
-  std::vector<double> l1_all, l1_kept;          // per expert
+  std::vector<TopkScanResult> scans;  // per selection
+  std::vector<int64_t> cand_offset;   // per selection: where its candidates start in the
+  std::vector<int64_t> cand_count;    //   buffer of the thread that scanned this range,
+  std::vector<int> cand_thread;       //   how many, and which thread
+  std::vector<double> l1_all, l1_kept;  // per expert
 };
+
+// Candidate buffers that keep their capacity across calls (no page faults in the hot pass):
+// one per worker thread and selection, plus one contiguous array per selection to select in.
+// Owned by the calling thread, so concurrent merges from several Python threads never share.
+struct CandidatePool {
+  std::vector<std::vector<std::vector<uint64_t>>> by_thread;
+  std::vector<std::vector<uint64_t>> merged;
+};
+
+CandidatePool& candidate_pool(size_t selections) {
+  thread_local CandidatePool pool;
+  pool.by_thread.resize(size_t(max_threads()));
+  for (auto& per_thread : pool.by_thread) {
+    per_thread.resize(std::max(per_thread.size(), selections));
+    for (auto& buf : per_thread) buf.clear();
+  }
+  pool.merged.resize(std::max(pool.merged.size(), selections));
+  return pool;
+}
 
 // Inputs shared by both passes.
 struct MergeInputs {
@@ -75,8 +99,9 @@ struct Scratch {
   std::vector<float> slab_base, slab_delta;  // DELLA
   std::vector<float> probs;                  // DELLA: experts x slab
   std::vector<uint64_t> group;               // DELLA: one rank group
+  // base stays zero when the merge has no base (deltas are the experts themselves).
   explicit Scratch(int experts)
-      : base(kBlock), delta(kBlock), u(kBlock), v(size_t(experts) * kBlock), cand(kBlock) {}
+      : base(kBlock, 0.0f), delta(kBlock), u(kBlock), v(size_t(experts) * kBlock), cand(kBlock) {}
 };
 
 // DELLA keep probabilities of every expert over slab [begin, end): ranks of |delta| along
@@ -86,7 +111,7 @@ void della_probs(const MergeInputs& in, const GtaPlan& plan, const GtaBlockKerne
   const GtaParams& p = *in.params;
   const int64_t len = end - begin, L = p.rank_len, I = p.rank_inner;
   const int T = int(plan.experts.size());
-  s.slab_base.resize(size_t(len));
+  s.slab_base.assign(size_t(len), 0.0f);
   s.slab_delta.resize(size_t(len));
   s.probs.resize(size_t(T) * len);
   s.group.resize(size_t(L));
@@ -96,7 +121,7 @@ void della_probs(const MergeInputs& in, const GtaPlan& plan, const GtaBlockKerne
     if (x.kind != MaskKind::della) continue;
     const TensorView& e = (*in.experts)[t];
     K.load(e.data, e.dtype, begin, len, s.slab_delta.data());
-    K.subtract(s.slab_delta.data(), in.base ? s.slab_base.data() : nullptr, len, s.slab_delta.data());
+    K.subtract(s.slab_delta.data(), s.slab_base.data(), len, s.slab_delta.data());
     float* prob = s.probs.data() + size_t(t) * len;
     for (int64_t c = 0; c < I; ++c) {
       for (int64_t j = 0; j < L; ++j)
@@ -121,36 +146,39 @@ void stats_pass(const MergeInputs& in, GtaPlan& plan, std::vector<Selection>& se
   std::vector<int> active;  // selections still to scan
   for (size_t i = 0; i < sels.size(); ++i)
     if (!sels[i].resolved) active.push_back(int(i));
-  const bool need_l1 = gather_l1;
+  CandidatePool& pool = candidate_pool(sels.size());
 
   for_each_range(ranges, [&](int64_t r) {
     Scratch s(T);
     RangeStats& st = stats[size_t(r)];
     st.scans.assign(sels.size(), TopkScanResult{});
-    st.cands.assign(sels.size(), {});
+    st.cand_offset.assign(sels.size(), 0);
+    st.cand_count.assign(sels.size(), 0);
+    st.cand_thread.assign(sels.size(), thread_index());
     st.l1_all.assign(size_t(T), 0.0);
     st.l1_kept.assign(size_t(T), 0.0);
+    std::vector<std::vector<uint64_t>>& bufs = pool.by_thread[size_t(thread_index())];
+    for (int i : active) st.cand_offset[size_t(i)] = int64_t(bufs[size_t(i)].size());
     const int64_t begin = ranges.begin(r), end = ranges.end(r, in.n);
     if (ranges.slabs) della_probs(in, plan, K, begin, end, s);
     for (int64_t b = begin; b < end; b += kBlock) {
       const int64_t len = std::min(kBlock, end - b);
       if (in.base) K.load(in.base->data, in.base->dtype, b, len, s.base.data());
       for (int t = 0; t < T; ++t) {
-        const ExpertPlan& x = plan.experts[t];
-        bool scan = false;
-        for (int i : active) scan |= sels[size_t(i)].expert == t;
-        if (!scan && !(need_l1 && x.rescale)) continue;
-        const TensorView& e = (*in.experts)[t];
-        K.load(e.data, e.dtype, b, len, s.delta.data());
-        K.subtract(s.delta.data(), in.base ? s.base.data() : nullptr, len, s.delta.data());
+        const ExpertPlan& x = plan.experts[size_t(t)];
+        const TensorView& e = (*in.experts)[size_t(t)];
+        const BlockSource src{e.data, e.dtype, b};
         for (int i : active) {
           if (sels[size_t(i)].expert != t) continue;
           const TopkWindow& w = sels[size_t(i)].window;
-          K.topk_scan(s.delta.data(), len, b, w.lo, w.hi, &st.scans[size_t(i)], s.cand.data());
-          st.cands[size_t(i)].insert(st.cands[size_t(i)].end(), s.cand.begin(),
-                                     s.cand.begin() + st.scans[size_t(i)].candidates);
+          TopkScanResult& scan = st.scans[size_t(i)];
+          K.topk_scan(src, s.base.data(), len, w.lo, w.hi, &scan, s.cand.data());
+          bufs[size_t(i)].insert(bufs[size_t(i)].end(), s.cand.begin(),
+                                 s.cand.begin() + scan.candidates);
         }
-        if (!(need_l1 && x.rescale)) continue;
+        if (!(gather_l1 && x.rescale)) continue;
+        K.load(e.data, e.dtype, b, len, s.delta.data());
+        K.subtract(s.delta.data(), s.base.data(), len, s.delta.data());
         const float* u = nullptr;
         const float* prob = nullptr;
         if (x.kind == MaskKind::bernoulli || x.kind == MaskKind::della) {
@@ -162,73 +190,94 @@ void stats_pass(const MergeInputs& in, GtaPlan& plan, std::vector<Selection>& se
                    &st.l1_kept[size_t(t)]);
       }
     }
+    for (int i : active)
+      st.cand_count[size_t(i)] = int64_t(bufs[size_t(i)].size()) - st.cand_offset[size_t(i)];
   });
 
-  // Reduce in range order.
-  std::vector<int64_t> above(sels.size(), 0);
-  std::vector<double> above_l1(sels.size(), 0.0);
-  std::vector<std::vector<uint64_t>> cands(sels.size());
-  for (const RangeStats& st : stats) {
-    for (int i : active) {
-      above[size_t(i)] += st.scans[size_t(i)].above;
-      above_l1[size_t(i)] += st.scans[size_t(i)].above_l1;
-      cands[size_t(i)].insert(cands[size_t(i)].end(), st.cands[size_t(i)].begin(),
-                              st.cands[size_t(i)].end());
-    }
+  // Reduce in range order (never in thread order: results must not depend on threads).
+  for (const RangeStats& st : stats)
     for (int t = 0; t < T; ++t) {
       plan.experts[size_t(t)].l1_before += st.l1_all[size_t(t)];
       plan.experts[size_t(t)].l1_after += st.l1_kept[size_t(t)];
     }
-  }
-  for (int i : active) {
-    Selection& sel = sels[size_t(i)];
-    uint64_t boundary = 0;
-    if (!resolve_topk(cands[size_t(i)], above[size_t(i)], sel.window.k, &boundary)) {
+  std::vector<char> hit(sels.size(), 0);
+  std::vector<uint64_t> boundary(sels.size(), 0);
+  std::vector<double> top_l1(sels.size(), 0.0);
+  // Each selection independently: gather its candidates in range order, select the k-th.
+  parallel_for(int64_t(active.size()), [&](int64_t a) {
+    const size_t i = size_t(active[size_t(a)]);
+    const Selection& sel = sels[i];
+    int64_t above = 0;
+    double above_l1 = 0.0;
+    std::vector<uint64_t>& merged = pool.merged[i];
+    merged.clear();
+    for (const RangeStats& st : stats) {
+      above += st.scans[i].above;
+      above_l1 += st.scans[i].above_l1;
+      const uint64_t* src = pool.by_thread[size_t(st.cand_thread[i])][i].data() + st.cand_offset[i];
+      merged.insert(merged.end(), src, src + st.cand_count[i]);
+    }
+    if (!resolve_topk(merged, above, sel.window.k, &boundary[i])) return;
+    hit[i] = 1;
+    if (!plan.experts[size_t(sel.expert)].rescale) return;
+    // L1 of the top k: the part above the window plus the kept candidates in range order
+    // (|delta| is the float whose bits are the composite's key).
+    double l1 = above_l1;
+    for (const RangeStats& st : stats) {
+      const uint64_t* src = pool.by_thread[size_t(st.cand_thread[i])][i].data() + st.cand_offset[i];
+      for (int64_t c = 0; c < st.cand_count[i]; ++c)
+        if (src[c] >= boundary[i]) l1 += double(bits_float(uint32_t(src[c] >> kIndexBits)));
+    }
+    top_l1[i] = l1;
+  });
+  for (int a : active) {
+    const size_t i = size_t(a);
+    Selection& sel = sels[i];
+    if (!hit[i]) {
       sel.window = full_topk_window(sel.window.k);  // rare miss: rescan everything
       continue;
     }
     sel.resolved = true;
     ExpertPlan& x = plan.experts[size_t(sel.expert)];
-    (sel.keep_side ? x.keep_from : x.drop_from) = boundary;
-    if (x.rescale) {
-      // L1 of the top-k: the part above the window plus the kept candidates (|delta| is the
-      // float whose bits are the composite's key).
-      double l1 = above_l1[size_t(i)];
-      for (uint64_t c : cands[size_t(i)])
-        if (c >= boundary) l1 += double(bits_float(uint32_t(c >> kIndexBits)));
-      x.l1_after += sel.keep_side ? l1 : -l1;
-    }
+    (sel.keep_side ? x.keep_from : x.drop_from) = boundary[i];
+    x.l1_after += sel.keep_side ? top_l1[i] : -top_l1[i];
   }
 }
 
 // Plans the selections of every top-k expert from a sample of its composites.
 std::vector<Selection> plan_selections(const MergeInputs& in, GtaPlan& plan) {
-  std::vector<Selection> sels;
   const int64_t n = in.n, s = sample_count(n);
-  for (int t = 0; t < int(plan.experts.size()); ++t) {
-    ExpertPlan& x = plan.experts[size_t(t)];
-    if (x.kind != MaskKind::topk_range) continue;
+  std::vector<int> topk;
+  for (int t = 0; t < int(plan.experts.size()); ++t)
+    if (plan.experts[size_t(t)].kind == MaskKind::topk_range) topk.push_back(t);
+  // Two sides per expert: keep (top k_keep) and drop (top k_drop).
+  std::vector<Selection> sels(topk.size() * 2);
+  parallel_for(int64_t(topk.size()), [&](int64_t i) {
+    const int t = topk[size_t(i)];
+    const ExpertPlan& x = plan.experts[size_t(t)];
     std::vector<uint64_t> sample;
+    const bool sampled = n > 4 * kSampleSize && ((x.k_keep > 0 && x.k_keep < n) || (x.k_drop > 0 && x.k_drop < n));
+    if (sampled) {
+      sample.resize(size_t(s));
+      const TensorView& e = (*in.experts)[size_t(t)];
+      for (int64_t j = 0; j < s; ++j) {
+        const int64_t pos = sample_position(j, n, s);
+        const float d = load_one(e, pos) - (in.base ? load_one(*in.base, pos) : 0.0f);
+        sample[size_t(j)] = composite_key(magnitude_key(d), pos);
+      }
+    }
     for (int side = 0; side < 2; ++side) {
       const bool keep_side = side == 0;
-      const int64_t k = keep_side ? x.k_keep : x.k_drop;
-      if (sample.empty() && k > 0 && k < n && n > 4 * kSampleSize) {
-        sample.resize(size_t(s));
-        const TensorView& e = (*in.experts)[t];
-        for (int64_t j = 0; j < s; ++j) {
-          const int64_t pos = sample_position(j, n, s);
-          const float d = load_one(e, pos) - (in.base ? load_one(*in.base, pos) : 0.0f);
-          sample[size_t(j)] = composite_key(magnitude_key(d), pos);
-        }
-      }
-      std::vector<uint64_t> work = sample;
-      Selection sel{t, keep_side, plan_topk_window(work, n, k)};
-      if (sel.window.trivial) {
-        (keep_side ? x.keep_from : x.drop_from) = sel.window.boundary;
-        sel.resolved = true;
-      }
-      sels.push_back(sel);
+      std::vector<uint64_t> work = sample;  // plan_topk_window reorders its sample
+      sels[size_t(i) * 2 + side] =
+          Selection{t, keep_side, plan_topk_window(work, n, keep_side ? x.k_keep : x.k_drop)};
     }
+  });
+  for (Selection& sel : sels) {
+    if (!sel.window.trivial) continue;
+    ExpertPlan& x = plan.experts[size_t(sel.expert)];
+    (sel.keep_side ? x.keep_from : x.drop_from) = sel.window.boundary;
+    sel.resolved = true;
   }
   return sels;
 }
@@ -255,22 +304,16 @@ void merge_pass(const MergeInputs& in, const GtaPlan& plan, const TensorView& ou
       if (in.base) K.load(in.base->data, in.base->dtype, b, len, s.base.data());
       for (int t = 0; t < T; ++t) {
         const ExpertPlan& x = plan.experts[size_t(t)];
-        const TensorView& e = (*in.experts)[t];
-        float* v = s.v.data() + size_t(t) * kBlock;
-        if (x.kind == MaskKind::drop_all) {
-          K.contribution(nullptr, len, b, x, nullptr, nullptr, v);
-          continue;
-        }
-        K.load(e.data, e.dtype, b, len, s.delta.data());
-        K.subtract(s.delta.data(), in.base ? s.base.data() : nullptr, len, s.delta.data());
+        const TensorView& e = (*in.experts)[size_t(t)];
         const float* prob = nullptr;
         if (x.kind == MaskKind::bernoulli || x.kind == MaskKind::della) {
           K.uniforms(make_stream(p.seed, p.stream, uint32_t(t)), b, len, s.u.data());
           if (x.kind == MaskKind::della) prob = s.probs.data() + size_t(t) * (end - begin) + (b - begin);
         }
-        K.contribution(s.delta.data(), len, b, x, s.u.data(), prob, v);
+        K.contribution(BlockSource{e.data, e.dtype, b}, s.base.data(), len, x, s.u.data(), prob,
+                       s.v.data() + size_t(t) * kBlock);
       }
-      K.combine(s.v.data(), kBlock, T, weights.data(), cp, in.base ? s.base.data() : nullptr, len,
+      K.combine(s.v.data(), kBlock, T, weights.data(), cp, s.base.data(), len,
                 s.delta.data());
       K.store(out.data, out.dtype, b, len, s.delta.data());
     }
@@ -286,8 +329,13 @@ GtaPlan gta_prepare_cpu(const TensorView* base, const std::vector<TensorView>& e
   const GtaBlockKernels& K = gta_block_kernels();
   const MergeInputs in{base, &experts, &params, n};
   if (plan.needs_stats_pass) {
+    static const bool trace = std::getenv("FASTMERGE_TRACE") != nullptr;
+    auto t0 = std::chrono::steady_clock::now();
     std::vector<Selection> sels = plan_selections(in, plan);
+    auto t1 = std::chrono::steady_clock::now();
     stats_pass(in, plan, sels, /*gather_l1=*/true, K);
+    auto t2 = std::chrono::steady_clock::now();
+    if (trace) std::fprintf(stderr, "plan %.2f ms stats %.2f ms\n", std::chrono::duration<double, std::milli>(t1 - t0).count(), std::chrono::duration<double, std::milli>(t2 - t1).count());
     // A window that missed the k-th (rare) is rescanned with the full window.
     while (std::any_of(sels.begin(), sels.end(), [](const Selection& s) { return !s.resolved; }))
       stats_pass(in, plan, sels, /*gather_l1=*/false, K);

@@ -9,7 +9,15 @@ namespace {
 
 constexpr int kLanes = 16;  // independent partial sums: vectorisable, order fixed per build
 
+// Software prefetch of the bytes four blocks further on: the passes stream 2 to 65 arrays
+// block by block, more than the hardware prefetchers follow well.
+inline void prefetch_ahead(const void* block_start, int64_t bytes) {
+  const char* p = static_cast<const char*>(block_start) + 4 * bytes;
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+}
+
 void load(const void* src, DType dtype, int64_t offset, int64_t len, float* dst) {
+  prefetch_ahead(static_cast<const char*>(src) + offset * dtype_size(dtype), len * dtype_size(dtype));
   switch (dtype) {
     case DType::f32: {
       const float* s = static_cast<const float*>(src) + offset;
@@ -54,18 +62,47 @@ void subtract(const float* a, const float* b, int64_t len, float* d) {
 }
 
 void uniforms(const RandomStream& stream, int64_t first, int64_t len, float* u) {
-  if ((first & 3) == 0 && (len & 3) == 0) {
-    const int64_t quad0 = first >> 2;
-    for (int64_t q = 0; q < (len >> 2); ++q) {
-      const Philox4 r = philox_block(stream, quad0 + q);
-      u[4 * q + 0] = word_to_uniform(r.v[0]);
-      u[4 * q + 1] = word_to_uniform(r.v[1]);
-      u[4 * q + 2] = word_to_uniform(r.v[2]);
-      u[4 * q + 3] = word_to_uniform(r.v[3]);
-    }
+  if ((first & 3) != 0 || (len & 3) != 0) {
+    for (int64_t j = 0; j < len; ++j) u[j] = uniform_at(stream, first + j);
     return;
   }
-  for (int64_t j = 0; j < len; ++j) u[j] = uniform_at(stream, first + j);
+  // Philox over a batch of counters in structure-of-arrays form, so each round is one
+  // vectorised loop of 32x32->64 multiplies (the same arithmetic as philox4x32_10).
+  constexpr int kQuads = int(kBlock / 4);
+  uint32_t c0[kQuads], c1[kQuads], c2[kQuads], c3[kQuads];
+  const int64_t quad0 = first >> 2;
+  for (int64_t q0 = 0; q0 < (len >> 2); q0 += kQuads) {
+    const int quads = int((len >> 2) - q0 < kQuads ? (len >> 2) - q0 : kQuads);
+    for (int q = 0; q < quads; ++q) {
+      const uint64_t block = uint64_t(quad0 + q0 + q);
+      c0[q] = uint32_t(block);
+      c1[q] = uint32_t(block >> 32);
+      c2[q] = stream.expert;
+      c3[q] = stream.stream;
+    }
+    uint32_t k0 = stream.key.k0, k1 = stream.key.k1;
+    for (int round = 0; round < 10; ++round) {
+      for (int q = 0; q < quads; ++q) {
+        const uint64_t p0 = uint64_t(0xD2511F53u) * c0[q];
+        const uint64_t p1 = uint64_t(0xCD9E8D57u) * c2[q];
+        const uint32_t n0 = uint32_t(p1 >> 32) ^ c1[q] ^ k0;
+        const uint32_t n2 = uint32_t(p0 >> 32) ^ c3[q] ^ k1;
+        c1[q] = uint32_t(p1);
+        c3[q] = uint32_t(p0);
+        c0[q] = n0;
+        c2[q] = n2;
+      }
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    float* dst = u + 4 * q0;
+    for (int q = 0; q < quads; ++q) {
+      dst[4 * q + 0] = word_to_uniform(c0[q]);
+      dst[4 * q + 1] = word_to_uniform(c1[q]);
+      dst[4 * q + 2] = word_to_uniform(c2[q]);
+      dst[4 * q + 3] = word_to_uniform(c3[q]);
+    }
+  }
 }
 
 void abs_sums(const float* d, const float* u, const float* keep_prob, float p, int64_t len,
@@ -95,72 +132,191 @@ void abs_sums(const float* d, const float* u, const float* keep_prob, float p, i
   *kept += s_kept;
 }
 
-void topk_scan(const float* d, int64_t len, int64_t first, uint64_t lo, uint64_t hi,
-               TopkScanResult* result, uint64_t* candidates) {
-  int64_t above[kLanes] = {};
-  float above_l1[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= len; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const uint64_t c = composite_key(magnitude_key(d[j + l]), first + j + l);
-      const bool up = c > hi;
-      above[l] += up;
-      above_l1[l] += up ? __builtin_fabsf(d[j + l]) : 0.0f;
+// Element access for the fused kernels below (inlined: T is the storage type).
+inline float element(const float* p, int64_t j) { return p[j]; }
+inline float element(const uint16_t* p, int64_t j) { return bits_float(uint32_t(p[j]) << 16); }
+inline float element(const f16_t* p, int64_t j) { return to_float(p[j]); }
+
+template <typename Fn>
+void with_storage(BlockSource src, Fn&& fn) {
+  switch (src.dtype) {
+    case DType::f32: fn(static_cast<const float*>(src.data) + src.offset); break;
+    case DType::bf16: fn(static_cast<const uint16_t*>(src.data) + src.offset); break;
+    case DType::f16: fn(static_cast<const f16_t*>(src.data) + src.offset); break;
+    default: break;
+  }
+}
+
+// "composite >= boundary" for the elements of a block as 32-bit lane arithmetic: the key
+// decides, and on an equal key the block-relative index j must not pass `last`.
+struct BlockBoundary {
+  uint32_t key;
+  int32_t last;  // largest block-relative index that passes on an equal key (-1: none)
+};
+
+inline BlockBoundary block_boundary(uint64_t boundary, int64_t first) {
+  const int64_t index = int64_t(kIndexMask - (boundary & kIndexMask));
+  int64_t last = index - first;
+  last = last < -1 ? -1 : (last > kBlock ? kBlock : last);
+  return BlockBoundary{uint32_t(boundary >> kIndexBits), int32_t(last)};
+}
+
+template <typename T>
+void topk_scan_t(const T* e, const float* base, int64_t len, int64_t first, uint64_t lo,
+                 uint64_t hi, TopkScanResult* result, uint64_t* candidates) {
+  // above: composite >= hi + 1; inside: composite >= lo and not above.
+  const BlockBoundary up_from = block_boundary(hi == ~uint64_t(0) ? hi : hi + 1, first);
+  const BlockBoundary in_from = block_boundary(lo, first);
+  prefetch_ahead(e, len * int64_t(sizeof(T)));
+  int32_t above = 0;
+  float above_l1 = 0.0f;
+  int32_t inside[kBlock + 2];
+  // One 32-bit lane per element (full vector width); the reduction order is fixed per build.
+#pragma omp simd reduction(+ : above, above_l1)
+  for (int32_t j = 0; j < int32_t(len); ++j) {
+    const float d = element(e, j) - base[j];
+    const uint32_t key = magnitude_key(d);
+    const bool up = (key > up_from.key) | ((key == up_from.key) & (j <= up_from.last));
+    const bool in = (key > in_from.key) | ((key == in_from.key) & (j <= in_from.last));
+    above += up;
+    above_l1 += up ? __builtin_fabsf(d) : 0.0f;
+    inside[j] = in & !up;
+  }
+  inside[len] = inside[len + 1] = 0;
+  // Candidates are rare (a window around the k-th): visit only the set flags, two at a time.
+  int64_t m = 0;
+  for (int64_t g = 0; g < len; g += 2) {
+    uint64_t word;
+    __builtin_memcpy(&word, inside + g, 8);
+    while (word) {
+      const int64_t i = g + (__builtin_ctzll(word) >> 5);
+      candidates[m++] = composite_key(magnitude_key(element(e, i) - base[i]), first + i);
+      word &= word - 1;
     }
   }
-  for (int l = 0; j < len; ++j, ++l) {
-    const uint64_t c = composite_key(magnitude_key(d[j]), first + j);
-    const bool up = c > hi;
-    above[l] += up;
-    above_l1[l] += up ? __builtin_fabsf(d[j]) : 0.0f;
-  }
-  // Candidates are rare (a window around the k-th): a branch-free append.
-  int64_t m = 0;
-  for (int64_t i = 0; i < len; ++i) {
-    const uint64_t c = composite_key(magnitude_key(d[i]), first + i);
-    candidates[m] = c;
-    m += (c >= lo) & (c <= hi);
-  }
-  double l1 = 0.0;
-  int64_t count = 0;
-  for (int l = 0; l < kLanes; ++l) {
-    count += above[l];
-    l1 += above_l1[l];
-  }
+  const int64_t count = above;
+  const double l1 = above_l1;
   result->above += count;
   result->above_l1 += l1;
   result->candidates = m;
 }
 
-void contribution(const float* d, int64_t len, int64_t first, const ExpertPlan& x, const float* u,
-                  const float* keep_prob, float* v) {
+void topk_scan(BlockSource src, const float* base, int64_t len, uint64_t lo, uint64_t hi,
+               TopkScanResult* result, uint64_t* candidates) {
+  with_storage(src, [&](auto* e) { topk_scan_t(e, base, len, src.offset, lo, hi, result, candidates); });
+}
+
+template <typename T>
+void contribution_t(const T* e, const float* base, int64_t len, int64_t first, const ExpertPlan& x,
+                    const float* u, const float* keep_prob, float* v) {
+  prefetch_ahead(e, len * int64_t(sizeof(T)));
   const float scale = x.scale, w = x.weight;
   switch (x.kind) {
     case MaskKind::keep_all:
-      for (int64_t j = 0; j < len; ++j) v[j] = (d[j] * scale) * w;
+      for (int64_t j = 0; j < len; ++j) v[j] = ((element(e, j) - base[j]) * scale) * w;
       break;
     case MaskKind::drop_all:
       for (int64_t j = 0; j < len; ++j) v[j] = 0.0f;
       break;
     case MaskKind::topk_range: {
-      const uint64_t from = x.keep_from, to = x.drop_from;
-      for (int64_t j = 0; j < len; ++j) {
-        const uint64_t c = composite_key(magnitude_key(d[j]), first + j);
-        v[j] = (c >= from && c < to) ? (d[j] * scale) * w : 0.0f;
+      const BlockBoundary from = block_boundary(x.keep_from, first);
+      const BlockBoundary to = block_boundary(x.drop_from, first);
+      for (int32_t j = 0; j < int32_t(len); ++j) {
+        const float d = element(e, j) - base[j];
+        const uint32_t key = magnitude_key(d);
+        const bool in_keep = (key > from.key) | ((key == from.key) & (j <= from.last));
+        const bool in_drop = (key > to.key) | ((key == to.key) & (j <= to.last));
+        v[j] = (in_keep & !in_drop) ? (d * scale) * w : 0.0f;
       }
     } break;
     case MaskKind::bernoulli: {
       const float p = x.keep_prob;
-      for (int64_t j = 0; j < len; ++j) v[j] = u[j] < p ? (d[j] * scale) * w : 0.0f;
+      for (int64_t j = 0; j < len; ++j)
+        v[j] = u[j] < p ? ((element(e, j) - base[j]) * scale) * w : 0.0f;
     } break;
     case MaskKind::della:
-      for (int64_t j = 0; j < len; ++j) v[j] = u[j] < keep_prob[j] ? (d[j] * scale) * w : 0.0f;
+      for (int64_t j = 0; j < len; ++j)
+        v[j] = u[j] < keep_prob[j] ? ((element(e, j) - base[j]) * scale) * w : 0.0f;
       break;
   }
 }
 
+void contribution(BlockSource src, const float* base, int64_t len, const ExpertPlan& x,
+                  const float* u, const float* keep_prob, float* v) {
+  if (x.kind == MaskKind::drop_all) {
+    for (int64_t j = 0; j < len; ++j) v[j] = 0.0f;
+    return;
+  }
+  with_storage(src, [&](auto* e) { contribution_t(e, base, len, src.offset, x, u, keep_prob, v); });
+}
+
+// combine for a compile-time expert count and consensus: one branch-free pass over the block
+// with every expert's contribution in registers. Same operations, in the same order, as
+// combine_any below (x / 1 and x * 1 are exact, so they stand in for "no normalize/lambda").
+template <int T, Consensus C>
+void combine_fixed(const float* __restrict v, int64_t stride, const float* weights,
+                   const CombineParams& p, const float* __restrict base, int64_t len,
+                   float* __restrict out) {
+  const bool normalize = p.normalize;
+  const float lambda = p.lambda, fixed_divisor = normalize ? p.divisor : 1.0f;
+  float w[T];
+  for (int t = 0; t < T; ++t) w[t] = weights[t];
+  for (int64_t j = 0; j < len; ++j) {
+    float x[T];
+    for (int t = 0; t < T; ++t) x[t] = v[t * stride + j];
+    float mixed, divisor;
+    if (C == Consensus::none) {
+      mixed = x[0];
+      for (int t = 1; t < T; ++t) mixed += x[t];
+      divisor = fixed_divisor;
+    } else {
+      float vote = 0.0f;
+      for (int t = 0; t < T; ++t)
+        vote += C == Consensus::sum ? x[t] : float(x[t] > 0.0f) - float(x[t] < 0.0f);
+      const float majority = vote >= 0.0f ? 1.0f : -1.0f;
+      mixed = 0.0f;
+      float agreeing = 0.0f;
+      for (int t = 0; t < T; ++t) {
+        const bool agree = x[t] * majority > 0.0f;
+        mixed += agree ? x[t] : 0.0f;
+        agreeing += agree ? w[t] : 0.0f;
+      }
+      divisor = normalize && agreeing != 0.0f ? agreeing : 1.0f;
+    }
+    out[j] = base[j] + (mixed / divisor) * lambda;
+  }
+}
+
+template <int T>
+void combine_experts(const float* v, int64_t stride, const float* weights, const CombineParams& p,
+                     const float* base, int64_t len, float* out) {
+  switch (p.consensus) {
+    case Consensus::none: return combine_fixed<T, Consensus::none>(v, stride, weights, p, base, len, out);
+    case Consensus::sum: return combine_fixed<T, Consensus::sum>(v, stride, weights, p, base, len, out);
+    case Consensus::count: return combine_fixed<T, Consensus::count>(v, stride, weights, p, base, len, out);
+  }
+}
+
+void combine_any(const float* v, int64_t stride, int experts, const float* weights,
+                 const CombineParams& p, const float* base, int64_t len, float* out);
+
 void combine(const float* v, int64_t stride, int experts, const float* weights,
              const CombineParams& p, const float* base, int64_t len, float* out) {
+  switch (experts) {
+    case 1: return combine_experts<1>(v, stride, weights, p, base, len, out);
+    case 2: return combine_experts<2>(v, stride, weights, p, base, len, out);
+    case 3: return combine_experts<3>(v, stride, weights, p, base, len, out);
+    case 4: return combine_experts<4>(v, stride, weights, p, base, len, out);
+    case 5: return combine_experts<5>(v, stride, weights, p, base, len, out);
+    case 6: return combine_experts<6>(v, stride, weights, p, base, len, out);
+    case 7: return combine_experts<7>(v, stride, weights, p, base, len, out);
+    case 8: return combine_experts<8>(v, stride, weights, p, base, len, out);
+    default: return combine_any(v, stride, experts, weights, p, base, len, out);
+  }
+}
+
+void combine_any(const float* v, int64_t stride, int experts, const float* weights,
+                 const CombineParams& p, const float* base, int64_t len, float* out) {
   float mixed[kBlock];
   if (p.consensus == Consensus::none) {
     for (int64_t j = 0; j < len; ++j) mixed[j] = v[j];
@@ -169,21 +325,29 @@ void combine(const float* v, int64_t stride, int experts, const float* weights,
     if (p.normalize)
       for (int64_t j = 0; j < len; ++j) mixed[j] /= p.divisor;
   } else {
+    // Sign election: the majority sign of sum(v) (or of sum(sign(v)) for "count"); an
+    // expert agrees when its v has that sign strictly (zeros never agree), branch-free.
     float vote[kBlock], divisor[kBlock];
-    const bool by_sum = p.consensus == Consensus::sum;
     for (int64_t j = 0; j < len; ++j) vote[j] = 0.0f;
-    for (int t = 0; t < experts; ++t)
-      for (int64_t j = 0; j < len; ++j) {
-        const float x = v[t * stride + j];
-        const float sign = x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f);
-        vote[j] += by_sum ? x : sign;
-      }
-    for (int64_t j = 0; j < len; ++j) mixed[j] = divisor[j] = 0.0f;
+    if (p.consensus == Consensus::sum) {
+      for (int t = 0; t < experts; ++t)
+        for (int64_t j = 0; j < len; ++j) vote[j] += v[t * stride + j];
+    } else {
+      for (int t = 0; t < experts; ++t)
+        for (int64_t j = 0; j < len; ++j) {
+          const float x = v[t * stride + j];
+          vote[j] += float(x > 0.0f) - float(x < 0.0f);
+        }
+    }
+    for (int64_t j = 0; j < len; ++j) {
+      vote[j] = vote[j] >= 0.0f ? 1.0f : -1.0f;  // now the majority sign
+      mixed[j] = divisor[j] = 0.0f;
+    }
     for (int t = 0; t < experts; ++t) {
       const float w = weights[t];
       for (int64_t j = 0; j < len; ++j) {
         const float x = v[t * stride + j];
-        const bool agree = vote[j] >= 0.0f ? x > 0.0f : x < 0.0f;
+        const bool agree = x * vote[j] > 0.0f;
         mixed[j] += agree ? x : 0.0f;
         divisor[j] += agree ? w : 0.0f;
       }
@@ -193,11 +357,7 @@ void combine(const float* v, int64_t stride, int experts, const float* weights,
   }
   if (p.lambda != 1.0f)
     for (int64_t j = 0; j < len; ++j) mixed[j] *= p.lambda;
-  if (base != nullptr) {
-    for (int64_t j = 0; j < len; ++j) out[j] = base[j] + mixed[j];
-  } else {
-    for (int64_t j = 0; j < len; ++j) out[j] = mixed[j];
-  }
+  for (int64_t j = 0; j < len; ++j) out[j] = base[j] + mixed[j];
 }
 
 }  // namespace

@@ -25,6 +25,13 @@ struct CombineParams {
   float divisor = 1.0f;  // used without consensus
 };
 
+// One block of an input tensor in its storage type: element offset .. offset + len.
+struct BlockSource {
+  const void* data;
+  DType dtype;
+  int64_t offset;  // also the flat index of the block's first element
+};
+
 struct GtaBlockKernels {
   // dst[j] = float(src[offset + j])
   void (*load)(const void* src, DType dtype, int64_t offset, int64_t len, float* dst);
@@ -37,14 +44,17 @@ struct GtaBlockKernels {
   // sum |d|, and sum |d| where keep_prob[j] > u[j] (keep_prob null: the scalar p)
   void (*abs_sums)(const float* d, const float* u, const float* keep_prob, float p, int64_t len,
                    double* all, double* kept);
-  // Window scan of the sample-window top-k over |d|, flat indices starting at first.
-  void (*topk_scan)(const float* d, int64_t len, int64_t first, uint64_t lo, uint64_t hi,
+  // Window scan of the sample-window top-k over |expert - base| (base: the block as floats,
+  // zeros when there is no base): counts composites above hi, sums their |delta|, and writes
+  // the composites in [lo, hi] to candidates.
+  void (*topk_scan)(BlockSource expert, const float* base, int64_t len, uint64_t lo, uint64_t hi,
                     TopkScanResult* result, uint64_t* candidates);
-  // v[j] = kept ? (d[j] * scale) * weight : 0 for one expert (u: uniforms for random masks,
-  // keep_prob: DELLA's per-element probabilities)
-  void (*contribution)(const float* d, int64_t len, int64_t first, const ExpertPlan& plan,
+  // v[j] = kept ? (delta[j] * scale) * weight : 0 for one expert, delta = expert - base
+  // (u: uniforms for random masks, keep_prob: DELLA's per-element probabilities)
+  void (*contribution)(BlockSource expert, const float* base, int64_t len, const ExpertPlan& plan,
                        const float* u, const float* keep_prob, float* v);
-  // out[j] = base[j] + merged delta of the T contribution rows v[t * stride + j]
+  // out[j] = base[j] + merged delta of the T contribution rows v[t * stride + j] (base is
+  // zeros without a base: 0 + x is x exactly)
   void (*combine)(const float* v, int64_t stride, int experts, const float* weights,
                   const CombineParams& params, const float* base, int64_t len, float* out);
 };

@@ -27,6 +27,7 @@ struct TopkWindow {
 };
 
 constexpr int64_t kSampleSize = 1 << 16;
+constexpr int64_t kSampleRun = 16;  // consecutive elements per sampled run
 
 // Positions sampled from a tensor of n elements (evenly spaced, deterministic).
 int64_t sample_position(int64_t j, int64_t n, int64_t samples);

@@ -17,8 +17,14 @@ int64_t magnitude_keep_count(double density, int64_t n) {
 int64_t sample_count(int64_t n) { return std::min<int64_t>(n, kSampleSize); }
 
 int64_t sample_position(int64_t j, int64_t n, int64_t samples) {
-  // Evenly spaced, offset to the middle of each stride so both ends are represented.
-  return int64_t((double(j) + 0.5) * double(n) / double(samples));
+  // Evenly spaced runs of kSampleRun consecutive elements (one or two cache lines each, so a
+  // sample costs few memory accesses); with fewer elements than that, plain even spacing.
+  if (samples % kSampleRun != 0 || n < 4 * samples)
+    return int64_t((double(j) + 0.5) * double(n) / double(samples));
+  const int64_t runs = samples / kSampleRun;
+  int64_t start = int64_t((double(j / kSampleRun) + 0.5) * double(n) / double(runs));
+  start = std::min(start, n - kSampleRun);
+  return start + j % kSampleRun;
 }
 
 TopkWindow full_topk_window(int64_t k) {
@@ -44,7 +50,6 @@ TopkWindow plan_topk_window(std::vector<uint64_t>& sample, int64_t n, int64_t k)
   }
   const int64_t s = int64_t(sample.size());
   if (n <= 4 * kSampleSize || s == 0) return full_topk_window(k);
-  std::sort(sample.begin(), sample.end(), std::greater<uint64_t>());
   // The k-th largest of n sits near rank k*s/n of the sample; the rank of a quantile in a
   // sample of s has standard deviation sqrt(s p (1-p)): keep 4.5 of them plus slack.
   const double p = double(k) / double(n);
@@ -52,8 +57,13 @@ TopkWindow plan_topk_window(std::vector<uint64_t>& sample, int64_t n, int64_t k)
   const double margin = 4.5 * std::sqrt(double(s) * p * (1.0 - p)) + 16.0;
   const int64_t hi_rank = int64_t(std::floor(center - margin));
   const int64_t lo_rank = int64_t(std::ceil(center + margin));
-  w.hi = hi_rank < 0 ? ~uint64_t(0) : sample[size_t(hi_rank)];
-  w.lo = lo_rank >= s ? 0 : sample[size_t(lo_rank)];
+  // Two order statistics of the sample (descending), no full sort.
+  auto nth_largest = [&](int64_t rank) {
+    std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), std::greater<uint64_t>());
+    return sample[size_t(rank)];
+  };
+  w.hi = hi_rank < 0 ? ~uint64_t(0) : nth_largest(hi_rank);
+  w.lo = lo_rank >= s ? 0 : nth_largest(lo_rank);
   return w;
 }
 
