@@ -2,9 +2,6 @@
 // expert needs one, then one merge pass. Threads take fixed chunks (or, for DELLA, whole rank
 // slabs); per-chunk results are reduced in chunk order, so results never depend on threads.
 #include <algorithm>
-#include <chrono>
-#include <cstdio>
-#include <cstdlib>
 #include <vector>
 
 #include "fastmerge/parallel.h"
@@ -295,13 +292,33 @@ void merge_pass(const MergeInputs& in, const GtaPlan& plan, const TensorView& ou
   cp.lambda = float(p.lambda);
   cp.divisor = plan.divisor;
 
+  // Top-k and unsparsified merges of up to kMaxFusedExperts same-dtype experts take the fused
+  // kernel: every expert's contribution stays in registers.
+  const bool fused =
+      T <= kMaxFusedExperts &&
+      std::all_of(plan.experts.begin(), plan.experts.end(), [](const ExpertPlan& x) {
+        return x.kind == MaskKind::keep_all || x.kind == MaskKind::drop_all || x.kind == MaskKind::topk_range;
+      }) &&
+      std::all_of(in.experts->begin(), in.experts->end(),
+                  [&](const TensorView& e) { return e.dtype == (*in.experts)[0].dtype; });
+
   for_each_range(ranges, [&](int64_t r) {
     Scratch s(T);
+    std::vector<BlockSource> sources(static_cast<size_t>(T));
     const int64_t begin = ranges.begin(r), end = ranges.end(r, in.n);
     if (ranges.slabs) della_probs(in, plan, K, begin, end, s);
     for (int64_t b = begin; b < end; b += kBlock) {
       const int64_t len = std::min(kBlock, end - b);
       if (in.base) K.load(in.base->data, in.base->dtype, b, len, s.base.data());
+      if (fused) {
+        for (int t = 0; t < T; ++t) {
+          const TensorView& e = (*in.experts)[size_t(t)];
+          sources[size_t(t)] = BlockSource{e.data, e.dtype, b};
+        }
+        K.merge_ranges(sources.data(), T, plan.experts.data(), cp, s.base.data(), len, s.delta.data());
+        K.store(out.data, out.dtype, b, len, s.delta.data());
+        continue;
+      }
       for (int t = 0; t < T; ++t) {
         const ExpertPlan& x = plan.experts[size_t(t)];
         const TensorView& e = (*in.experts)[size_t(t)];
@@ -313,8 +330,7 @@ void merge_pass(const MergeInputs& in, const GtaPlan& plan, const TensorView& ou
         K.contribution(BlockSource{e.data, e.dtype, b}, s.base.data(), len, x, s.u.data(), prob,
                        s.v.data() + size_t(t) * kBlock);
       }
-      K.combine(s.v.data(), kBlock, T, weights.data(), cp, s.base.data(), len,
-                s.delta.data());
+      K.combine(s.v.data(), kBlock, T, weights.data(), cp, s.base.data(), len, s.delta.data());
       K.store(out.data, out.dtype, b, len, s.delta.data());
     }
   });
@@ -329,13 +345,8 @@ GtaPlan gta_prepare_cpu(const TensorView* base, const std::vector<TensorView>& e
   const GtaBlockKernels& K = gta_block_kernels();
   const MergeInputs in{base, &experts, &params, n};
   if (plan.needs_stats_pass) {
-    static const bool trace = std::getenv("FASTMERGE_TRACE") != nullptr;
-    auto t0 = std::chrono::steady_clock::now();
     std::vector<Selection> sels = plan_selections(in, plan);
-    auto t1 = std::chrono::steady_clock::now();
     stats_pass(in, plan, sels, /*gather_l1=*/true, K);
-    auto t2 = std::chrono::steady_clock::now();
-    if (trace) std::fprintf(stderr, "plan %.2f ms stats %.2f ms\n", std::chrono::duration<double, std::milli>(t1 - t0).count(), std::chrono::duration<double, std::milli>(t2 - t1).count());
     // A window that missed the k-th (rare) is rescanned with the full window.
     while (std::any_of(sels.begin(), sels.end(), [](const Selection& s) { return !s.resolved; }))
       stats_pass(in, plan, sels, /*gather_l1=*/false, K);

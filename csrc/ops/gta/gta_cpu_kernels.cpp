@@ -297,6 +297,95 @@ void combine_experts(const float* v, int64_t stride, const float* weights, const
   }
 }
 
+// The whole merge of one block for T experts of storage type S whose masks are all top-k
+// ranges (keep_all, drop_all and topk_range are ranges too): deltas, masks, sign election and
+// the weighted sum in registers, in the operation order of contribution + combine_fixed.
+template <int T, typename S, Consensus C>
+void merge_ranges_fixed(const BlockSource* experts, const ExpertPlan* plans, const CombineParams& p,
+                        const float* __restrict base, int64_t len, float* __restrict out) {
+  const int64_t first = experts[0].offset;
+  const S* e[T];
+  BlockBoundary from[T], to[T];
+  float scale[T], w[T];
+  for (int t = 0; t < T; ++t) {
+    e[t] = static_cast<const S*>(experts[t].data) + first;
+    prefetch_ahead(e[t], len * int64_t(sizeof(S)));
+    const ExpertPlan& x = plans[t];
+    from[t] = block_boundary(x.kind == MaskKind::drop_all ? kKeepNone : x.keep_from, first);
+    to[t] = block_boundary(x.drop_from, first);
+    scale[t] = x.scale;
+    w[t] = x.weight;
+  }
+  const bool normalize = p.normalize;
+  const float lambda = p.lambda, fixed_divisor = normalize ? p.divisor : 1.0f;
+  for (int32_t j = 0; j < int32_t(len); ++j) {
+    float x[T];
+    for (int t = 0; t < T; ++t) {
+      const float d = element(e[t], j) - base[j];
+      const uint32_t key = magnitude_key(d);
+      const bool in_keep = (key > from[t].key) | ((key == from[t].key) & (j <= from[t].last));
+      const bool in_drop = (key > to[t].key) | ((key == to[t].key) & (j <= to[t].last));
+      x[t] = (in_keep & !in_drop) ? (d * scale[t]) * w[t] : 0.0f;
+    }
+    float mixed, divisor;
+    if (C == Consensus::none) {
+      mixed = x[0];
+      for (int t = 1; t < T; ++t) mixed += x[t];
+      divisor = fixed_divisor;
+    } else {
+      float vote = 0.0f;
+      for (int t = 0; t < T; ++t)
+        vote += C == Consensus::sum ? x[t] : float(x[t] > 0.0f) - float(x[t] < 0.0f);
+      const float majority = vote >= 0.0f ? 1.0f : -1.0f;
+      mixed = 0.0f;
+      float agreeing = 0.0f;
+      for (int t = 0; t < T; ++t) {
+        const bool agree = x[t] * majority > 0.0f;
+        mixed += agree ? x[t] : 0.0f;
+        agreeing += agree ? w[t] : 0.0f;
+      }
+      divisor = normalize && agreeing != 0.0f ? agreeing : 1.0f;
+    }
+    out[j] = base[j] + (mixed / divisor) * lambda;
+  }
+}
+
+template <int T, typename S>
+void merge_ranges_storage(const BlockSource* experts, const ExpertPlan* plans, const CombineParams& p,
+                          const float* base, int64_t len, float* out) {
+  switch (p.consensus) {
+    case Consensus::none: return merge_ranges_fixed<T, S, Consensus::none>(experts, plans, p, base, len, out);
+    case Consensus::sum: return merge_ranges_fixed<T, S, Consensus::sum>(experts, plans, p, base, len, out);
+    case Consensus::count: return merge_ranges_fixed<T, S, Consensus::count>(experts, plans, p, base, len, out);
+  }
+}
+
+template <int T>
+void merge_ranges_count(const BlockSource* experts, const ExpertPlan* plans, const CombineParams& p,
+                        const float* base, int64_t len, float* out) {
+  switch (experts[0].dtype) {
+    case DType::f32: return merge_ranges_storage<T, float>(experts, plans, p, base, len, out);
+    case DType::bf16: return merge_ranges_storage<T, uint16_t>(experts, plans, p, base, len, out);
+    case DType::f16: return merge_ranges_storage<T, f16_t>(experts, plans, p, base, len, out);
+    default: return;
+  }
+}
+
+bool merge_ranges(const BlockSource* experts, int count, const ExpertPlan* plans,
+                  const CombineParams& p, const float* base, int64_t len, float* out) {
+  switch (count) {
+    case 1: merge_ranges_count<1>(experts, plans, p, base, len, out); return true;
+    case 2: merge_ranges_count<2>(experts, plans, p, base, len, out); return true;
+    case 3: merge_ranges_count<3>(experts, plans, p, base, len, out); return true;
+    case 4: merge_ranges_count<4>(experts, plans, p, base, len, out); return true;
+    case 5: merge_ranges_count<5>(experts, plans, p, base, len, out); return true;
+    case 6: merge_ranges_count<6>(experts, plans, p, base, len, out); return true;
+    case 7: merge_ranges_count<7>(experts, plans, p, base, len, out); return true;
+    case 8: merge_ranges_count<8>(experts, plans, p, base, len, out); return true;
+    default: return false;
+  }
+}
+
 void combine_any(const float* v, int64_t stride, int experts, const float* weights,
                  const CombineParams& p, const float* base, int64_t len, float* out);
 
@@ -363,8 +452,8 @@ void combine_any(const float* v, int64_t stride, int experts, const float* weigh
 }  // namespace
 
 const GtaBlockKernels& block_kernels() {
-  static const GtaBlockKernels table = {load, store, subtract, uniforms, abs_sums, topk_scan,
-                                        contribution, combine};
+  static const GtaBlockKernels table = {load,         store,   subtract,    uniforms, abs_sums,
+                                        topk_scan,    contribution, combine, merge_ranges};
   return table;
 }
 

@@ -10,7 +10,8 @@
 
 namespace fastmerge {
 
-constexpr int64_t kBlock = 256;  // elements per block; a multiple of 4 (Philox quads)
+constexpr int64_t kBlock = 256;
+constexpr int kMaxFusedExperts = 8;  // elements per block; a multiple of 4 (Philox quads)
 
 struct TopkScanResult {
   int64_t above = 0;      // composites above the window
@@ -57,6 +58,10 @@ struct GtaBlockKernels {
   // zeros without a base: 0 + x is x exactly)
   void (*combine)(const float* v, int64_t stride, int experts, const float* weights,
                   const CombineParams& params, const float* base, int64_t len, float* out);
+  // contribution + combine fused, for up to kMaxFusedExperts experts sharing one dtype whose
+  // masks are keep_all, drop_all or topk_range; returns false (nothing done) otherwise.
+  bool (*merge_ranges)(const BlockSource* experts, int count, const ExpertPlan* plans,
+                       const CombineParams& params, const float* base, int64_t len, float* out);
 };
 
 const GtaBlockKernels& gta_block_kernels();

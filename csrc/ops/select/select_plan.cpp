@@ -57,13 +57,22 @@ TopkWindow plan_topk_window(std::vector<uint64_t>& sample, int64_t n, int64_t k)
   const double margin = 4.5 * std::sqrt(double(s) * p * (1.0 - p)) + 16.0;
   const int64_t hi_rank = int64_t(std::floor(center - margin));
   const int64_t lo_rank = int64_t(std::ceil(center + margin));
-  // Two order statistics of the sample (descending), no full sort.
-  auto nth_largest = [&](int64_t rank) {
-    std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), std::greater<uint64_t>());
-    return sample[size_t(rank)];
-  };
-  w.hi = hi_rank < 0 ? ~uint64_t(0) : nth_largest(hi_rank);
-  w.lo = lo_rank >= s ? 0 : nth_largest(lo_rank);
+  // Two order statistics of the sample (descending), no full sort; the second selection
+  // only looks right of the first, which nth_element left partitioned.
+  int64_t left = 0;
+  if (hi_rank >= 0) {
+    std::nth_element(sample.begin(), sample.begin() + hi_rank, sample.end(), std::greater<uint64_t>());
+    w.hi = sample[size_t(hi_rank)];
+    left = hi_rank + 1;
+  } else {
+    w.hi = ~uint64_t(0);
+  }
+  if (lo_rank < s) {
+    std::nth_element(sample.begin() + left, sample.begin() + lo_rank, sample.end(), std::greater<uint64_t>());
+    w.lo = sample[size_t(lo_rank)];
+  } else {
+    w.lo = 0;
+  }
   return w;
 }
 
