@@ -252,3 +252,16 @@ def _step(value: torch.Tensor, direction: float) -> torch.Tensor:
     else:
         new = int(bits) - 1
     return torch.tensor([new], dtype=torch.int32).to(torch.int16).view(dt)[0]
+
+
+def sampled_positions(n: int, samples: int = 1 << 16, run: int = 16) -> torch.Tensor:
+    """Positions the native top-k planner samples (csrc/ops/select/select_plan.cpp,
+    sample_position), under both of its layouts so far: plain even spacing and evenly spaced
+    runs of `run` consecutive elements. Tests shrink these elements so that the sample misses
+    the k-th largest and the exact fallback has to run."""
+    j = torch.arange(samples, dtype=torch.float64)
+    even = ((j + 0.5) * n / samples).long()
+    runs = samples // run
+    start = ((torch.arange(runs, dtype=torch.float64) + 0.5) * n / runs).long().clamp(max=n - run)
+    in_runs = (start.unsqueeze(1) + torch.arange(run)).reshape(-1)
+    return torch.unique(torch.cat([even, in_runs]))
