@@ -203,7 +203,9 @@ py::dict build_info() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastmerge native kernels (CPU and CUDA), torch-ABI free";
-  static py::exception<fastmerge::Error> native_error(m, "NativeError", PyExc_RuntimeError);
+  // C++ checks surface as fastmerge.errors.NativeKernelError (a FastmergeError).
+  static py::exception<fastmerge::Error> native_error(
+      m, "NativeError", py::module_::import("fastmerge.errors").attr("NativeKernelError"));
   m.def("build_info", &build_info);
   m.def("set_num_threads", &set_threads, py::arg("n"));
   m.def("get_num_threads", &max_threads);

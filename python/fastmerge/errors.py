@@ -11,3 +11,7 @@ class InvalidArgumentError(FastmergeError, ValueError):
 
 class NativeUnavailableError(FastmergeError, RuntimeError):
     """The compiled extension (or its CUDA part) is not available."""
+
+
+class NativeKernelError(FastmergeError, RuntimeError):
+    """A check inside the compiled kernels failed (raised from C++)."""

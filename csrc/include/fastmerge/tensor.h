@@ -26,6 +26,7 @@ struct TensorView {
   }
   int ndim() const { return int(shape.size()); }
   bool is_contiguous() const {
+    if (numel() == 0) return true;
     int64_t expected = 1;
     for (int d = ndim() - 1; d >= 0; --d) {
       if (shape[d] != 1 && strides[d] != expected) return false;

@@ -3,6 +3,11 @@
 #include "gta_cpu_kernels.h"
 
 #include "fastmerge/cpu_isa.h"
+
+#if FM_ISA == 2
+#include <immintrin.h>
+#endif
+
 #include "fastmerge/isa_begin.h"
 
 namespace {
@@ -61,11 +66,77 @@ void subtract(const float* a, const float* b, int64_t len, float* d) {
   }
 }
 
+#if FM_ISA == 2
+// Philox4x32-10 for 16 counter blocks at once with AVX-512: 32x32->64 multiplies as
+// vpmuludq on even and odd lanes (compilers emit the slow vpmullq for the portable code),
+// then a 4x4 transpose so element 4q+k gets word k of block q. Same results as philox.h.
+inline void mulhilo16(__m512i a, __m512i m, __m512i& lo, __m512i& hi) {
+  const __m512i even = _mm512_mul_epu32(a, m);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+
+inline __m512 words_to_uniform16(__m512i w) {
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(w, 8)), _mm512_set1_ps(1.0f / 16777216.0f));
+}
+
+// Uniforms of the 64 elements of quads quad0 .. quad0 + 15.
+inline void uniforms64(const RandomStream& stream, int64_t quad0, float* u) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  // Block index = quad0 + lane; its low/high words, with the carry out of the low word.
+  const __m512i low = _mm512_add_epi32(_mm512_set1_epi32(int(uint32_t(quad0))), lane);
+  const __mmask16 carry = _mm512_cmplt_epu32_mask(low, lane);
+  __m512i c0 = low;
+  __m512i c1 = _mm512_mask_add_epi32(_mm512_set1_epi32(int(uint32_t(uint64_t(quad0) >> 32))), carry,
+                                     _mm512_set1_epi32(int(uint32_t(uint64_t(quad0) >> 32))),
+                                     _mm512_set1_epi32(1));
+  __m512i c2 = _mm512_set1_epi32(int(stream.expert));
+  __m512i c3 = _mm512_set1_epi32(int(stream.stream));
+  const __m512i m0 = _mm512_set1_epi32(int(0xD2511F53u)), m1 = _mm512_set1_epi32(int(0xCD9E8D57u));
+  uint32_t k0 = stream.key.k0, k1 = stream.key.k1;
+  for (int round = 0; round < 10; ++round) {
+    __m512i lo0, hi0, lo1, hi1;
+    mulhilo16(c0, m0, lo0, hi0);
+    mulhilo16(c2, m1, lo1, hi1);
+    c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(int(k0)));
+    c1 = lo1;
+    c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(int(k1)));
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  const __m512 a = words_to_uniform16(c0), b = words_to_uniform16(c1);
+  const __m512 c = words_to_uniform16(c2), d = words_to_uniform16(c3);
+  const __m512 ab_lo = _mm512_unpacklo_ps(a, b), ab_hi = _mm512_unpackhi_ps(a, b);
+  const __m512 cd_lo = _mm512_unpacklo_ps(c, d), cd_hi = _mm512_unpackhi_ps(c, d);
+  // q_k holds quad 4L + k in 128-bit lane L; transpose the lanes into quads 0-3, 4-7, ...
+  const __m512 q0 = _mm512_shuffle_ps(ab_lo, cd_lo, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m512 q1 = _mm512_shuffle_ps(ab_lo, cd_lo, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m512 q2 = _mm512_shuffle_ps(ab_hi, cd_hi, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m512 q3 = _mm512_shuffle_ps(ab_hi, cd_hi, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m512 t0 = _mm512_shuffle_f32x4(q0, q1, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m512 t1 = _mm512_shuffle_f32x4(q2, q3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m512 t2 = _mm512_shuffle_f32x4(q0, q1, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m512 t3 = _mm512_shuffle_f32x4(q2, q3, _MM_SHUFFLE(3, 2, 3, 2));
+  _mm512_storeu_ps(u + 0, _mm512_shuffle_f32x4(t0, t1, _MM_SHUFFLE(2, 0, 2, 0)));
+  _mm512_storeu_ps(u + 16, _mm512_shuffle_f32x4(t0, t1, _MM_SHUFFLE(3, 1, 3, 1)));
+  _mm512_storeu_ps(u + 32, _mm512_shuffle_f32x4(t2, t3, _MM_SHUFFLE(2, 0, 2, 0)));
+  _mm512_storeu_ps(u + 48, _mm512_shuffle_f32x4(t2, t3, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+#endif
+
 void uniforms(const RandomStream& stream, int64_t first, int64_t len, float* u) {
   if ((first & 3) != 0 || (len & 3) != 0) {
     for (int64_t j = 0; j < len; ++j) u[j] = uniform_at(stream, first + j);
     return;
   }
+#if FM_ISA == 2
+  if ((len & 63) == 0) {
+    for (int64_t j = 0; j < len; j += 64) uniforms64(stream, (first + j) >> 2, u + j);
+    return;
+  }
+#endif
   // Philox over a batch of counters in structure-of-arrays form, so each round is one
   // vectorised loop of 32x32->64 multiplies (the same arithmetic as philox4x32_10).
   constexpr int kQuads = int(kBlock / 4);
