@@ -14,11 +14,13 @@ constexpr int64_t kChunk = 1 << 16;  // elements per chunk
 
 inline int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
 
-// Calls fn(chunk_index, begin, end) for every chunk, in parallel when it pays.
+// Calls fn(chunk_index, begin, end) for every chunk, in parallel when it pays. Chunks are
+// handed out dynamically (a busy core does not stall the others); results never depend on
+// which thread ran a chunk.
 template <typename Fn>
 void for_each_chunk(int64_t n, Fn&& fn) {
   const int64_t chunks = num_chunks(n);
-#pragma omp parallel for schedule(static) if (chunks > 1)
+#pragma omp parallel for schedule(dynamic, 1) if (chunks > 1)
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t begin = c * kChunk;
     fn(c, begin, std::min(n, begin + kChunk));

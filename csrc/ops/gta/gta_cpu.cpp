@@ -84,7 +84,7 @@ void for_each_range(const Ranges& ranges, Fn&& fn) {
   if (ranges.slabs) {
     parallel_for(ranges.count, fn);
   } else {
-#pragma omp parallel for schedule(static) if (ranges.count > 1)
+#pragma omp parallel for schedule(dynamic, 1) if (ranges.count > 1)
     for (int64_t r = 0; r < ranges.count; ++r) fn(r);
   }
 }
