@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "fastmerge/memory.h"
 #include "fastmerge/parallel.h"
 #include "gta.h"
 #include "gta_cpu_kernels.h"
@@ -374,6 +375,7 @@ void gta_merge_cpu(const TensorView* base, const std::vector<TensorView>& expert
              "della rank axis does not cover the tensor");
   const GtaPlan plan = gta_prepare_cpu(base, experts, params, n);
   if (n == 0) return;
+  advise_huge_pages(out.data, size_t(n) * size_t(dtype_size(out.dtype)));
   merge_pass(MergeInputs{base, &experts, &params, n}, plan, out, gta_block_kernels());
 }
 

@@ -2,6 +2,7 @@
 // fixed order, then one output pass.
 #include <vector>
 
+#include "fastmerge/memory.h"
 #include "fastmerge/parallel.h"
 #include "interp.h"
 
@@ -54,6 +55,7 @@ void slerp_cpu(const TensorView& a, const TensorView& b, const TensorView& out, 
     ab += partial[size_t(c) * 3 + 2];
   }
   const SlerpCoefficients k = slerp_coefficients(aa, bb, ab, float(t));
+  advise_huge_pages(out.data, size_t(n) * size_t(dtype_size(out.dtype)));
   for_each_chunk(n, [&](int64_t, int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) store(out, i, k.a * load(a, i) + k.b * load(b, i));
   });
@@ -102,6 +104,7 @@ void model_stock_cpu(const TensorView& base, const std::vector<TensorView>& expe
       for (int y = 0; y < x; ++y) total[size_t(x) * T + y] = total[size_t(y) * T + x];
     ratio[size_t(r)] = model_stock_ratio(total.data(), T);
   }
+  advise_huge_pages(out.data, size_t(n) * size_t(dtype_size(out.dtype)));
   for_each_chunk(n, [&](int64_t, int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float t = ratio[size_t(i / row_len)];

@@ -2,6 +2,7 @@
 // writing mask[i] = composite(i) >= boundary.
 #include <cstring>
 
+#include "fastmerge/memory.h"
 #include "fastmerge/parallel.h"
 #include "../gta/gta_plan.h"
 #include "select.h"
@@ -31,6 +32,7 @@ void magnitude_mask_cpu(const TensorView& x, double density, const TensorView& m
   const GtaPlan plan = gta_prepare_cpu(nullptr, experts, params, n);
   const ExpertPlan& e = plan.experts[0];
   uint8_t* m = mask.ptr<uint8_t>();
+  advise_huge_pages(m, size_t(n));
   if (e.kind != MaskKind::topk_range) {
     std::memset(m, e.kind == MaskKind::drop_all ? 0 : 1, size_t(n));
     return;
