@@ -205,14 +205,17 @@ def sparsify(
     else:
         raise ValueError(f"unknown sparsification {method!r}")
 
-    masked = torch.where(keep, delta, torch.zeros_like(delta))
+    zero = torch.zeros_like(delta)
+    masked = torch.where(keep, delta, zero)
     if rescale:
-        # mergekit's rescaled_masked_tensor with the L1 norm, fp32 sums.
+        # mergekit's rescaled_masked_tensor with the L1 norm, fp32 sums. The factor applies to
+        # the kept elements only: dropped ones stay exactly 0 even when the factor is NaN
+        # (NaN or inf in the delta), where mergekit's masked * factor would spread the NaN.
         before = delta.abs().sum()
         after = masked.abs().sum()
         eps = _scalar(_L1_EPS, delta.device)
         if not bool(before < eps) and not bool(after < eps):
-            masked = masked * (before / after)
+            masked = torch.where(keep, delta * (before / after), zero)
     return masked
 
 
