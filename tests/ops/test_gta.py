@@ -40,8 +40,11 @@ def _tol(rescale: bool) -> str:
 
 
 def _delta_scale(expected: torch.Tensor, base) -> float:
+    """Largest finite |merged delta|: the scale of reduction tolerances."""
     b = base.float() if base is not None else torch.zeros_like(expected)
-    return float((expected.float() - b).abs().max()) if expected.numel() else 0.0
+    d = (expected.float() - b).abs()
+    d = d[torch.isfinite(d)]
+    return float(d.max()) if d.numel() else 0.0
 
 
 def check_against_reference(out, expected32, base, rescale, msg=""):
@@ -86,6 +89,33 @@ def test_generalized_options_match_reference(sparsification, consensus, rescale,
     expected = ref_gta(base, experts, weight, **kw)
     has_rescale = rescale and sparsification is not None
     check_against_reference(out, expected, base, has_rescale)
+
+
+@pytest.mark.parametrize("sparsification", [None, "magnitude", "random", "magnitude_outliers",
+                                            "della_magprune"])
+@pytest.mark.parametrize("consensus", [None, "sum", "count"])
+def test_without_base_matches_reference(sparsification, consensus):
+    """base=None: the experts themselves are the deltas and nothing is added back."""
+    _, experts = make_group((9, 50), 3, seed=17)
+    kw = dict(density=[0.3, 0.5, 0.7], sparsification=sparsification, consensus=consensus,
+              rescale=True, normalize=True, lambda_=1.5, seed=2, name="nb")
+    out = F.generalized_task_arithmetic(None, experts, [0.4, -0.8, 1.1], **kw)
+    expected = ref_gta(None, experts, [0.4, -0.8, 1.1], **kw)
+    check_against_reference(out, expected, None, sparsification is not None)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_non_finite_inputs_match_reference(method):
+    """inf and NaN deltas: NaN ranks above inf in top-k, never agrees in sign election."""
+    base, experts = make_group((6, 70), 3, seed=18)
+    experts[0][0, :5] = torch.tensor([float("inf"), float("-inf"), float("nan"), 1e30, -1e30])
+    experts[2][3, 7] = float("nan")
+    kw = dict(seed=1, name="nf") if method in RANDOM_METHODS else {}
+    for rescale in (False, True):
+        out = run_method(method, base, experts, [0.5, 1.0, 0.7], 0.4, rescale=rescale, **kw) \
+            if method != "task_arithmetic" else F.task_arithmetic(base, experts, [0.5, 1.0, 0.7])
+        expected = ref_method(method, base, experts, [0.5, 1.0, 0.7], 0.4, rescale=rescale, **kw)
+        check_against_reference(out, expected, base, rescale)
 
 
 @pytest.mark.parametrize("sparsification", ["magnitude", "random", "magnitude_outliers",
@@ -381,6 +411,7 @@ MERGEKIT_CASES = [
     ("ties", dict(density=0.3, rescale=True)),
     ("breadcrumbs", dict(density=0.3, gamma=0.05)),
     ("breadcrumbs", dict(density=[0.1, 0.9, 0.5], gamma=[0.0, 0.05, 0.3], normalize=True)),
+    ("breadcrumbs", dict(density=[0.8, 1.0, 0.02], gamma=[0.5, 0.2, 1.0])),  # n_bot = 0 cases
     ("breadcrumbs_ties", dict(density=0.3, gamma=0.05, lambda_=0.5)),
     ("breadcrumbs_ties", dict(density=0.4, gamma=0.02, rescale=True)),
 ]
