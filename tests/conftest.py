@@ -100,8 +100,9 @@ def device(request):
     return torch.device(dev)
 
 
-def _wait_for_native(seconds: float = 120.0) -> None:
-    """The extension may be rebuilt concurrently; wait briefly for it to import."""
+def _wait_for_native(seconds: float = float(os.environ.get("FASTMERGE_TEST_WAIT_NATIVE", "60"))) -> None:
+    """The extension may be rebuilt concurrently; wait briefly for it to import. (Without _C
+    the ops fall back to the reference; tests/test_native.py then fails on purpose.)"""
     deadline = time.monotonic() + seconds
     while True:
         try:

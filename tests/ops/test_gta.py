@@ -533,7 +533,7 @@ def test_bf16_within_rounding_floor_of_fp32_oracle(method, params, record_proper
     assert ours_err <= BF16_FLOOR_FACTOR * floor
 
 
-def test_bf16_linear_within_rounding_floor():
+def test_bf16_linear_within_rounding_floor(record_property):
     pytest.importorskip("mergekit")
     _, experts = make_group((64, 64), 3, seed=51, dtype=torch.bfloat16, base_scale=0.02,
                             delta_scale=0.01)
@@ -544,6 +544,9 @@ def test_bf16_linear_within_rounding_floor():
     theirs = mergekit_merge("linear", experts, {"weight": weight}, base_index=None)
     floor = rel_l2_delta(oracle.to(torch.bfloat16), oracle, None)
     ours_err, theirs_err = rel_l2_delta(ours, oracle, None), rel_l2_delta(theirs, oracle, None)
+    record_property("bf16_floor", floor)
+    record_property("bf16_fastmerge_err", ours_err)
+    record_property("bf16_mergekit_err", theirs_err)
     print(f"linear: floor {floor:.4%} fastmerge {ours_err:.4%} mergekit-bf16 {theirs_err:.4%}")
     assert ours_err <= BF16_FLOOR_FACTOR * floor
 

@@ -171,7 +171,7 @@ def test_same_result_for_1_and_2_threads(restore_threads):
 
 
 @pytest.mark.parametrize("op", ["slerp", "model_stock", "model_stock_filter_wise"])
-def test_bf16_within_rounding_floor_of_fp32_oracle(op):
+def test_bf16_within_rounding_floor_of_fp32_oracle(op, record_property):
     pytest.importorskip("mergekit")
     base, ex = make_group((64, 256), 3, seed=18, dtype=torch.bfloat16, base_scale=0.02,
                           delta_scale=0.01)
@@ -186,6 +186,9 @@ def test_bf16_within_rounding_floor_of_fp32_oracle(op):
     theirs = mergekit_merge(method, inputs, params)
     floor = rel_l2_delta(oracle.to(torch.bfloat16), oracle, base)
     ours_err, theirs_err = rel_l2_delta(ours, oracle, base), rel_l2_delta(theirs, oracle, base)
+    record_property("bf16_floor", floor)
+    record_property("bf16_fastmerge_err", ours_err)
+    record_property("bf16_mergekit_err", theirs_err)
     print(f"{op}: floor {floor:.4%} fastmerge {ours_err:.4%} mergekit-bf16 {theirs_err:.4%}")
     assert ours.dtype == torch.bfloat16
     assert ours_err <= BF16_FLOOR_FACTOR * floor
