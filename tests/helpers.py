@@ -89,12 +89,46 @@ def ref_method(method: str, base, experts, weight, density=1.0, *, gamma=0.01, e
 
 def ref_gta(base, experts, weight, *, density=1.0, gamma=0.01, epsilon=0.15, seed=0, name="",
             lambda_=1.0, normalize=False, rescale=False, consensus=None, sparsification=None):
+    """The reference result (fp32). With L1 rescale and "sum" sign election it carries
+    `vote_ambiguous`: the elements whose vote is so close to zero that an L1 sum in another
+    reduction order may elect the other sign (see vote_ambiguous)."""
     n = len(experts)
-    return R.generalized_task_arithmetic(
+    out = R.generalized_task_arithmetic(
         base, list(experts), weights=per_expert(weight, n), densities=per_expert(density, n),
         gammas=per_expert(gamma, n), epsilons=per_expert(epsilon, n),
         sparsification=sparsification, consensus=consensus, rescale=rescale,
         normalize=normalize, lambda_=lambda_, seed=seed, name=name)
+    if rescale and sparsification is not None and consensus == "sum":
+        out.vote_ambiguous = vote_ambiguous(
+            base, experts, weight, density=density, gamma=gamma, epsilon=epsilon, seed=seed,
+            name=name, sparsification=sparsification)
+    return out
+
+
+# Relative margin of the sign vote below which the elected sign is not determined by the
+# L1-rescale tolerance: the factors differ by up to TOLERANCES["l1_rescale"].rel between
+# reduction orders, and so may the vote.
+VOTE_MARGIN = 2 * TOLERANCES["l1_rescale"].rel
+
+
+def vote_ambiguous(base, experts, weight, *, density, gamma, epsilon, seed, name, sparsification):
+    """|sum_t v_t| <= VOTE_MARGIN * sum_t |v_t| for the rescaled contributions v_t."""
+    reference = base if base is not None else experts[0]
+    n = len(experts)
+    weights, dens = per_expert(weight, n), per_expert(density, n)
+    gammas, eps = per_expert(gamma, n), per_expert(epsilon, n)
+    b = base.detach().float().reshape(-1) if base is not None else None
+    vote = magnitude = None
+    for t, e in enumerate(experts):
+        d = e.detach().float().reshape(-1)
+        if b is not None:
+            d = d - b
+        v = R.sparsify(d, method=sparsification, density=dens[t], gamma=gammas[t],
+                       epsilon=eps[t], rescale=True, seed=seed, stream=stream_hash(name),
+                       expert=t, shape=tuple(reference.shape)) * weights[t]
+        vote = v if vote is None else vote + v
+        magnitude = v.abs() if magnitude is None else magnitude + v.abs()
+    return ((vote.abs() <= VOTE_MARGIN * magnitude) & (magnitude > 0)).reshape(reference.shape)
 
 
 # ---- comparisons ----
@@ -108,13 +142,21 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: str, *,
-                 scale: Optional[float] = None, out_dtype=None, msg: str = "") -> None:
+                 scale: Optional[float] = None, out_dtype=None, msg: str = "",
+                 exclude: Optional[torch.Tensor] = None) -> None:
     """|actual - expected| <= rel * scale + ulps * ulp_out(expected) (see conftest's table).
-    Both must have the same shape; NaNs must coincide."""
+    Both must have the same shape; NaNs must coincide. `exclude` (bool, same shape) masks out
+    elements whose expected value is not determined within the tolerance (sign votes at 0);
+    they must be rare."""
     t = TOLERANCES[tol]
     assert actual.shape == expected.shape, f"{msg} shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a = actual.detach().cpu().double()
     e = expected.detach().cpu().double()
+    if exclude is not None and t.rel > 0:
+        exclude = exclude.detach().cpu().reshape(a.shape)
+        # rare on continuous data (~1e-5); quantised data cancels exactly more often
+        assert int(exclude.sum()) <= max(2, exclude.numel() // 50), f"{msg} too many ambiguous votes"
+        a, e = a[~exclude], e[~exclude]
     nan_a, nan_e = torch.isnan(a), torch.isnan(e)
     assert torch.equal(nan_a, nan_e), f"{msg} NaN positions differ"
     a, e = a[~nan_a], e[~nan_e]
