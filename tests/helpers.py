@@ -55,17 +55,6 @@ def per_expert(value, count):
     return [float(value)] * count
 
 
-def method_kwargs(method: str, *, density=None, gamma=None, epsilon=None, seed=None, name=None,
-                  lambda_=None, normalize=None, rescale=None):
-    """Keyword arguments of the fastmerge wrapper `method` (only the ones given)."""
-    kw = {}
-    for key, value in (("gamma", gamma), ("epsilon", epsilon), ("seed", seed), ("name", name),
-                       ("lambda_", lambda_), ("normalize", normalize), ("rescale", rescale)):
-        if value is not None:
-            kw[key] = value
-    return kw
-
-
 def run_method(method: str, base, experts, weight, density=None, **kw):
     """Calls the fastmerge wrapper of a GTA method by name."""
     fn = getattr(F, method)
@@ -205,10 +194,6 @@ def priority_positions(x: torch.Tensor) -> torch.Tensor:
     pos = torch.empty(len(vals), dtype=torch.int64)
     pos[torch.tensor(order, dtype=torch.int64)] = torch.arange(len(vals))
     return pos
-
-
-def fnv1a32(name: str) -> int:
-    return stream_hash(name)
 
 
 # ---- mergekit ----
