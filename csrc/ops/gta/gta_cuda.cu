@@ -1,0 +1,668 @@
+// CUDA launcher of the fused GTA merge, with the semantics of gta_cpu.cpp (shared plan in
+// gta_plan.cpp). Exact top-k on the device: a 15-bit histogram of magnitude keys finds the bin
+// holding the k-th largest, the bin's elements are compacted and radix-sorted (CUB), and the
+// boundary composite is read off the sorted candidates. L1 norms are exact integer sums per
+// exponent, so no result depends on thread order. Two host synchronisations per merge.
+#include <cub/cub.cuh>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "fastmerge/cuda_utils.cuh"
+#include "fastmerge/philox.h"
+#include "gta.h"
+#include "gta_cuda.cuh"
+#include "gta_plan.h"
+
+namespace fastmerge {
+
+double exact_bins_to_double(const unsigned long long* bins) {
+  if (bins[256]) return std::nan("");
+  if (bins[255]) return INFINITY;
+  double sum = 0.0;
+  for (int e = 254; e >= 0; --e)
+    if (bins[e]) sum += std::ldexp(double(bins[e]), std::max(e, 1) - 150);
+  return sum;
+}
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kHistShift = 16;                   // bin = key >> 16 (sign bit is always 0)
+constexpr int kHistBins = 1 << (31 - kHistShift);  // 32768
+
+struct Pair {
+  const void* base;
+  int base_dtype;  // -1: no base
+  const void* expert;
+  int expert_dtype;
+};
+
+__device__ __forceinline__ float delta_at(const Pair& p, int64_t i) {
+  const float e = load_element(p.expert, p.expert_dtype, i);
+  return p.base_dtype < 0 ? e : e - load_element(p.base, p.base_dtype, i);
+}
+
+// ---- pass A: histogram of key bins ----
+
+__global__ void histogram_kernel(Pair p, int64_t n, unsigned int* hist) {
+  extern __shared__ unsigned int shared_hist[];
+  for (int b = threadIdx.x; b < kHistBins; b += blockDim.x) shared_hist[b] = 0;
+  __syncthreads();
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const uint32_t bin = magnitude_key(delta_at(p, i)) >> kHistShift;
+    // Magnitudes cluster in few bins: one atomic per distinct bin in the warp, not per lane.
+    const unsigned same = __match_any_sync(__activemask(), bin);
+    if ((threadIdx.x & 31) == unsigned(__ffs(same) - 1)) atomicAdd(&shared_hist[bin], unsigned(__popc(same)));
+  }
+  __syncthreads();
+  for (int b = threadIdx.x; b < kHistBins; b += blockDim.x)
+    if (shared_hist[b]) atomicAdd(&hist[b], shared_hist[b]);
+}
+
+// ---- pass B: compact the elements of the boundary bin(s); exact L1 above them and in all ----
+
+struct CompactTarget {
+  uint32_t bin;                   // key >> kHistShift to collect
+  unsigned long long* out;        // candidates
+  unsigned long long* count;      // candidates written
+  unsigned long long* above_l1;   // exact bins of |delta| over higher bins (null: skip)
+};
+
+// Appends value to target.out when take: one atomic per warp, lanes in lane order.
+__device__ __forceinline__ void append_if(bool take, unsigned long long value, const CompactTarget& t) {
+  const unsigned active = __activemask();
+  const unsigned takers = __ballot_sync(active, take);
+  if (!takers) return;
+  const int lane = int(threadIdx.x & 31), leader = __ffs(takers) - 1;
+  unsigned long long start = 0;
+  if (lane == leader) start = atomicAdd(t.count, (unsigned long long)__popc(takers));
+  start = __shfl_sync(active, start, leader);
+  if (take) t.out[start + __popc(takers & ((1u << lane) - 1))] = value;
+}
+
+__global__ void compact_kernel(Pair p, int64_t n, CompactTarget a, CompactTarget b, int targets,
+                               unsigned long long* total_l1) {
+  __shared__ unsigned long long s_total[kExactBins], s_above_a[kExactBins], s_above_b[kExactBins];
+  const bool l1 = total_l1 != nullptr;
+  if (l1) {
+    for (int k = threadIdx.x; k < kExactBins; k += blockDim.x) s_total[k] = s_above_a[k] = s_above_b[k] = 0;
+    __syncthreads();
+  }
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const float d = delta_at(p, i);
+    const uint32_t key = magnitude_key(d);
+    const uint32_t bin = key >> kHistShift;
+    append_if(bin == a.bin, composite_key(key, i), a);
+    if (targets > 1) append_if(bin == b.bin, composite_key(key, i), b);
+    if (l1) {
+      int e;
+      unsigned long long significand;
+      exact_bin(d, &e, &significand);
+      add_exact(s_total, e, unsigned(significand));
+      add_exact(s_above_a, e, bin > a.bin ? unsigned(significand) : 0u);
+      if (targets > 1) add_exact(s_above_b, e, bin > b.bin ? unsigned(significand) : 0u);
+    }
+  }
+  if (!l1) return;
+  __syncthreads();
+  for (int k = threadIdx.x; k < kExactBins; k += blockDim.x) {
+    if (s_total[k]) atomicAdd(&total_l1[k], s_total[k]);
+    if (s_above_a[k]) atomicAdd(&a.above_l1[k], s_above_a[k]);
+    if (targets > 1 && s_above_b[k]) atomicAdd(&b.above_l1[k], s_above_b[k]);
+  }
+}
+
+// Sum of |delta| (as exact significands, one exponent) over sorted candidates [from, m).
+__global__ void candidate_l1_kernel(const unsigned long long* sorted, int64_t from, int64_t m,
+                                    unsigned long long* bins) {
+  for (int64_t i = from + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < m;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    int bin;
+    unsigned long long significand;
+    exact_bin(bits_float(uint32_t(sorted[i] >> kIndexBits)), &bin, &significand);
+    add_exact(bins, bin, unsigned(significand));
+  }
+}
+
+// ---- random masks: exact L1 before and after the mask ----
+
+__global__ void random_l1_kernel(Pair p, int64_t n, RandomStream stream, float keep_prob,
+                                 const float* della_prob, unsigned long long* all,
+                                 unsigned long long* kept) {
+  __shared__ unsigned long long s_all[kExactBins], s_kept[kExactBins];
+  for (int b = threadIdx.x; b < kExactBins; b += blockDim.x) s_all[b] = s_kept[b] = 0;
+  __syncthreads();
+  const int64_t quads = (n + 3) / 4;
+  for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < quads;
+       q += int64_t(gridDim.x) * blockDim.x) {
+    const Philox4 r = philox_block(stream, q);
+    for (int w = 0; w < 4; ++w) {
+      const int64_t i = 4 * q + w;
+      if (i >= n) break;
+      const float d = delta_at(p, i);
+      int bin;
+      unsigned long long significand;
+      exact_bin(d, &bin, &significand);
+      const float prob = della_prob ? della_prob[i] : keep_prob;
+      add_exact(s_all, bin, unsigned(significand));
+      add_exact(s_kept, bin, word_to_uniform(r.v[w]) < prob ? unsigned(significand) : 0u);
+    }
+  }
+  __syncthreads();
+  for (int b = threadIdx.x; b < kExactBins; b += blockDim.x) {
+    if (s_all[b]) atomicAdd(&all[b], s_all[b]);
+    if (s_kept[b]) atomicAdd(&kept[b], s_kept[b]);
+  }
+}
+
+// ---- DELLA: keep probabilities from ranks within each rank group ----
+
+__global__ void della_keys_kernel(Pair p, int64_t L, int64_t I, int64_t groups,
+                                  unsigned long long* keys, uint32_t* positions) {
+  const int64_t total = groups * L;
+  for (int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; g < total;
+       g += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t group = g / L, j = g % L;
+    const int64_t o = group / I, c = group % I;
+    const int64_t i = o * L * I + j * I + c;
+    keys[g] = composite_key(magnitude_key(delta_at(p, i)), j);
+    positions[g] = uint32_t(j);
+  }
+}
+
+__global__ void della_probs_kernel(const uint32_t* sorted_positions, int64_t L, int64_t I,
+                                   int64_t groups, float prob_base, float prob_span, float* prob) {
+  const int64_t total = groups * L;
+  for (int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; g < total;
+       g += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t group = g / L, r = g % L;
+    const int64_t o = group / I, c = group % I;
+    const int64_t j = sorted_positions[g];
+    const float rank_norm = L > 1 ? float(r) / float(L - 1) : 0.5f;
+    prob[o * L * I + j * I + c] = prob_base + (rank_norm * 2.0f) * prob_span;
+  }
+}
+
+// ---- the merge pass ----
+
+__device__ __forceinline__ bool in_range(uint64_t c, uint64_t from, uint64_t to) {
+  return c >= from && c < to;
+}
+
+template <int kMaxExperts>
+__global__ void merge_kernel(GtaMergeArgs m, const GtaExpertDev* experts) {
+  const int64_t quads = (m.n + 3) / 4;
+  for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < quads;
+       q += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i0 = 4 * q;
+    const int count = int(m.n - i0 < 4 ? m.n - i0 : 4);
+    float b[4];
+    for (int w = 0; w < 4; ++w)
+      b[w] = (w < count && m.base_dtype >= 0) ? load_element(m.base, m.base_dtype, i0 + w) : 0.0f;
+    float v[kMaxExperts][4];
+#pragma unroll
+    for (int t = 0; t < kMaxExperts; ++t) {
+      if (t >= m.experts) break;
+      const GtaExpertDev x = experts[t];
+      float u[4] = {0.f, 0.f, 0.f, 0.f};
+      if (x.kind == int(MaskKind::bernoulli) || x.kind == int(MaskKind::della)) {
+        const Philox4 r = philox_block(make_stream(m.seed, m.stream, uint32_t(t)), q);
+        for (int w = 0; w < 4; ++w) u[w] = word_to_uniform(r.v[w]);
+      }
+      for (int w = 0; w < 4; ++w) {
+        if (w >= count) {
+          v[t][w] = 0.0f;
+          continue;
+        }
+        const int64_t i = i0 + w;
+        const float d = load_element(x.data, x.dtype, i) - b[w];
+        bool kept;
+        switch (x.kind) {
+          case int(MaskKind::keep_all): kept = true; break;
+          case int(MaskKind::drop_all): kept = false; break;
+          case int(MaskKind::topk_range):
+            kept = in_range(composite_key(magnitude_key(d), i), x.keep_from, x.drop_from);
+            break;
+          case int(MaskKind::bernoulli): kept = u[w] < x.keep_prob; break;
+          default: kept = u[w] < x.prob[i]; break;
+        }
+        v[t][w] = kept ? (d * x.scale) * x.weight : 0.0f;
+      }
+    }
+    for (int w = 0; w < count; ++w) {
+      float mixed, divisor;
+      if (m.consensus == int(Consensus::none)) {
+        mixed = v[0][w];
+#pragma unroll
+        for (int t = 1; t < kMaxExperts; ++t)
+          if (t < m.experts) mixed += v[t][w];
+        divisor = m.normalize ? m.divisor : 1.0f;
+      } else {
+        float vote = 0.0f;
+#pragma unroll
+        for (int t = 0; t < kMaxExperts; ++t)
+          if (t < m.experts)
+            vote += m.consensus == int(Consensus::sum)
+                        ? v[t][w]
+                        : float(v[t][w] > 0.0f) - float(v[t][w] < 0.0f);
+        const float majority = vote >= 0.0f ? 1.0f : -1.0f;
+        mixed = 0.0f;
+        float agreeing = 0.0f;
+#pragma unroll
+        for (int t = 0; t < kMaxExperts; ++t) {
+          if (t >= m.experts) break;
+          const bool agree = v[t][w] * majority > 0.0f;
+          mixed += agree ? v[t][w] : 0.0f;
+          agreeing += agree ? experts[t].weight : 0.0f;
+        }
+        divisor = m.normalize && agreeing != 0.0f ? agreeing : 1.0f;
+      }
+      store_element(m.out, m.out_dtype, i0 + w, b[w] + (mixed / divisor) * m.lambda);
+    }
+  }
+}
+
+// The merge for base, experts and out of one storage type S, 16-byte aligned, with at most
+// kMaxExperts experts: each thread loads 16 bytes (V elements) of every tensor at once.
+// Same per-element operations as merge_kernel.
+template <typename S, int kMaxExperts>
+__global__ void merge_vec_kernel(GtaMergeArgs m, const GtaExpertDev* experts_global) {
+  constexpr int V = 16 / int(sizeof(S));
+  __shared__ GtaExpertDev experts[kMaxExperts];
+  for (int t = threadIdx.x; t < m.experts; t += blockDim.x) experts[t] = experts_global[t];
+  __syncthreads();
+  const int64_t vectors = m.n / V;
+  for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < vectors;
+       q += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i0 = q * V;
+    S raw[V];
+    float b[V];
+    *reinterpret_cast<uint4*>(raw) = *reinterpret_cast<const uint4*>(static_cast<const S*>(m.base) + i0);
+#pragma unroll
+    for (int w = 0; w < V; ++w) b[w] = to_float(raw[w]);
+    float v[kMaxExperts][V];
+#pragma unroll
+    for (int t = 0; t < kMaxExperts; ++t) {
+      if (t >= m.experts) break;
+      const GtaExpertDev& x = experts[t];
+      *reinterpret_cast<uint4*>(raw) = *reinterpret_cast<const uint4*>(static_cast<const S*>(x.data) + i0);
+      float u[V];
+      if (x.kind == int(MaskKind::bernoulli) || x.kind == int(MaskKind::della)) {
+        const RandomStream rs = make_stream(m.seed, m.stream, uint32_t(t));
+#pragma unroll
+        for (int quad = 0; quad < V / 4; ++quad) {
+          const Philox4 r = philox_block(rs, i0 / 4 + quad);
+#pragma unroll
+          for (int w = 0; w < 4; ++w) u[4 * quad + w] = word_to_uniform(r.v[w]);
+        }
+      }
+#pragma unroll
+      for (int w = 0; w < V; ++w) {
+        const int64_t i = i0 + w;
+        const float d = to_float(raw[w]) - b[w];
+        bool kept;
+        switch (x.kind) {
+          case int(MaskKind::keep_all): kept = true; break;
+          case int(MaskKind::drop_all): kept = false; break;
+          case int(MaskKind::topk_range):
+            kept = in_range(composite_key(magnitude_key(d), i), x.keep_from, x.drop_from);
+            break;
+          case int(MaskKind::bernoulli): kept = u[w] < x.keep_prob; break;
+          default: kept = u[w] < x.prob[i]; break;
+        }
+        v[t][w] = kept ? (d * x.scale) * x.weight : 0.0f;
+      }
+    }
+#pragma unroll
+    for (int w = 0; w < V; ++w) {
+      float mixed, divisor;
+      if (m.consensus == int(Consensus::none)) {
+        mixed = v[0][w];
+#pragma unroll
+        for (int t = 1; t < kMaxExperts; ++t)
+          if (t < m.experts) mixed += v[t][w];
+        divisor = m.normalize ? m.divisor : 1.0f;
+      } else {
+        float vote = 0.0f;
+#pragma unroll
+        for (int t = 0; t < kMaxExperts; ++t)
+          if (t < m.experts)
+            vote += m.consensus == int(Consensus::sum)
+                        ? v[t][w]
+                        : float(v[t][w] > 0.0f) - float(v[t][w] < 0.0f);
+        const float majority = vote >= 0.0f ? 1.0f : -1.0f;
+        mixed = 0.0f;
+        float agreeing = 0.0f;
+#pragma unroll
+        for (int t = 0; t < kMaxExperts; ++t) {
+          if (t >= m.experts) break;
+          const bool agree = v[t][w] * majority > 0.0f;
+          mixed += agree ? v[t][w] : 0.0f;
+          agreeing += agree ? experts[t].weight : 0.0f;
+        }
+        divisor = m.normalize && agreeing != 0.0f ? agreeing : 1.0f;
+      }
+      raw[w] = from_float<S>(b[w] + (mixed / divisor) * m.lambda);
+    }
+    *reinterpret_cast<uint4*>(static_cast<S*>(m.out) + i0) = *reinterpret_cast<const uint4*>(raw);
+  }
+}
+
+template <typename S>
+bool launch_merge_vec(const GtaMergeArgs& m, const GtaExpertDev* dev, cudaStream_t stream) {
+  constexpr int V = 16 / int(sizeof(S));
+  const int grid = grid_for(m.n / V, kThreads);
+  if (m.experts <= 4) merge_vec_kernel<S, 4><<<grid, kThreads, 0, stream>>>(m, dev);
+  else if (m.experts <= 8) merge_vec_kernel<S, 8><<<grid, kThreads, 0, stream>>>(m, dev);
+  else return false;
+  return true;
+}
+
+Pair pair_of(const TensorView* base, const TensorView& expert) {
+  return Pair{base ? base->data : nullptr, base ? int(base->dtype) : -1, expert.data, int(expert.dtype)};
+}
+
+// One top-k selection to resolve on the device (one side of one expert).
+struct DeviceSelection {
+  int expert;
+  bool keep_side;
+  int64_t k;
+  uint32_t bin = 0;       // histogram bin holding the k-th largest
+  int64_t above = 0;      // elements in higher bins
+  int64_t in_bin = 0;     // elements in the bin
+  double above_l1 = 0.0;  // exact L1 of the higher bins
+};
+
+}  // namespace
+
+GtaDevicePlan gta_prepare_cuda(const TensorView* base, const std::vector<TensorView>& experts,
+                               const GtaParams& params, int64_t n, cudaStream_t stream) {
+  GtaDevicePlan out;
+  out.plan = make_gta_plan(params, n);
+  GtaPlan& plan = out.plan;
+  if (n == 0) return out;
+  const int T = int(plan.experts.size());
+  const size_t hist_smem = size_t(kHistBins) * sizeof(unsigned int);
+  FM_CUDA_CHECK(cudaFuncSetAttribute(histogram_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     int(hist_smem)));
+
+  // DELLA probabilities first: the L1 statistics and the merge both read them.
+  out.della_probs.resize(size_t(T));
+  const int64_t L = params.rank_len, I = params.rank_inner, groups = params.rank_outer * I;
+  for (int t = 0; t < T; ++t) {
+    const ExpertPlan& x = plan.experts[size_t(t)];
+    if (x.kind != MaskKind::della) continue;
+    FM_CHECK(L < (int64_t(1) << 32), "della: rank groups longer than 2^32");
+    const Pair p = pair_of(base, experts[size_t(t)]);
+    DeviceBuffer keys(size_t(n) * 8, stream), keys_sorted(size_t(n) * 8, stream);
+    DeviceBuffer pos(size_t(n) * 4, stream), pos_sorted(size_t(n) * 4, stream);
+    std::vector<int64_t> offsets_host(size_t(groups) + 1);
+    for (int64_t g = 0; g <= groups; ++g) offsets_host[size_t(g)] = g * L;
+    DeviceBuffer offsets(offsets_host.size() * 8, stream);
+    FM_CUDA_CHECK(cudaMemcpyAsync(offsets.as<void>(), offsets_host.data(), offsets.bytes(),
+                                  cudaMemcpyHostToDevice, stream));
+    della_keys_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(
+        p, L, I, groups, keys.as<unsigned long long>(), pos.as<uint32_t>());
+    FM_CUDA_LAUNCHED();
+    size_t temp_bytes = 0;
+    FM_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairs(
+        nullptr, temp_bytes, keys.as<unsigned long long>(), keys_sorted.as<unsigned long long>(),
+        pos.as<uint32_t>(), pos_sorted.as<uint32_t>(), n, groups, offsets.as<int64_t>(),
+        offsets.as<int64_t>() + 1, 0, 64, stream));
+    DeviceBuffer temp(temp_bytes, stream);
+    FM_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairs(
+        temp.as<void>(), temp_bytes, keys.as<unsigned long long>(),
+        keys_sorted.as<unsigned long long>(), pos.as<uint32_t>(), pos_sorted.as<uint32_t>(), n,
+        groups, offsets.as<int64_t>(), offsets.as<int64_t>() + 1, 0, 64, stream));
+    out.della_probs[size_t(t)] = DeviceBuffer(size_t(n) * 4, stream);
+    della_probs_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(
+        pos_sorted.as<uint32_t>(), L, I, groups, x.prob_base, x.prob_span,
+        out.della_probs[size_t(t)].as<float>());
+    FM_CUDA_LAUNCHED();
+    // offsets_host must outlive the copy: synchronise before it goes out of scope.
+    FM_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+
+  if (!plan.needs_stats_pass) {
+    finish_gta_plan(plan);
+    return out;
+  }
+
+  // Pass A: histograms for top-k experts, exact L1 for rescaled random experts.
+  std::vector<DeviceSelection> sels;
+  for (int t = 0; t < T; ++t) {
+    ExpertPlan& x = plan.experts[size_t(t)];
+    if (x.kind != MaskKind::topk_range) continue;
+    for (int side = 0; side < 2; ++side) {
+      const int64_t k = side == 0 ? x.k_keep : x.k_drop;
+      uint64_t& boundary = side == 0 ? x.keep_from : x.drop_from;
+      if (k <= 0) { boundary = kKeepNone; continue; }
+      if (k >= n) { boundary = 0; continue; }
+      DeviceSelection s;
+      s.expert = t;
+      s.keep_side = side == 0;
+      s.k = k;
+      sels.push_back(s);
+    }
+  }
+  std::vector<int> hist_index(size_t(T), -1);
+  int hist_count = 0;
+  for (const DeviceSelection& s : sels)
+    if (hist_index[size_t(s.expert)] < 0) hist_index[size_t(s.expert)] = hist_count++;
+  DeviceBuffer hist(size_t(hist_count) * kHistBins * 4, stream);
+  DeviceBuffer random_l1(size_t(T) * 2 * kExactBins * 8, stream);
+  hist.zero();
+  random_l1.zero();
+  for (int t = 0; t < T; ++t) {
+    const ExpertPlan& x = plan.experts[size_t(t)];
+    const Pair p = pair_of(base, experts[size_t(t)]);
+    if (hist_index[size_t(t)] >= 0) {
+      const size_t h = size_t(hist_index[size_t(t)]);
+      // 128 KiB of shared histogram: one block per multiprocessor.
+      histogram_kernel<<<sm_count(), 1024, hist_smem, stream>>>(p, n, hist.as<unsigned int>() + h * kHistBins);
+      FM_CUDA_LAUNCHED();
+    }
+    if (x.rescale && (x.kind == MaskKind::bernoulli || x.kind == MaskKind::della)) {
+      unsigned long long* all = random_l1.as<unsigned long long>() + size_t(t) * 2 * kExactBins;
+      random_l1_kernel<<<grid_for((n + 3) / 4, kThreads), kThreads, 0, stream>>>(
+          p, n, make_stream(params.seed, params.stream, uint32_t(t)), x.keep_prob,
+          x.kind == MaskKind::della ? out.della_probs[size_t(t)].as<float>() : nullptr, all,
+          all + kExactBins);
+      FM_CUDA_LAUNCHED();
+    }
+  }
+  std::vector<unsigned int> hist_host(size_t(hist_count) * kHistBins);
+  std::vector<unsigned long long> random_l1_host(size_t(T) * 2 * kExactBins);
+  if (hist_count)
+    FM_CUDA_CHECK(cudaMemcpyAsync(hist_host.data(), hist.as<void>(), hist.bytes(),
+                                  cudaMemcpyDeviceToHost, stream));
+  FM_CUDA_CHECK(cudaMemcpyAsync(random_l1_host.data(), random_l1.as<void>(), random_l1.bytes(),
+                                cudaMemcpyDeviceToHost, stream));
+  FM_CUDA_CHECK(cudaStreamSynchronize(stream));
+  for (int t = 0; t < T; ++t) {
+    ExpertPlan& x = plan.experts[size_t(t)];
+    if (x.rescale && (x.kind == MaskKind::bernoulli || x.kind == MaskKind::della)) {
+      x.l1_before = exact_bins_to_double(random_l1_host.data() + size_t(t) * 2 * kExactBins);
+      x.l1_after = exact_bins_to_double(random_l1_host.data() + size_t(t) * 2 * kExactBins + kExactBins);
+    }
+  }
+  // Locate each selection's bin: scan down from the top until k elements are covered.
+  for (DeviceSelection& s : sels) {
+    const unsigned int* hh = hist_host.data() + size_t(hist_index[size_t(s.expert)]) * kHistBins;
+    int64_t above = 0;
+    int b = kHistBins - 1;
+    for (; b > 0 && above + int64_t(hh[b]) < s.k; --b) above += hh[b];
+    s.bin = uint32_t(b);
+    s.above = above;
+    s.in_bin = hh[b];
+  }
+
+  // Pass B: compact each selection's bin (both sides of one expert in one pass), with exact
+  // L1 sums when the expert is rescaled; then sort each bin and read off the boundary.
+  const size_t S = sels.size();
+  std::vector<DeviceBuffer> cands(S), sorted(S);
+  DeviceBuffer counters(S * 8 + 8, stream);
+  DeviceBuffer above_l1(S * kExactBins * 8 + 8, stream), kept_l1(S * kExactBins * 8 + 8, stream);
+  DeviceBuffer total_l1(size_t(T) * kExactBins * 8, stream);
+  counters.zero();
+  above_l1.zero();
+  kept_l1.zero();
+  total_l1.zero();
+  for (size_t i = 0; i < S; ++i) {
+    cands[i] = DeviceBuffer(size_t(sels[i].in_bin) * 8, stream);
+    sorted[i] = DeviceBuffer(size_t(sels[i].in_bin) * 8, stream);
+  }
+  auto target = [&](size_t i) {
+    return CompactTarget{sels[i].bin, cands[i].as<unsigned long long>(),
+                         counters.as<unsigned long long>() + i,
+                         above_l1.as<unsigned long long>() + i * kExactBins};
+  };
+  for (size_t i = 0; i < S; ++i) {
+    if (i > 0 && sels[i - 1].expert == sels[i].expert) continue;
+    const int t = sels[i].expert;
+    const bool pair = i + 1 < S && sels[i + 1].expert == t;
+    const bool rescale = plan.experts[size_t(t)].rescale;
+    compact_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(
+        pair_of(base, experts[size_t(t)]), n, target(i), pair ? target(i + 1) : target(i),
+        pair ? 2 : 1, rescale ? total_l1.as<unsigned long long>() + size_t(t) * kExactBins : nullptr);
+    FM_CUDA_LAUNCHED();
+  }
+  DeviceBuffer boundaries(S * 8 + 8, stream);
+  std::vector<DeviceBuffer> temps(S);
+  for (size_t i = 0; i < S; ++i) {
+    const int64_t m = sels[i].in_bin;
+    size_t temp_bytes = 0;
+    FM_CUDA_CHECK(cub::DeviceRadixSort::SortKeys(nullptr, temp_bytes, cands[i].as<unsigned long long>(),
+                                                 sorted[i].as<unsigned long long>(), m, 0, 64, stream));
+    temps[i] = DeviceBuffer(temp_bytes, stream);
+    FM_CUDA_CHECK(cub::DeviceRadixSort::SortKeys(temps[i].as<void>(), temp_bytes,
+                                                 cands[i].as<unsigned long long>(),
+                                                 sorted[i].as<unsigned long long>(), m, 0, 64, stream));
+    // Ascending order: the k-th largest overall is the (k - above)-th largest of the bin.
+    const int64_t index = m - (sels[i].k - sels[i].above);
+    FM_CUDA_CHECK(cudaMemcpyAsync(boundaries.as<unsigned long long>() + i,
+                                  sorted[i].as<unsigned long long>() + index, 8,
+                                  cudaMemcpyDeviceToDevice, stream));
+    if (plan.experts[size_t(sels[i].expert)].rescale) {
+      candidate_l1_kernel<<<grid_for(m - index, kThreads), kThreads, 0, stream>>>(
+          sorted[i].as<unsigned long long>(), index, m,
+          kept_l1.as<unsigned long long>() + i * kExactBins);
+      FM_CUDA_LAUNCHED();
+    }
+  }
+  std::vector<unsigned long long> boundaries_host(S + 1), above_host(S * kExactBins + 1),
+      kept_host(S * kExactBins + 1), total_host(size_t(T) * kExactBins);
+  if (S) {
+    FM_CUDA_CHECK(cudaMemcpyAsync(boundaries_host.data(), boundaries.as<void>(), S * 8,
+                                  cudaMemcpyDeviceToHost, stream));
+    FM_CUDA_CHECK(cudaMemcpyAsync(above_host.data(), above_l1.as<void>(), S * kExactBins * 8,
+                                  cudaMemcpyDeviceToHost, stream));
+    FM_CUDA_CHECK(cudaMemcpyAsync(kept_host.data(), kept_l1.as<void>(), S * kExactBins * 8,
+                                  cudaMemcpyDeviceToHost, stream));
+    FM_CUDA_CHECK(cudaMemcpyAsync(total_host.data(), total_l1.as<void>(), total_l1.bytes(),
+                                  cudaMemcpyDeviceToHost, stream));
+    FM_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+  std::vector<char> has_total(size_t(T), 0);
+  for (size_t i = 0; i < S; ++i) {
+    ExpertPlan& x = plan.experts[size_t(sels[i].expert)];
+    (sels[i].keep_side ? x.keep_from : x.drop_from) = boundaries_host[i];
+    if (!x.rescale) continue;
+    if (!has_total[size_t(sels[i].expert)]) {
+      x.l1_before = exact_bins_to_double(total_host.data() + size_t(sels[i].expert) * kExactBins);
+      has_total[size_t(sels[i].expert)] = 1;
+    }
+    const double l1 = exact_bins_to_double(above_host.data() + i * kExactBins) +
+                      exact_bins_to_double(kept_host.data() + i * kExactBins);
+    x.l1_after += sels[i].keep_side ? l1 : -l1;
+  }
+  // Trivial sides of rescaled top-k experts: boundary 0 selects everything.
+  for (ExpertPlan& x : plan.experts) {
+    if (x.kind != MaskKind::topk_range || !x.rescale) continue;
+    if (x.k_keep >= n) x.l1_after += x.l1_before;
+    if (x.k_drop >= n) x.l1_after -= x.l1_before;
+  }
+  finish_gta_plan(plan);
+  return out;
+}
+
+void gta_merge_cuda(const TensorView* base, const std::vector<TensorView>& experts,
+                    const TensorView& out, const GtaParams& params, StreamHandle stream_handle) {
+  const int64_t n = out.numel();
+  check_flat(out, "out", n);
+  if (base) check_flat(*base, "base", n);
+  for (const TensorView& e : experts) check_flat(e, "expert", n);
+  FM_CHECK(experts.size() == params.experts.size(), "got ", experts.size(), " experts but ",
+           params.experts.size(), " parameter sets");
+  FM_CHECK(experts.size() <= 64, "the CUDA merge takes at most 64 experts, got ", experts.size());
+  if (params.sparsify == Sparsify::della_magprune)
+    FM_CHECK(params.rank_outer * params.rank_len * params.rank_inner == n,
+             "della rank axis does not cover the tensor");
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  GtaDevicePlan prepared = gta_prepare_cuda(base, experts, params, n, stream);
+  if (n == 0) return;
+  const GtaPlan& plan = prepared.plan;
+  const int T = int(plan.experts.size());
+  std::vector<GtaExpertDev> host(static_cast<size_t>(T));
+  for (int t = 0; t < T; ++t) {
+    const ExpertPlan& x = plan.experts[size_t(t)];
+    GtaExpertDev& d = host[size_t(t)];
+    d.data = experts[size_t(t)].data;
+    d.dtype = int(experts[size_t(t)].dtype);
+    d.kind = int(x.kind);
+    d.keep_from = x.keep_from;
+    d.drop_from = x.drop_from;
+    d.keep_prob = x.keep_prob;
+    d.weight = x.weight;
+    d.scale = x.scale;
+    d.prob = x.kind == MaskKind::della ? prepared.della_probs[size_t(t)].as<float>() : nullptr;
+  }
+  DeviceBuffer dev(host.size() * sizeof(GtaExpertDev), stream);
+  FM_CUDA_CHECK(cudaMemcpyAsync(dev.as<void>(), host.data(), dev.bytes(), cudaMemcpyHostToDevice, stream));
+  GtaMergeArgs m;
+  m.base = base ? base->data : nullptr;
+  m.base_dtype = base ? int(base->dtype) : -1;
+  m.out = out.data;
+  m.out_dtype = int(out.dtype);
+  m.n = n;
+  m.experts = T;
+  m.consensus = int(params.consensus);
+  m.normalize = params.normalize;
+  m.lambda = float(params.lambda);
+  m.divisor = plan.divisor;
+  m.seed = params.seed;
+  m.stream = params.stream;
+  // Fast path: one storage type throughout, 16-byte aligned, whole vectors, <= 8 experts.
+  bool uniform = base != nullptr && base->dtype == out.dtype && n % 8 == 0 &&
+                 reinterpret_cast<uintptr_t>(base->data) % 16 == 0 &&
+                 reinterpret_cast<uintptr_t>(out.data) % 16 == 0;
+  for (const TensorView& e : experts)
+    uniform = uniform && e.dtype == out.dtype && reinterpret_cast<uintptr_t>(e.data) % 16 == 0;
+  bool launched = false;
+  if (uniform) {
+    switch (out.dtype) {
+      case DType::f32: launched = launch_merge_vec<float>(m, dev.as<GtaExpertDev>(), stream); break;
+      case DType::bf16: launched = launch_merge_vec<bf16_t>(m, dev.as<GtaExpertDev>(), stream); break;
+      case DType::f16: launched = launch_merge_vec<f16_t>(m, dev.as<GtaExpertDev>(), stream); break;
+      default: break;
+    }
+  }
+  if (!launched) {
+    const int grid = grid_for((n + 3) / 4, kThreads);
+    if (T <= 4) {
+      merge_kernel<4><<<grid, kThreads, 0, stream>>>(m, dev.as<GtaExpertDev>());
+    } else if (T <= 8) {
+      merge_kernel<8><<<grid, kThreads, 0, stream>>>(m, dev.as<GtaExpertDev>());
+    } else {
+      merge_kernel<64><<<grid, kThreads, 0, stream>>>(m, dev.as<GtaExpertDev>());
+    }
+  }
+  FM_CUDA_LAUNCHED();
+  // host[] is pageable: cudaMemcpyAsync from it has completed by the time the call returned.
+}
+
+}  // namespace fastmerge

@@ -1,0 +1,129 @@
+"""CUDA kernels against the CPU kernels: the same masks (exact top-k, Philox) and the same fp32
+operations, so results agree bit for bit except where a reduction (L1 rescale, slerp and
+model_stock statistics) runs in another order."""
+import pytest
+import torch
+
+import fastmerge
+from fastmerge import ops
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or not fastmerge.build_info().get("cuda"),
+    reason="needs a CUDA device and a CUDA build")
+
+SHAPES = [(), (1,), (4097,), (64, 300), (3, 5, 7), (1024, 1100)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def group(shape, count, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    experts = [(base + 0.1 * torch.randn(shape, generator=g)).to(dtype) for _ in range(count)]
+    return base.to(dtype), experts
+
+
+def on_cuda(tensors):
+    return [t.cuda() for t in tensors]
+
+
+def assert_same(gpu, cpu, exact):
+    gpu = gpu.cpu()
+    assert gpu.dtype == cpu.dtype and gpu.shape == cpu.shape
+    if exact:
+        assert torch.equal(gpu.float().nan_to_num(7.0), cpu.float().nan_to_num(7.0))
+    else:
+        scale = max(float(cpu.float().abs().max()), 1e-30) if cpu.numel() else 1.0
+        err = float((gpu.float() - cpu.float()).abs().max()) if cpu.numel() else 0.0
+        ulp = float(torch.finfo(cpu.dtype).eps)
+        assert err <= 4 * ulp * scale, f"max error {err} vs scale {scale}"
+
+
+METHODS = {
+    "ties": lambda b, e, w: ops.ties(b, e, w, 0.3),
+    "ties_count": lambda b, e, w: ops.ties(b, e, w, 0.3, consensus="count"),
+    "task_arithmetic": lambda b, e, w: ops.task_arithmetic(b, e, w, lambda_=0.7),
+    "breadcrumbs": lambda b, e, w: ops.breadcrumbs(b, e, w, 0.4, gamma=0.05),
+    "breadcrumbs_ties": lambda b, e, w: ops.breadcrumbs_ties(b, e, w, 0.4, gamma=0.05),
+    "dare_ties_norescale": lambda b, e, w: ops.dare_ties(b, e, w, 0.5, seed=3, name="w", rescale=False),
+    "dare_linear_norescale": lambda b, e, w: ops.dare_linear(b, e, w, 0.5, seed=4, rescale=False),
+    "della_norescale": lambda b, e, w: ops.della(b, e, w, 0.5, seed=5, rescale=False),
+}
+RESCALED = {
+    "ties_rescale": lambda b, e, w: ops.ties(b, e, w, 0.3, rescale=True),
+    "dare_ties": lambda b, e, w: ops.dare_ties(b, e, w, 0.5, seed=3, name="w"),
+    "dare_linear": lambda b, e, w: ops.dare_linear(b, e, w, 0.5, seed=4),
+    "della": lambda b, e, w: ops.della(b, e, w, 0.5, seed=5),
+    "della_linear": lambda b, e, w: ops.della_linear(b, e, w, 0.4, epsilon=0.1, seed=6),
+    "breadcrumbs_rescale": lambda b, e, w: ops.breadcrumbs(b, e, w, 0.4, gamma=0.05, rescale=True),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_cuda_matches_cpu_exactly(method, dtype, shape):
+    base, experts = group(shape, 3, dtype, seed=hash((method, str(dtype), shape)) % 1000)
+    weights = [1.0, 0.5, -0.3]
+    cpu = METHODS[method](base, experts, weights)
+    gpu = METHODS[method](base.cuda(), on_cuda(experts), weights)
+    assert_same(gpu, cpu, exact=True)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("method", sorted(RESCALED))
+def test_cuda_matches_cpu_rescaled(method, shape):
+    base, experts = group(shape, 3, torch.float32, seed=11)
+    weights = [1.0, 0.5, 0.3]
+    cpu = RESCALED[method](base, experts, weights)
+    gpu = RESCALED[method](base.cuda(), on_cuda(experts), weights)
+    assert_same(gpu, cpu, exact=False)
+
+
+@pytest.mark.parametrize("count", [1, 2, 5, 9, 17])
+def test_cuda_expert_counts(count):
+    base, experts = group((300, 70), count, torch.bfloat16, seed=count)
+    weights = [0.1 * (i + 1) for i in range(count)]
+    assert_same(ops.ties(base.cuda(), on_cuda(experts), weights, 0.4),
+                ops.ties(base, experts, weights, 0.4), exact=True)
+
+
+def test_cuda_mixed_dtypes_and_no_base():
+    base, experts = group((257, 33), 3, torch.float32, seed=2)
+    experts = [experts[0].half(), experts[1].bfloat16(), experts[2]]
+    assert_same(ops.ties(base.cuda(), on_cuda(experts), 1.0, 0.5, out_dtype=torch.bfloat16),
+                ops.ties(base, experts, 1.0, 0.5, out_dtype=torch.bfloat16), exact=True)
+    assert_same(ops.linear(on_cuda(experts), [0.2, 0.3, 0.5]), ops.linear(experts, [0.2, 0.3, 0.5]),
+                exact=True)
+
+
+@pytest.mark.parametrize("shape", [(4097,), (2048, 4096), (7,)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_magnitude_mask(shape, dtype):
+    x = torch.randn(shape).to(dtype)
+    if dtype == torch.bfloat16:
+        x = torch.round(x * 8) / 8  # heavy ties: index tie-break decides
+    for density in (0.0, 1e-4, 0.3, 0.999, 1.0):
+        assert torch.equal(ops.magnitude_mask(x.cuda(), density).cpu(), ops.magnitude_mask(x, density))
+
+
+@pytest.mark.parametrize("shape", [(5,), (64, 300), (1000, 1000)], ids=str)
+def test_cuda_interp(shape):
+    base, experts = group(shape, 3, torch.float32, seed=9)
+    assert_same(ops.slerp(base.cuda(), experts[0].cuda(), 0.3), ops.slerp(base, experts[0], 0.3), exact=False)
+    assert_same(ops.model_stock(base.cuda(), on_cuda(experts)), ops.model_stock(base, experts), exact=False)
+    assert_same(ops.model_stock(base.cuda(), on_cuda(experts), filter_wise=True),
+                ops.model_stock(base, experts, filter_wise=True), exact=False)
+
+
+def test_cuda_large_ties_bf16():
+    base, experts = group((4096, 4096), 3, torch.bfloat16, seed=1)
+    assert_same(ops.ties(base.cuda(), on_cuda(experts), 1.0, 0.5), ops.ties(base, experts, 1.0, 0.5), exact=True)
+
+
+def test_cuda_runs_on_current_stream():
+    base, experts = group((512, 512), 2, torch.float32, seed=4)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        gpu = ops.ties(base.cuda(), on_cuda(experts), 1.0, 0.5)
+    stream.synchronize()
+    assert_same(gpu, ops.ties(base, experts, 1.0, 0.5), exact=True)
