@@ -127,3 +127,111 @@ def test_cuda_runs_on_current_stream():
         gpu = ops.ties(base.cuda(), on_cuda(experts), 1.0, 0.5)
     stream.synchronize()
     assert_same(gpu, ops.ties(base, experts, 1.0, 0.5), exact=True)
+
+
+# ---- coverage of the brief beyond the grid above: every expert count 1-8 for every method,
+# the sample/candidate path on a large tensor, non-contiguous inputs, heavy magnitude ties
+# (all-equal deltas: the index tie-break decides every kept element) and exact keep counts.
+
+
+@pytest.mark.parametrize("count", range(1, 9))
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_cuda_every_method_every_count(method, count):
+    base, experts = group((64, 300), count, torch.bfloat16, seed=100 + count)
+    weights = [0.9 - 0.2 * i for i in range(count)]  # mixed signs from the 6th expert on
+    assert_same(METHODS[method](base.cuda(), on_cuda(experts), weights),
+                METHODS[method](base, experts, weights), exact=True)
+
+
+@pytest.mark.parametrize("count", [1, 4, 8])
+@pytest.mark.parametrize("method", sorted(RESCALED))
+def test_cuda_rescaled_counts(method, count):
+    base, experts = group((33, 129), count, torch.float32, seed=200 + count)
+    weights = [0.3 + 0.1 * i for i in range(count)]
+    assert_same(RESCALED[method](base.cuda(), on_cuda(experts), weights),
+                RESCALED[method](base, experts, weights), exact=False)
+
+
+LARGE = {
+    "ties": (torch.bfloat16, METHODS["ties"], True),
+    "breadcrumbs_ties": (torch.float16, METHODS["breadcrumbs_ties"], True),
+    "dare_linear_norescale": (torch.float32, METHODS["dare_linear_norescale"], True),
+    "ties_rescale": (torch.float32, RESCALED["ties_rescale"], False),
+    "dare_ties": (torch.bfloat16, RESCALED["dare_ties"], False),
+}
+
+
+@pytest.mark.parametrize("method", sorted(LARGE))
+def test_cuda_large_sample_path(method):
+    """2048 x 4096 elements: far above the size where top-k plans from a sample."""
+    dtype, fn, exact = LARGE[method]
+    base, experts = group((2048, 4096), 3, dtype, seed=7)
+    weights = [1.0, 0.6, -0.4]
+    assert_same(fn(base.cuda(), on_cuda(experts), weights), fn(base, experts, weights), exact=exact)
+
+
+def test_cuda_large_della_ranks():
+    base, experts = group((512, 4096), 2, torch.bfloat16, seed=8)
+    fn = METHODS["della_norescale"]
+    assert_same(fn(base.cuda(), on_cuda(experts), [1.0, 0.5]), fn(base, experts, [1.0, 0.5]), exact=True)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "dare_ties_norescale", "della_norescale",
+                                    "task_arithmetic"])
+def test_cuda_non_contiguous(method):
+    base, experts = group((300, 130), 3, torch.float16, seed=12)
+    views = [t.t()[::2] for t in [base] + experts]  # transposed, then every other row
+    assert not views[0].is_contiguous()
+    weights = [1.0, 0.5, -0.3]
+    cpu = METHODS[method](views[0], views[1:], weights)
+    gpu_views = [t.cuda().t()[::2] for t in [base] + experts]
+    assert not gpu_views[0].is_contiguous()
+    assert_same(METHODS[method](gpu_views[0], gpu_views[1:], weights), cpu, exact=True)
+
+
+@pytest.mark.parametrize("shape", [(4097,), (700, 800)], ids=str)
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "ties_count"])
+def test_cuda_all_equal_magnitudes(method, shape):
+    """Every delta has the same magnitude: which elements survive is the index tie-break alone."""
+    base = torch.zeros(shape)
+    experts = [torch.full(shape, 0.25), torch.full(shape, -0.25), torch.full(shape, 0.5)]
+    experts[1].view(-1)[::3] = 0.25  # some sign disagreement
+    weights = [1.0, 0.7, 0.2]
+    assert_same(METHODS[method](base.cuda(), on_cuda(experts), weights),
+                METHODS[method](base, experts, weights), exact=True)
+
+
+def test_cuda_many_mixed_dtypes_no_base():
+    g = torch.Generator().manual_seed(13)
+    dtypes = [torch.float32, torch.float16, torch.bfloat16] * 3
+    experts = [torch.randn(37, 41, generator=g).to(d) for d in dtypes[:8]]
+    weights = [0.1 * (i + 1) for i in range(8)]
+    for out_dtype in DTYPES:
+        assert_same(ops.ties(None, on_cuda(experts), weights, 0.3, out_dtype=out_dtype),
+                    ops.ties(None, experts, weights, 0.3, out_dtype=out_dtype), exact=True)
+
+
+def keep_count(density, n):
+    if n == 0 or density <= 0.0:
+        return 0
+    if density >= 1.0:
+        return n
+    return max(1, int(density * n))
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (4097,), (64, 300), (2048, 4096)], ids=str)
+@pytest.mark.parametrize("kind", ["randn", "few_values", "constant"])
+def test_cuda_magnitude_mask_exact_counts(shape, kind):
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(shape, generator=g)
+    if kind == "few_values":
+        x = torch.round(x * 2) / 2
+    elif kind == "constant":
+        x = torch.full(shape, -1.5)
+    n = x.numel()
+    for dtype in DTYPES:
+        xd = x.to(dtype)
+        for density in (0.0, 1e-6, 0.01, 0.5, 0.9999, 1.0):
+            gpu = ops.magnitude_mask(xd.cuda(), density).cpu()
+            assert int(gpu.sum()) == keep_count(density, n)
+            assert torch.equal(gpu, ops.magnitude_mask(xd, density))
