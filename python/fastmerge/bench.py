@@ -95,8 +95,17 @@ def machine_description() -> Dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "load_average": _load_average(),
         "fastmerge": build_info(),
     }
+
+
+def _load_average() -> Optional[List[float]]:
+    """1/5/15-minute load average: other work on the machine skews the timings."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        return None
 
 
 # ---- measurement ----
@@ -236,7 +245,8 @@ def describe(machine: Dict[str, Any]) -> str:
             f"{machine['ram_gib']} GiB RAM | {machine['os']}\n"
             f"python {machine['python']} | torch {machine['torch']} | fastmerge "
             f"{fm.get('version')} (native={fm.get('native')}, simd={fm.get('cpu_simd')}, "
-            f"threads={fm.get('threads')}, cuda={fm.get('cuda')})")
+            f"threads={fm.get('threads')}, cuda={fm.get('cuda')}) | load average "
+            f"{machine.get('load_average')}")
 
 
 # ---- entry points ----
@@ -317,6 +327,7 @@ def run(args: argparse.Namespace, stream=None) -> int:
             "machine": machine,
             "mergekit_version": _mergekit_version() if use_mk else None,
             "copy_gbs": copy_gbs,
+            "load_average_after": _load_average(),
             "results": rows,
             "table": table,
         }
