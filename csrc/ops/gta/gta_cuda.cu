@@ -3,7 +3,7 @@
 // holding the k-th largest, the bin's elements are compacted and radix-sorted (CUB), and the
 // boundary composite is read off the sorted candidates. L1 norms are exact integer sums per
 // exponent, so no result depends on thread order. Two host synchronisations per merge.
-#include <cub/cub.cuh>
+#include <cub/cub.cuh>  // segmented sort for DELLA's ranks
 
 #include <algorithm>
 #include <cmath>
@@ -62,69 +62,121 @@ __global__ void histogram_kernel(Pair p, int64_t n, unsigned int* hist) {
     if (shared_hist[b]) atomicAdd(&hist[b], shared_hist[b]);
 }
 
-// ---- pass B: compact the elements of the boundary bin(s); exact L1 above them and in all ----
+// ---- pass B: the low 16 key bits inside the boundary bin (exact key of the k-th) ----
 
-struct CompactTarget {
-  uint32_t bin;                   // key >> kHistShift to collect
-  unsigned long long* out;        // candidates
-  unsigned long long* count;      // candidates written
-  unsigned long long* above_l1;   // exact bins of |delta| over higher bins (null: skip)
+struct Refine {
+  uint32_t bin;      // key >> kHistShift of the boundary bin
+  unsigned* hist;    // kHistBins2 counts of key & 0xffff
 };
+constexpr int kHistBins2 = 1 << kHistShift;
 
-// Appends value to target.out when take: one atomic per warp, lanes in lane order.
-__device__ __forceinline__ void append_if(bool take, unsigned long long value, const CompactTarget& t) {
+__device__ __forceinline__ void count_low_bits(uint32_t key, const Refine& r) {
+  const bool mine = (key >> kHistShift) == r.bin;
   const unsigned active = __activemask();
-  const unsigned takers = __ballot_sync(active, take);
-  if (!takers) return;
-  const int lane = int(threadIdx.x & 31), leader = __ffs(takers) - 1;
-  unsigned long long start = 0;
-  if (lane == leader) start = atomicAdd(t.count, (unsigned long long)__popc(takers));
-  start = __shfl_sync(active, start, leader);
-  if (take) t.out[start + __popc(takers & ((1u << lane) - 1))] = value;
+  if (!__any_sync(active, mine)) return;  // most warps hold no element of the bin
+  const uint32_t tag = mine ? (key & 0xffffu) : 0xffffffffu;
+  const unsigned same = __match_any_sync(active, tag);
+  if (mine && int(threadIdx.x & 31) == __ffs(same) - 1) atomicAdd(&r.hist[tag], unsigned(__popc(same)));
 }
 
-__global__ void compact_kernel(Pair p, int64_t n, CompactTarget a, CompactTarget b, int targets,
-                               unsigned long long* total_l1) {
-  __shared__ unsigned long long s_total[kExactBins], s_above_a[kExactBins], s_above_b[kExactBins];
-  const bool l1 = total_l1 != nullptr;
-  if (l1) {
-    for (int k = threadIdx.x; k < kExactBins; k += blockDim.x) s_total[k] = s_above_a[k] = s_above_b[k] = 0;
+__global__ void refine_kernel(Pair p, int64_t n, Refine a, Refine b, int targets) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const uint32_t key = magnitude_key(delta_at(p, i));
+    count_low_bits(key, a);
+    if (targets > 1) count_low_bits(key, b);
+  }
+}
+
+// ---- pass C: ties on the exact key, counted per index chunk (lowest indices are kept) ----
+
+// Sum over the block (every thread gets it); blockDim.x a multiple of 32, at most 1024.
+__device__ unsigned block_sum(unsigned value) {
+  __shared__ unsigned warp_sums[32];
+  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_down_sync(0xffffffffu, value, offset);
+  __syncthreads();  // warp_sums may still be read from a previous call
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = value;
+  __syncthreads();
+  unsigned total = 0;
+  for (int w = 0; w < int(blockDim.x >> 5); ++w) total += warp_sums[w];
+  return total;
+}
+
+constexpr int kTieChunkShift = 16;
+
+// One block per chunk of 2^16 indices: counts[chunk] = elements of the chunk with the key
+// (a fixed block reduction, no atomics).
+__global__ void tie_count_kernel(Pair p, int64_t n, uint32_t key_a, unsigned* counts_a,
+                                 uint32_t key_b, unsigned* counts_b, int targets) {
+  const int64_t begin = int64_t(blockIdx.x) << kTieChunkShift;
+  const int64_t end = begin + (int64_t(1) << kTieChunkShift) < n ? begin + (int64_t(1) << kTieChunkShift) : n;
+  unsigned mine_a = 0, mine_b = 0;
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const uint32_t key = magnitude_key(delta_at(p, i));
+    mine_a += key == key_a;
+    mine_b += key == key_b;
+  }
+  const unsigned total_a = block_sum(mine_a);
+  const unsigned total_b = targets > 1 ? block_sum(mine_b) : 0u;
+  if (threadIdx.x == 0) {
+    counts_a[blockIdx.x] = total_a;
+    if (targets > 1) counts_b[blockIdx.x] = total_b;
+  }
+}
+
+// One block walks one chunk in index order and writes the index of its rank-th tie (0-based).
+__global__ void tie_index_kernel(Pair p, int64_t n, uint32_t key, int64_t chunk, int64_t rank,
+                                 unsigned long long* index_out) {
+  __shared__ unsigned warp_counts[32];
+  __shared__ long long remaining;
+  if (threadIdx.x == 0) remaining = rank;
+  const int64_t begin = chunk << kTieChunkShift;
+  const int64_t end = begin + (int64_t(1) << kTieChunkShift) < n ? begin + (int64_t(1) << kTieChunkShift) : n;
+  const int lane = int(threadIdx.x & 31), warp = int(threadIdx.x >> 5), warps = int(blockDim.x >> 5);
+  for (int64_t tile = begin; tile < end; tile += blockDim.x) {
+    const int64_t i = tile + threadIdx.x;
+    const bool tie = i < end && magnitude_key(delta_at(p, i)) == key;
+    const unsigned ballot = __ballot_sync(0xffffffffu, tie);
+    if (lane == 0) warp_counts[warp] = unsigned(__popc(ballot));
+    __syncthreads();
+    const long long left = remaining;
+    if (left < 0) return;  // found in an earlier tile (uniform across the block)
+    long long before = 0;
+    for (int w = 0; w < warp; ++w) before += warp_counts[w];
+    long long total = before;
+    for (int w = warp; w < warps; ++w) total += warp_counts[w];
+    if (tie) {
+      const long long mine = before + __popc(ballot & ((1u << lane) - 1));
+      if (mine == left) *index_out = (unsigned long long)i;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) remaining = left < total ? -1 : left - total;
     __syncthreads();
   }
+}
+
+// ---- exact L1 of |delta| over a top-k range and over everything (rescaled top-k experts) ----
+
+__global__ void topk_l1_kernel(Pair p, int64_t n, unsigned long long keep_from,
+                               unsigned long long drop_from, unsigned long long* all,
+                               unsigned long long* kept) {
+  __shared__ unsigned long long s_all[kExactBins], s_kept[kExactBins];
+  for (int k = threadIdx.x; k < kExactBins; k += blockDim.x) s_all[k] = s_kept[k] = 0;
+  __syncthreads();
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
     const float d = delta_at(p, i);
-    const uint32_t key = magnitude_key(d);
-    const uint32_t bin = key >> kHistShift;
-    append_if(bin == a.bin, composite_key(key, i), a);
-    if (targets > 1) append_if(bin == b.bin, composite_key(key, i), b);
-    if (l1) {
-      int e;
-      unsigned long long significand;
-      exact_bin(d, &e, &significand);
-      add_exact(s_total, e, unsigned(significand));
-      add_exact(s_above_a, e, bin > a.bin ? unsigned(significand) : 0u);
-      if (targets > 1) add_exact(s_above_b, e, bin > b.bin ? unsigned(significand) : 0u);
-    }
+    const unsigned long long c = composite_key(magnitude_key(d), i);
+    int e;
+    unsigned long long significand;
+    exact_bin(d, &e, &significand);
+    add_exact(s_all, e, unsigned(significand));
+    add_exact(s_kept, e, (c >= keep_from && c < drop_from) ? unsigned(significand) : 0u);
   }
-  if (!l1) return;
   __syncthreads();
   for (int k = threadIdx.x; k < kExactBins; k += blockDim.x) {
-    if (s_total[k]) atomicAdd(&total_l1[k], s_total[k]);
-    if (s_above_a[k]) atomicAdd(&a.above_l1[k], s_above_a[k]);
-    if (targets > 1 && s_above_b[k]) atomicAdd(&b.above_l1[k], s_above_b[k]);
-  }
-}
-
-// Sum of |delta| (as exact significands, one exponent) over sorted candidates [from, m).
-__global__ void candidate_l1_kernel(const unsigned long long* sorted, int64_t from, int64_t m,
-                                    unsigned long long* bins) {
-  for (int64_t i = from + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < m;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    int bin;
-    unsigned long long significand;
-    exact_bin(bits_float(uint32_t(sorted[i] >> kIndexBits)), &bin, &significand);
-    add_exact(bins, bin, unsigned(significand));
+    if (s_all[k]) atomicAdd(&all[k], s_all[k]);
+    if (s_kept[k]) atomicAdd(&kept[k], s_kept[k]);
   }
 }
 
@@ -372,9 +424,10 @@ struct DeviceSelection {
   bool keep_side;
   int64_t k;
   uint32_t bin = 0;       // histogram bin holding the k-th largest
-  int64_t above = 0;      // elements in higher bins
-  int64_t in_bin = 0;     // elements in the bin
-  double above_l1 = 0.0;  // exact L1 of the higher bins
+  int64_t above = 0;      // elements with larger keys (higher bins, then larger low bits)
+  uint32_t key = 0;       // exact key of the k-th largest
+  int64_t ties = 0;       // elements with that key
+  int64_t tie_rank = 0;   // the k-th is the tie_rank-th (0-based) tie in index order
 };
 
 }  // namespace
@@ -498,93 +551,110 @@ GtaDevicePlan gta_prepare_cuda(const TensorView* base, const std::vector<TensorV
     for (; b > 0 && above + int64_t(hh[b]) < s.k; --b) above += hh[b];
     s.bin = uint32_t(b);
     s.above = above;
-    s.in_bin = hh[b];
   }
 
-  // Pass B: compact each selection's bin (both sides of one expert in one pass), with exact
-  // L1 sums when the expert is rescaled; then sort each bin and read off the boundary.
+  // Pass B: low 16 key bits inside each selection's bin give the exact key of the k-th.
   const size_t S = sels.size();
-  std::vector<DeviceBuffer> cands(S), sorted(S);
-  DeviceBuffer counters(S * 8 + 8, stream);
-  DeviceBuffer above_l1(S * kExactBins * 8 + 8, stream), kept_l1(S * kExactBins * 8 + 8, stream);
-  DeviceBuffer total_l1(size_t(T) * kExactBins * 8, stream);
-  counters.zero();
-  above_l1.zero();
-  kept_l1.zero();
-  total_l1.zero();
-  for (size_t i = 0; i < S; ++i) {
-    cands[i] = DeviceBuffer(size_t(sels[i].in_bin) * 8, stream);
-    sorted[i] = DeviceBuffer(size_t(sels[i].in_bin) * 8, stream);
-  }
-  auto target = [&](size_t i) {
-    return CompactTarget{sels[i].bin, cands[i].as<unsigned long long>(),
-                         counters.as<unsigned long long>() + i,
-                         above_l1.as<unsigned long long>() + i * kExactBins};
-  };
-  for (size_t i = 0; i < S; ++i) {
-    if (i > 0 && sels[i - 1].expert == sels[i].expert) continue;
-    const int t = sels[i].expert;
-    const bool pair = i + 1 < S && sels[i + 1].expert == t;
-    const bool rescale = plan.experts[size_t(t)].rescale;
-    compact_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(
-        pair_of(base, experts[size_t(t)]), n, target(i), pair ? target(i + 1) : target(i),
-        pair ? 2 : 1, rescale ? total_l1.as<unsigned long long>() + size_t(t) * kExactBins : nullptr);
-    FM_CUDA_LAUNCHED();
-  }
-  DeviceBuffer boundaries(S * 8 + 8, stream);
-  std::vector<DeviceBuffer> temps(S);
-  for (size_t i = 0; i < S; ++i) {
-    const int64_t m = sels[i].in_bin;
-    size_t temp_bytes = 0;
-    FM_CUDA_CHECK(cub::DeviceRadixSort::SortKeys(nullptr, temp_bytes, cands[i].as<unsigned long long>(),
-                                                 sorted[i].as<unsigned long long>(), m, 0, 64, stream));
-    temps[i] = DeviceBuffer(temp_bytes, stream);
-    FM_CUDA_CHECK(cub::DeviceRadixSort::SortKeys(temps[i].as<void>(), temp_bytes,
-                                                 cands[i].as<unsigned long long>(),
-                                                 sorted[i].as<unsigned long long>(), m, 0, 64, stream));
-    // Ascending order: the k-th largest overall is the (k - above)-th largest of the bin.
-    const int64_t index = m - (sels[i].k - sels[i].above);
-    FM_CUDA_CHECK(cudaMemcpyAsync(boundaries.as<unsigned long long>() + i,
-                                  sorted[i].as<unsigned long long>() + index, 8,
-                                  cudaMemcpyDeviceToDevice, stream));
-    if (plan.experts[size_t(sels[i].expert)].rescale) {
-      candidate_l1_kernel<<<grid_for(m - index, kThreads), kThreads, 0, stream>>>(
-          sorted[i].as<unsigned long long>(), index, m,
-          kept_l1.as<unsigned long long>() + i * kExactBins);
-      FM_CUDA_LAUNCHED();
+  auto by_expert = [&](auto&& launch) {  // both sides of one expert share a pass
+    for (size_t i = 0; i < S; ++i) {
+      if (i > 0 && sels[i - 1].expert == sels[i].expert) continue;
+      launch(i, i + 1 < S && sels[i + 1].expert == sels[i].expert);
     }
-  }
-  std::vector<unsigned long long> boundaries_host(S + 1), above_host(S * kExactBins + 1),
-      kept_host(S * kExactBins + 1), total_host(size_t(T) * kExactBins);
+  };
+  DeviceBuffer hist2(S * kHistBins2 * 4 + 4, stream);
+  hist2.zero();
+  by_expert([&](size_t i, bool pair) {
+    const Refine a{sels[i].bin, hist2.as<unsigned>() + i * kHistBins2};
+    const Refine b = pair ? Refine{sels[i + 1].bin, hist2.as<unsigned>() + (i + 1) * kHistBins2} : a;
+    refine_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(
+        pair_of(base, experts[size_t(sels[i].expert)]), n, a, b, pair ? 2 : 1);
+    FM_CUDA_LAUNCHED();
+  });
+  std::vector<unsigned> hist2_host(S * kHistBins2);
   if (S) {
-    FM_CUDA_CHECK(cudaMemcpyAsync(boundaries_host.data(), boundaries.as<void>(), S * 8,
-                                  cudaMemcpyDeviceToHost, stream));
-    FM_CUDA_CHECK(cudaMemcpyAsync(above_host.data(), above_l1.as<void>(), S * kExactBins * 8,
-                                  cudaMemcpyDeviceToHost, stream));
-    FM_CUDA_CHECK(cudaMemcpyAsync(kept_host.data(), kept_l1.as<void>(), S * kExactBins * 8,
-                                  cudaMemcpyDeviceToHost, stream));
-    FM_CUDA_CHECK(cudaMemcpyAsync(total_host.data(), total_l1.as<void>(), total_l1.bytes(),
+    FM_CUDA_CHECK(cudaMemcpyAsync(hist2_host.data(), hist2.as<void>(), S * kHistBins2 * 4,
                                   cudaMemcpyDeviceToHost, stream));
     FM_CUDA_CHECK(cudaStreamSynchronize(stream));
   }
-  std::vector<char> has_total(size_t(T), 0);
+  for (size_t i = 0; i < S; ++i) {
+    DeviceSelection& s = sels[i];
+    const unsigned* hh = hist2_host.data() + i * kHistBins2;
+    int low = kHistBins2 - 1;
+    for (; low > 0 && s.above + int64_t(hh[low]) < s.k; --low) s.above += hh[low];
+    s.key = (s.bin << kHistShift) | uint32_t(low);
+    s.ties = hh[low];
+    s.tie_rank = s.k - s.above - 1;
+  }
+
+  // Pass C (only where the k-th splits a run of equal keys): count ties per index chunk,
+  // then one block finds the tie_rank-th tie inside its chunk.
+  const int64_t chunks = ((n - 1) >> kTieChunkShift) + 1;
+  DeviceBuffer tie_counts(S * size_t(chunks) * 4 + 4, stream);
+  DeviceBuffer tie_index(S * 8 + 8, stream);
+  tie_counts.zero();
+  bool split = false;
+  by_expert([&](size_t i, bool pair) {
+    const bool split_a = sels[i].tie_rank + 1 < sels[i].ties;
+    const bool split_b = pair && sels[i + 1].tie_rank + 1 < sels[i + 1].ties;
+    if (!split_a && !split_b) return;
+    split = true;
+    unsigned* counts_a = tie_counts.as<unsigned>() + i * size_t(chunks);
+    unsigned* counts_b = pair ? counts_a + chunks : counts_a;
+    tie_count_kernel<<<int(chunks), 1024, 0, stream>>>(
+        pair_of(base, experts[size_t(sels[i].expert)]), n, split_a ? sels[i].key : ~0u, counts_a,
+        split_b ? sels[i + 1].key : ~0u, counts_b, pair ? 2 : 1);
+    FM_CUDA_LAUNCHED();
+  });
+  std::vector<unsigned long long> tie_index_host(S + 1, 0);
+  if (split) {
+    std::vector<unsigned> counts_host(S * size_t(chunks));
+    FM_CUDA_CHECK(cudaMemcpyAsync(counts_host.data(), tie_counts.as<void>(), counts_host.size() * 4,
+                                  cudaMemcpyDeviceToHost, stream));
+    FM_CUDA_CHECK(cudaStreamSynchronize(stream));
+    for (size_t i = 0; i < S; ++i) {
+      if (sels[i].tie_rank + 1 >= sels[i].ties) continue;
+      int64_t rank = sels[i].tie_rank, chunk = 0;
+      for (; chunk < chunks && rank >= int64_t(counts_host[i * size_t(chunks) + size_t(chunk)]); ++chunk)
+        rank -= counts_host[i * size_t(chunks) + size_t(chunk)];
+      tie_index_kernel<<<1, 1024, 0, stream>>>(pair_of(base, experts[size_t(sels[i].expert)]), n,
+                                               sels[i].key, chunk, rank,
+                                               tie_index.as<unsigned long long>() + i);
+      FM_CUDA_LAUNCHED();
+    }
+    FM_CUDA_CHECK(cudaMemcpyAsync(tie_index_host.data(), tie_index.as<void>(), S * 8,
+                                  cudaMemcpyDeviceToHost, stream));
+    FM_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
   for (size_t i = 0; i < S; ++i) {
     ExpertPlan& x = plan.experts[size_t(sels[i].expert)];
-    (sels[i].keep_side ? x.keep_from : x.drop_from) = boundaries_host[i];
-    if (!x.rescale) continue;
-    if (!has_total[size_t(sels[i].expert)]) {
-      x.l1_before = exact_bins_to_double(total_host.data() + size_t(sels[i].expert) * kExactBins);
-      has_total[size_t(sels[i].expert)] = 1;
-    }
-    const double l1 = exact_bins_to_double(above_host.data() + i * kExactBins) +
-                      exact_bins_to_double(kept_host.data() + i * kExactBins);
-    x.l1_after += sels[i].keep_side ? l1 : -l1;
+    // Every tie kept: the boundary is the key's smallest composite (index n - 1).
+    const int64_t last = sels[i].tie_rank + 1 >= sels[i].ties ? n - 1 : int64_t(tie_index_host[i]);
+    (sels[i].keep_side ? x.keep_from : x.drop_from) = composite_key(sels[i].key, last);
   }
-  // Trivial sides of rescaled top-k experts: boundary 0 selects everything.
-  for (ExpertPlan& x : plan.experts) {
-    if (x.kind != MaskKind::topk_range || !x.rescale) continue;
-    if (x.k_keep >= n) x.l1_after += x.l1_before;
-    if (x.k_drop >= n) x.l1_after -= x.l1_before;
+
+  // Rescaled top-k experts: one more pass for the exact L1 of the range and of everything.
+  std::vector<int> rescaled;
+  for (int t = 0; t < T; ++t)
+    if (plan.experts[size_t(t)].kind == MaskKind::topk_range && plan.experts[size_t(t)].rescale)
+      rescaled.push_back(t);
+  if (!rescaled.empty()) {
+    DeviceBuffer l1(rescaled.size() * 2 * kExactBins * 8, stream);
+    l1.zero();
+    for (size_t r = 0; r < rescaled.size(); ++r) {
+      const ExpertPlan& x = plan.experts[size_t(rescaled[r])];
+      unsigned long long* all = l1.as<unsigned long long>() + r * 2 * kExactBins;
+      topk_l1_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(
+          pair_of(base, experts[size_t(rescaled[r])]), n, x.keep_from, x.drop_from, all, all + kExactBins);
+      FM_CUDA_LAUNCHED();
+    }
+    std::vector<unsigned long long> l1_host(rescaled.size() * 2 * kExactBins);
+    FM_CUDA_CHECK(cudaMemcpyAsync(l1_host.data(), l1.as<void>(), l1.bytes(), cudaMemcpyDeviceToHost, stream));
+    FM_CUDA_CHECK(cudaStreamSynchronize(stream));
+    for (size_t r = 0; r < rescaled.size(); ++r) {
+      ExpertPlan& x = plan.experts[size_t(rescaled[r])];
+      x.l1_before = exact_bins_to_double(l1_host.data() + r * 2 * kExactBins);
+      x.l1_after = exact_bins_to_double(l1_host.data() + r * 2 * kExactBins + kExactBins);
+    }
   }
   finish_gta_plan(plan);
   return out;
