@@ -99,7 +99,7 @@ struct Scratch {
   std::vector<uint64_t> group;               // DELLA: one rank group
   // base stays zero when the merge has no base (deltas are the experts themselves).
   explicit Scratch(int experts)
-      : base(kBlock, 0.0f), delta(kBlock), u(kBlock), v(size_t(experts) * kBlock), cand(kBlock) {}
+      : base(kBlock, 0.0f), delta(kBlock), u(kBlock), v(size_t(experts) * kBlock), cand(kBlock + 8) {}
 };
 
 // DELLA keep probabilities of every expert over slab [begin, end): ranks of |delta| along

@@ -241,7 +241,8 @@ void topk_scan_t(const T* e, const float* base, int64_t len, int64_t first, uint
   prefetch_ahead(e, len * int64_t(sizeof(T)));
   int32_t above = 0;
   float above_l1 = 0.0f;
-  int32_t inside[kBlock + 2];
+  int32_t inside[kBlock];
+  uint32_t keys_of[kBlock];
   // One 32-bit lane per element (full vector width); the reduction order is fixed per build.
 #pragma omp simd reduction(+ : above, above_l1)
   for (int32_t j = 0; j < int32_t(len); ++j) {
@@ -252,19 +253,33 @@ void topk_scan_t(const T* e, const float* base, int64_t len, int64_t first, uint
     above += up;
     above_l1 += up ? __builtin_fabsf(d) : 0.0f;
     inside[j] = in & !up;
+    keys_of[j] = key;
   }
-  inside[len] = inside[len + 1] = 0;
-  // Candidates are rare (a window around the k-th): visit only the set flags, two at a time.
+  // Candidates are rare (a window around the k-th) and unpredictable: gather them without
+  // branches, compressing 8 composites at a time with AVX-512, else one store per element.
   int64_t m = 0;
-  for (int64_t g = 0; g < len; g += 2) {
-    uint64_t word;
-    __builtin_memcpy(&word, inside + g, 8);
-    while (word) {
-      const int64_t i = g + (__builtin_ctzll(word) >> 5);
-      candidates[m++] = composite_key(magnitude_key(element(e, i) - base[i]), first + i);
-      word &= word - 1;
-    }
+#if FM_ISA == 2
+  const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t g = 0;
+  for (; g + 8 <= len; g += 8) {
+    const __mmask8 take = _mm256_test_epi32_mask(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(inside + g)),
+                                                 _mm256_set1_epi32(-1));
+    const __m512i keys = _mm512_cvtepu32_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys_of + g)));
+    const __m512i index = _mm512_sub_epi64(_mm512_set1_epi64(int64_t(kIndexMask) - (first + g)), lane);
+    const __m512i composite = _mm512_or_si512(_mm512_slli_epi64(keys, kIndexBits), index);
+    _mm512_storeu_si512(candidates + m, _mm512_maskz_compress_epi64(take, composite));
+    m += __builtin_popcount(unsigned(take));
   }
+  for (; g < len; ++g) {
+    candidates[m] = composite_key(keys_of[g], first + g);
+    m += inside[g];
+  }
+#else
+  for (int64_t j = 0; j < len; ++j) {
+    candidates[m] = composite_key(keys_of[j], first + j);
+    m += inside[j];
+  }
+#endif
   const int64_t count = above;
   const double l1 = above_l1;
   result->above += count;

@@ -47,7 +47,7 @@ struct GtaBlockKernels {
                    double* all, double* kept);
   // Window scan of the sample-window top-k over |expert - base| (base: the block as floats,
   // zeros when there is no base): counts composites above hi, sums their |delta|, and writes
-  // the composites in [lo, hi] to candidates.
+  // the composites in [lo, hi] to candidates (room for kBlock + 8: writes may run past).
   void (*topk_scan)(BlockSource expert, const float* base, int64_t len, uint64_t lo, uint64_t hi,
                     TopkScanResult* result, uint64_t* candidates);
   // v[j] = kept ? (delta[j] * scale) * weight : 0 for one expert, delta = expert - base
