@@ -90,17 +90,53 @@ void for_each_range(const Ranges& ranges, Fn&& fn) {
   }
 }
 
-// Per-thread scratch of one range.
+// Per-thread scratch of one range (reused across ranges and calls: see scratch_for).
 struct Scratch {
   std::vector<float> base, delta, u, v;
   std::vector<uint64_t> cand;
   std::vector<float> slab_base, slab_delta;  // DELLA
   std::vector<float> probs;                  // DELLA: experts x slab
-  std::vector<uint64_t> group;               // DELLA: one rank group
-  // base stays zero when the merge has no base (deltas are the experts themselves).
-  explicit Scratch(int experts)
-      : base(kBlock, 0.0f), delta(kBlock), u(kBlock), v(size_t(experts) * kBlock), cand(kBlock + 8) {}
+  std::vector<uint32_t> keys, keys_tmp, order, order_tmp;  // DELLA: one rank group
+  // base is zeroed: it stays zero when the merge has no base (deltas are the experts).
+  void prepare(int experts) {
+    base.assign(kBlock, 0.0f);
+    delta.resize(kBlock);
+    u.resize(kBlock);
+    v.resize(size_t(experts) * kBlock);
+    cand.resize(kBlock + 8);
+  }
 };
+
+// The calling thread's scratch, sized for `experts`; kept between ranges and calls so the
+// passes do not allocate per chunk (or per row, for DELLA).
+Scratch& scratch_for(int experts) {
+  thread_local Scratch scratch;
+  scratch.prepare(experts);
+  return scratch;
+}
+
+// Order of one rank group by ascending magnitude key, equal keys with the higher index first
+// (the composite-key order: a lower index ranks higher). LSD radix sort, 8 bits a pass, fed in
+// descending index order so that stability puts higher indices first among equal keys.
+void rank_order(Scratch& s, int64_t L) {
+  constexpr int kBits = 8, kBins = 1 << kBits;
+  uint32_t* keys = s.keys.data();
+  uint32_t* order = s.order.data();
+  for (int shift = 0; shift < 32; shift += kBits) {
+    uint32_t count[kBins + 1] = {};
+    for (int64_t r = 0; r < L; ++r) ++count[((keys[r] >> shift) & (kBins - 1)) + 1];
+    for (int b = 0; b < kBins; ++b) count[b + 1] += count[b];
+    for (int64_t r = 0; r < L; ++r) {
+      const uint32_t dst = count[(keys[r] >> shift) & (kBins - 1)]++;
+      s.keys_tmp[dst] = keys[r];
+      s.order_tmp[dst] = order[r];
+    }
+    std::swap(s.keys, s.keys_tmp);
+    std::swap(s.order, s.order_tmp);
+    keys = s.keys.data();
+    order = s.order.data();
+  }
+}
 
 // DELLA keep probabilities of every expert over slab [begin, end): ranks of |delta| along
 // the rank axis (ascending composite order: ties rank lower-index elements higher).
@@ -112,7 +148,7 @@ void della_probs(const MergeInputs& in, const GtaPlan& plan, const GtaBlockKerne
   s.slab_base.assign(size_t(len), 0.0f);
   s.slab_delta.resize(size_t(len));
   s.probs.resize(size_t(T) * len);
-  s.group.resize(size_t(L));
+  for (auto* v : {&s.keys, &s.keys_tmp, &s.order, &s.order_tmp}) v->resize(size_t(L));
   if (in.base) K.load(in.base->data, in.base->dtype, begin, len, s.slab_base.data());
   for (int t = 0; t < T; ++t) {
     const ExpertPlan& x = plan.experts[t];
@@ -122,13 +158,15 @@ void della_probs(const MergeInputs& in, const GtaPlan& plan, const GtaBlockKerne
     K.subtract(s.slab_delta.data(), s.slab_base.data(), len, s.slab_delta.data());
     float* prob = s.probs.data() + size_t(t) * len;
     for (int64_t c = 0; c < I; ++c) {
-      for (int64_t j = 0; j < L; ++j)
-        s.group[j] = composite_key(magnitude_key(s.slab_delta[j * I + c]), j);
-      std::sort(s.group.begin(), s.group.end());
       for (int64_t r = 0; r < L; ++r) {
-        const int64_t j = int64_t(kIndexMask - (s.group[r] & kIndexMask));
-        prob[j * I + c] = x.prob_base + (della_rank_norm(r, L) * 2.0f) * x.prob_span;
+        const int64_t j = L - 1 - r;
+        s.keys[size_t(r)] = magnitude_key(s.slab_delta[j * I + c]);
+        s.order[size_t(r)] = uint32_t(j);
       }
+      rank_order(s, L);
+      for (int64_t r = 0; r < L; ++r)
+        prob[int64_t(s.order[size_t(r)]) * I + c] =
+            x.prob_base + (della_rank_norm(r, L) * 2.0f) * x.prob_span;
     }
   }
 }
@@ -147,7 +185,7 @@ void stats_pass(const MergeInputs& in, GtaPlan& plan, std::vector<Selection>& se
   CandidatePool& pool = candidate_pool(sels.size());
 
   for_each_range(ranges, [&](int64_t r) {
-    Scratch s(T);
+    Scratch& s = scratch_for(T);
     RangeStats& st = stats[size_t(r)];
     st.scans.assign(sels.size(), TopkScanResult{});
     st.cand_offset.assign(sels.size(), 0);
@@ -304,7 +342,7 @@ void merge_pass(const MergeInputs& in, const GtaPlan& plan, const TensorView& ou
                   [&](const TensorView& e) { return e.dtype == (*in.experts)[0].dtype; });
 
   for_each_range(ranges, [&](int64_t r) {
-    Scratch s(T);
+    Scratch& s = scratch_for(T);
     std::vector<BlockSource> sources(static_cast<size_t>(T));
     const int64_t begin = ranges.begin(r), end = ranges.end(r, in.n);
     if (ranges.slabs) della_probs(in, plan, K, begin, end, s);
@@ -370,9 +408,11 @@ void gta_merge_cpu(const TensorView* base, const std::vector<TensorView>& expert
   for (const TensorView& e : experts) check_flat(e, "expert", n);
   FM_CHECK(experts.size() == params.experts.size(), "got ", experts.size(), " experts but ",
            params.experts.size(), " parameter sets");
-  if (params.sparsify == Sparsify::della_magprune)
+  if (params.sparsify == Sparsify::della_magprune) {
     FM_CHECK(params.rank_outer * params.rank_len * params.rank_inner == n,
              "della rank axis does not cover the tensor");
+    FM_CHECK(params.rank_len < (int64_t(1) << 32), "della: rank groups longer than 2^32");
+  }
   const GtaPlan plan = gta_prepare_cpu(base, experts, params, n);
   if (n == 0) return;
   advise_huge_pages(out.data, size_t(n) * size_t(dtype_size(out.dtype)));
