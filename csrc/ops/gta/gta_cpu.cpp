@@ -402,17 +402,7 @@ GtaPlan gta_prepare_cpu(const TensorView* base, const std::vector<TensorView>& e
 
 void gta_merge_cpu(const TensorView* base, const std::vector<TensorView>& experts,
                    const TensorView& out, const GtaParams& params) {
-  const int64_t n = out.numel();
-  check_flat(out, "out", n);
-  if (base) check_flat(*base, "base", n);
-  for (const TensorView& e : experts) check_flat(e, "expert", n);
-  FM_CHECK(experts.size() == params.experts.size(), "got ", experts.size(), " experts but ",
-           params.experts.size(), " parameter sets");
-  if (params.sparsify == Sparsify::della_magprune) {
-    FM_CHECK(params.rank_outer * params.rank_len * params.rank_inner == n,
-             "della rank axis does not cover the tensor");
-    FM_CHECK(params.rank_len < (int64_t(1) << 32), "della: rank groups longer than 2^32");
-  }
+  const int64_t n = check_gta_inputs(base, experts, out, params);
   const GtaPlan plan = gta_prepare_cpu(base, experts, params, n);
   if (n == 0) return;
   advise_huge_pages(out.data, size_t(n) * size_t(dtype_size(out.dtype)));

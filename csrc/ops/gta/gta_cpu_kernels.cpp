@@ -336,40 +336,48 @@ void contribution(BlockSource src, const float* base, int64_t len, const ExpertP
   with_storage(src, [&](auto* e) { contribution_t(e, base, len, src.offset, x, u, keep_prob, v); });
 }
 
+// The merged value of one element from its T contributions x (sign election or plain sum,
+// normalisation, lambda, plus base): the operation order of combine_any below. x / 1 and
+// x * 1 are exact, so divisor 1 and lambda 1 stand in for "no normalize" and "no lambda".
+template <int T, Consensus C>
+__attribute__((always_inline)) inline float combine_element(const float (&x)[T], const float (&w)[T],
+                                                           bool normalize, float fixed_divisor,
+                                                           float lambda, float base) {
+  float mixed, divisor;
+  if (C == Consensus::none) {
+    mixed = x[0];
+    for (int t = 1; t < T; ++t) mixed += x[t];
+    divisor = fixed_divisor;
+  } else {
+    float vote = 0.0f;
+    for (int t = 0; t < T; ++t)
+      vote += C == Consensus::sum ? x[t] : float(x[t] > 0.0f) - float(x[t] < 0.0f);
+    const float majority = vote >= 0.0f ? 1.0f : -1.0f;
+    mixed = 0.0f;
+    float agreeing = 0.0f;
+    for (int t = 0; t < T; ++t) {
+      const bool agree = x[t] * majority > 0.0f;
+      mixed += agree ? x[t] : 0.0f;
+      agreeing += agree ? w[t] : 0.0f;
+    }
+    divisor = normalize && agreeing != 0.0f ? agreeing : 1.0f;
+  }
+  return base + (mixed / divisor) * lambda;
+}
+
 // combine for a compile-time expert count and consensus: one branch-free pass over the block
-// with every expert's contribution in registers. Same operations, in the same order, as
-// combine_any below (x / 1 and x * 1 are exact, so they stand in for "no normalize/lambda").
+// with every expert's contribution in registers.
 template <int T, Consensus C>
 void combine_fixed(const float* __restrict v, int64_t stride, const float* weights,
                    const CombineParams& p, const float* __restrict base, int64_t len,
                    float* __restrict out) {
-  const bool normalize = p.normalize;
-  const float lambda = p.lambda, fixed_divisor = normalize ? p.divisor : 1.0f;
+  const float fixed_divisor = p.normalize ? p.divisor : 1.0f;
   float w[T];
   for (int t = 0; t < T; ++t) w[t] = weights[t];
   for (int64_t j = 0; j < len; ++j) {
     float x[T];
     for (int t = 0; t < T; ++t) x[t] = v[t * stride + j];
-    float mixed, divisor;
-    if (C == Consensus::none) {
-      mixed = x[0];
-      for (int t = 1; t < T; ++t) mixed += x[t];
-      divisor = fixed_divisor;
-    } else {
-      float vote = 0.0f;
-      for (int t = 0; t < T; ++t)
-        vote += C == Consensus::sum ? x[t] : float(x[t] > 0.0f) - float(x[t] < 0.0f);
-      const float majority = vote >= 0.0f ? 1.0f : -1.0f;
-      mixed = 0.0f;
-      float agreeing = 0.0f;
-      for (int t = 0; t < T; ++t) {
-        const bool agree = x[t] * majority > 0.0f;
-        mixed += agree ? x[t] : 0.0f;
-        agreeing += agree ? w[t] : 0.0f;
-      }
-      divisor = normalize && agreeing != 0.0f ? agreeing : 1.0f;
-    }
-    out[j] = base[j] + (mixed / divisor) * lambda;
+    out[j] = combine_element<T, C>(x, w, p.normalize, fixed_divisor, p.lambda, base[j]);
   }
 }
 
@@ -402,8 +410,7 @@ void merge_ranges_fixed(const BlockSource* experts, const ExpertPlan* plans, con
     scale[t] = x.scale;
     w[t] = x.weight;
   }
-  const bool normalize = p.normalize;
-  const float lambda = p.lambda, fixed_divisor = normalize ? p.divisor : 1.0f;
+  const float fixed_divisor = p.normalize ? p.divisor : 1.0f;
   for (int32_t j = 0; j < int32_t(len); ++j) {
     float x[T];
     for (int t = 0; t < T; ++t) {
@@ -413,26 +420,7 @@ void merge_ranges_fixed(const BlockSource* experts, const ExpertPlan* plans, con
       const bool in_drop = (key > to[t].key) | ((key == to[t].key) & (j <= to[t].last));
       x[t] = (in_keep & !in_drop) ? (d * scale[t]) * w[t] : 0.0f;
     }
-    float mixed, divisor;
-    if (C == Consensus::none) {
-      mixed = x[0];
-      for (int t = 1; t < T; ++t) mixed += x[t];
-      divisor = fixed_divisor;
-    } else {
-      float vote = 0.0f;
-      for (int t = 0; t < T; ++t)
-        vote += C == Consensus::sum ? x[t] : float(x[t] > 0.0f) - float(x[t] < 0.0f);
-      const float majority = vote >= 0.0f ? 1.0f : -1.0f;
-      mixed = 0.0f;
-      float agreeing = 0.0f;
-      for (int t = 0; t < T; ++t) {
-        const bool agree = x[t] * majority > 0.0f;
-        mixed += agree ? x[t] : 0.0f;
-        agreeing += agree ? w[t] : 0.0f;
-      }
-      divisor = normalize && agreeing != 0.0f ? agreeing : 1.0f;
-    }
-    out[j] = base[j] + (mixed / divisor) * lambda;
+    out[j] = combine_element<T, C>(x, w, p.normalize, fixed_divisor, p.lambda, base[j]);
   }
 }
 

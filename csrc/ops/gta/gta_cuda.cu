@@ -245,6 +245,52 @@ __device__ __forceinline__ bool in_range(uint64_t c, uint64_t from, uint64_t to)
   return c >= from && c < to;
 }
 
+// Whether element i (delta d, uniform u) survives expert x's mask.
+__device__ __forceinline__ bool kept_at(const GtaExpertDev& x, float d, int64_t i, float u) {
+  switch (x.kind) {
+    case int(MaskKind::keep_all): return true;
+    case int(MaskKind::drop_all): return false;
+    case int(MaskKind::topk_range): return in_range(composite_key(magnitude_key(d), i), x.keep_from, x.drop_from);
+    case int(MaskKind::bernoulli): return u < x.keep_prob;
+    default: return u < x.prob[i];
+  }
+}
+
+// The merged value of element w from the contributions v[t][w]: sign election (or the plain
+// sum), normalisation, lambda, plus base, in the CPU's operation order (combine_element).
+template <int kMaxExperts, int W>
+__device__ __forceinline__ float combine_at(const float (&v)[kMaxExperts][W], int w,
+                                            const GtaMergeArgs& m, const GtaExpertDev* experts,
+                                            float base) {
+  float mixed, divisor;
+  if (m.consensus == int(Consensus::none)) {
+    mixed = v[0][w];
+#pragma unroll
+    for (int t = 1; t < kMaxExperts; ++t)
+      if (t < m.experts) mixed += v[t][w];
+    divisor = m.normalize ? m.divisor : 1.0f;
+  } else {
+    float vote = 0.0f;
+#pragma unroll
+    for (int t = 0; t < kMaxExperts; ++t)
+      if (t < m.experts)
+        vote += m.consensus == int(Consensus::sum) ? v[t][w]
+                                                   : float(v[t][w] > 0.0f) - float(v[t][w] < 0.0f);
+    const float majority = vote >= 0.0f ? 1.0f : -1.0f;
+    mixed = 0.0f;
+    float agreeing = 0.0f;
+#pragma unroll
+    for (int t = 0; t < kMaxExperts; ++t) {
+      if (t >= m.experts) break;
+      const bool agree = v[t][w] * majority > 0.0f;
+      mixed += agree ? v[t][w] : 0.0f;
+      agreeing += agree ? experts[t].weight : 0.0f;
+    }
+    divisor = m.normalize && agreeing != 0.0f ? agreeing : 1.0f;
+  }
+  return base + (mixed / divisor) * m.lambda;
+}
+
 template <int kMaxExperts>
 __global__ void merge_kernel(GtaMergeArgs m, const GtaExpertDev* experts) {
   const int64_t quads = (m.n + 3) / 4;
@@ -272,49 +318,11 @@ __global__ void merge_kernel(GtaMergeArgs m, const GtaExpertDev* experts) {
         }
         const int64_t i = i0 + w;
         const float d = load_element(x.data, x.dtype, i) - b[w];
-        bool kept;
-        switch (x.kind) {
-          case int(MaskKind::keep_all): kept = true; break;
-          case int(MaskKind::drop_all): kept = false; break;
-          case int(MaskKind::topk_range):
-            kept = in_range(composite_key(magnitude_key(d), i), x.keep_from, x.drop_from);
-            break;
-          case int(MaskKind::bernoulli): kept = u[w] < x.keep_prob; break;
-          default: kept = u[w] < x.prob[i]; break;
-        }
-        v[t][w] = kept ? (d * x.scale) * x.weight : 0.0f;
+        v[t][w] = kept_at(x, d, i, u[w]) ? (d * x.scale) * x.weight : 0.0f;
       }
     }
-    for (int w = 0; w < count; ++w) {
-      float mixed, divisor;
-      if (m.consensus == int(Consensus::none)) {
-        mixed = v[0][w];
-#pragma unroll
-        for (int t = 1; t < kMaxExperts; ++t)
-          if (t < m.experts) mixed += v[t][w];
-        divisor = m.normalize ? m.divisor : 1.0f;
-      } else {
-        float vote = 0.0f;
-#pragma unroll
-        for (int t = 0; t < kMaxExperts; ++t)
-          if (t < m.experts)
-            vote += m.consensus == int(Consensus::sum)
-                        ? v[t][w]
-                        : float(v[t][w] > 0.0f) - float(v[t][w] < 0.0f);
-        const float majority = vote >= 0.0f ? 1.0f : -1.0f;
-        mixed = 0.0f;
-        float agreeing = 0.0f;
-#pragma unroll
-        for (int t = 0; t < kMaxExperts; ++t) {
-          if (t >= m.experts) break;
-          const bool agree = v[t][w] * majority > 0.0f;
-          mixed += agree ? v[t][w] : 0.0f;
-          agreeing += agree ? experts[t].weight : 0.0f;
-        }
-        divisor = m.normalize && agreeing != 0.0f ? agreeing : 1.0f;
-      }
-      store_element(m.out, m.out_dtype, i0 + w, b[w] + (mixed / divisor) * m.lambda);
-    }
+    for (int w = 0; w < count; ++w)
+      store_element(m.out, m.out_dtype, i0 + w, combine_at(v, w, m, experts, b[w]));
   }
 }
 
@@ -356,50 +364,11 @@ __global__ void merge_vec_kernel(GtaMergeArgs m, const GtaExpertDev* experts_glo
       for (int w = 0; w < V; ++w) {
         const int64_t i = i0 + w;
         const float d = to_float(raw[w]) - b[w];
-        bool kept;
-        switch (x.kind) {
-          case int(MaskKind::keep_all): kept = true; break;
-          case int(MaskKind::drop_all): kept = false; break;
-          case int(MaskKind::topk_range):
-            kept = in_range(composite_key(magnitude_key(d), i), x.keep_from, x.drop_from);
-            break;
-          case int(MaskKind::bernoulli): kept = u[w] < x.keep_prob; break;
-          default: kept = u[w] < x.prob[i]; break;
-        }
-        v[t][w] = kept ? (d * x.scale) * x.weight : 0.0f;
+        v[t][w] = kept_at(x, d, i, u[w]) ? (d * x.scale) * x.weight : 0.0f;
       }
     }
 #pragma unroll
-    for (int w = 0; w < V; ++w) {
-      float mixed, divisor;
-      if (m.consensus == int(Consensus::none)) {
-        mixed = v[0][w];
-#pragma unroll
-        for (int t = 1; t < kMaxExperts; ++t)
-          if (t < m.experts) mixed += v[t][w];
-        divisor = m.normalize ? m.divisor : 1.0f;
-      } else {
-        float vote = 0.0f;
-#pragma unroll
-        for (int t = 0; t < kMaxExperts; ++t)
-          if (t < m.experts)
-            vote += m.consensus == int(Consensus::sum)
-                        ? v[t][w]
-                        : float(v[t][w] > 0.0f) - float(v[t][w] < 0.0f);
-        const float majority = vote >= 0.0f ? 1.0f : -1.0f;
-        mixed = 0.0f;
-        float agreeing = 0.0f;
-#pragma unroll
-        for (int t = 0; t < kMaxExperts; ++t) {
-          if (t >= m.experts) break;
-          const bool agree = v[t][w] * majority > 0.0f;
-          mixed += agree ? v[t][w] : 0.0f;
-          agreeing += agree ? experts[t].weight : 0.0f;
-        }
-        divisor = m.normalize && agreeing != 0.0f ? agreeing : 1.0f;
-      }
-      raw[w] = from_float<S>(b[w] + (mixed / divisor) * m.lambda);
-    }
+    for (int w = 0; w < V; ++w) raw[w] = from_float<S>(combine_at(v, w, m, experts, b[w]));
     *reinterpret_cast<uint4*>(static_cast<S*>(m.out) + i0) = *reinterpret_cast<const uint4*>(raw);
   }
 }
@@ -449,7 +418,6 @@ GtaDevicePlan gta_prepare_cuda(const TensorView* base, const std::vector<TensorV
   for (int t = 0; t < T; ++t) {
     const ExpertPlan& x = plan.experts[size_t(t)];
     if (x.kind != MaskKind::della) continue;
-    FM_CHECK(L < (int64_t(1) << 32), "della: rank groups longer than 2^32");
     const Pair p = pair_of(base, experts[size_t(t)]);
     DeviceBuffer keys(size_t(n) * 8, stream), keys_sorted(size_t(n) * 8, stream);
     DeviceBuffer pos(size_t(n) * 4, stream), pos_sorted(size_t(n) * 4, stream);
@@ -662,16 +630,8 @@ GtaDevicePlan gta_prepare_cuda(const TensorView* base, const std::vector<TensorV
 
 void gta_merge_cuda(const TensorView* base, const std::vector<TensorView>& experts,
                     const TensorView& out, const GtaParams& params, StreamHandle stream_handle) {
-  const int64_t n = out.numel();
-  check_flat(out, "out", n);
-  if (base) check_flat(*base, "base", n);
-  for (const TensorView& e : experts) check_flat(e, "expert", n);
-  FM_CHECK(experts.size() == params.experts.size(), "got ", experts.size(), " experts but ",
-           params.experts.size(), " parameter sets");
+  const int64_t n = check_gta_inputs(base, experts, out, params);
   FM_CHECK(experts.size() <= 64, "the CUDA merge takes at most 64 experts, got ", experts.size());
-  if (params.sparsify == Sparsify::della_magprune)
-    FM_CHECK(params.rank_outer * params.rank_len * params.rank_inner == n,
-             "della rank axis does not cover the tensor");
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   GtaDevicePlan prepared = gta_prepare_cuda(base, experts, params, n, stream);
   if (n == 0) return;

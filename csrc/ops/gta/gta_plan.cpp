@@ -4,6 +4,22 @@
 
 namespace fastmerge {
 
+int64_t check_gta_inputs(const TensorView* base, const std::vector<TensorView>& experts,
+                         const TensorView& out, const GtaParams& params) {
+  const int64_t n = out.numel();
+  check_flat(out, "out", n);
+  if (base) check_flat(*base, "base", n);
+  for (const TensorView& e : experts) check_flat(e, "expert", n);
+  FM_CHECK(experts.size() == params.experts.size(), "got ", experts.size(), " experts but ",
+           params.experts.size(), " parameter sets");
+  if (params.sparsify == Sparsify::della_magprune) {
+    FM_CHECK(params.rank_outer * params.rank_len * params.rank_inner == n,
+             "della rank axis does not cover the tensor");
+    FM_CHECK(params.rank_len < (int64_t(1) << 32), "della: rank groups longer than 2^32");
+  }
+  return n;
+}
+
 GtaPlan make_gta_plan(const GtaParams& params, int64_t n) {
   FM_CHECK(!params.experts.empty(), "at least one expert is required");
   GtaPlan plan;

@@ -38,6 +38,11 @@ struct GtaPlan {
   float divisor = 1.0f;           // no-consensus normalize divisor: sum of weights (|.|<1e-8 -> 1)
 };
 
+// Launcher-side checks shared by CPU and CUDA: flat same-size tensors, one parameter set per
+// expert, a DELLA rank axis that covers the tensor. Returns numel.
+int64_t check_gta_inputs(const TensorView* base, const std::vector<TensorView>& experts,
+                         const TensorView& out, const GtaParams& params);
+
 // Validates params against n elements and decides every expert's mask.
 GtaPlan make_gta_plan(const GtaParams& params, int64_t n);
 

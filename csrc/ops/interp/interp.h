@@ -16,6 +16,10 @@ SlerpCoefficients slerp_coefficients(double aa, double bb, double ab, float t);
 // (gram[i * T + j] = <w_i - w_0, w_j - w_0>).
 float model_stock_ratio(const double* gram, int experts);
 
+// Launcher-side checks of model_stock (CPU and CUDA); returns numel.
+int64_t check_model_stock_inputs(const TensorView& base, const std::vector<TensorView>& experts,
+                                 const TensorView& out, int64_t rows);
+
 void slerp_cpu(const TensorView& a, const TensorView& b, const TensorView& out, double t);
 void slerp_cuda(const TensorView& a, const TensorView& b, const TensorView& out, double t,
                 StreamHandle stream);

@@ -19,6 +19,17 @@ SlerpCoefficients slerp_coefficients(double aa, double bb, double ab, float t) {
   return {std::sin((1.0f - t) * theta) / sin_theta, std::sin(t * theta) / sin_theta};
 }
 
+int64_t check_model_stock_inputs(const TensorView& base, const std::vector<TensorView>& experts,
+                                 const TensorView& out, int64_t rows) {
+  const int64_t n = out.numel();
+  check_flat(base, "base", n);
+  check_flat(out, "out", n);
+  for (const TensorView& e : experts) check_flat(e, "expert", n);
+  FM_CHECK(experts.size() >= 2, "model_stock needs at least two experts");
+  FM_CHECK(rows >= 1 && n % rows == 0, "rows must divide numel");
+  return n;
+}
+
 float model_stock_ratio(const double* gram, int experts) {
   const int T = experts;
   float cos_sum = 0.0f;

@@ -63,13 +63,8 @@ void slerp_cpu(const TensorView& a, const TensorView& b, const TensorView& out, 
 
 void model_stock_cpu(const TensorView& base, const std::vector<TensorView>& experts,
                      const TensorView& out, int64_t rows) {
-  const int64_t n = out.numel();
-  check_flat(base, "base", n);
-  check_flat(out, "out", n);
-  for (const TensorView& e : experts) check_flat(e, "expert", n);
+  const int64_t n = check_model_stock_inputs(base, experts, out, rows);
   const int T = int(experts.size());
-  FM_CHECK(T >= 2, "model_stock needs at least two experts");
-  FM_CHECK(rows >= 1 && n % rows == 0, "rows must divide numel");
   if (n == 0) return;
   const int64_t row_len = n / rows;
   // Gram matrices of the offsets: per row, or per chunk of the single flattened row.

@@ -136,14 +136,9 @@ void slerp_cuda(const TensorView& a, const TensorView& b, const TensorView& out,
 
 void model_stock_cuda(const TensorView& base, const std::vector<TensorView>& experts,
                       const TensorView& out, int64_t rows, StreamHandle stream_handle) {
-  const int64_t n = out.numel();
-  check_flat(base, "base", n);
-  check_flat(out, "out", n);
-  for (const TensorView& e : experts) check_flat(e, "expert", n);
+  const int64_t n = check_model_stock_inputs(base, experts, out, rows);
   const int T = int(experts.size());
-  FM_CHECK(T >= 2, "model_stock needs at least two experts");
   FM_CHECK(T <= 8, "the CUDA model_stock takes at most 8 experts, got ", T);
-  FM_CHECK(rows >= 1 && n % rows == 0, "rows must divide numel");
   if (n == 0) return;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   StockInputs in{};
