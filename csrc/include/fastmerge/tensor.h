@@ -44,6 +44,25 @@ inline void check_flat(const TensorView& t, const char* what, int64_t numel) {
   FM_CHECK(numel <= kMaxNumel, what, " has more than 2^33 elements");
 }
 
+// One element of a host tensor as float / stored from float (scalar paths: sampling, interp).
+inline float load_host(const TensorView& t, int64_t i) {
+  switch (t.dtype) {
+    case DType::f32: return t.ptr<const float>()[i];
+    case DType::bf16: return to_float(t.ptr<const bf16_t>()[i]);
+    case DType::f16: return to_float(t.ptr<const f16_t>()[i]);
+    default: return 0.0f;
+  }
+}
+
+inline void store_host(const TensorView& t, int64_t i, float v) {
+  switch (t.dtype) {
+    case DType::f32: t.ptr<float>()[i] = v; break;
+    case DType::bf16: t.ptr<bf16_t>()[i] = from_float<bf16_t>(v); break;
+    case DType::f16: t.ptr<f16_t>()[i] = from_float<f16_t>(v); break;
+    default: break;
+  }
+}
+
 // Handle of the caller's CUDA stream (cudaStream_t as an integer); 0 on CPU.
 using StreamHandle = uintptr_t;
 

@@ -13,16 +13,6 @@
 namespace fastmerge {
 namespace {
 
-float load_one(const TensorView& t, int64_t i) {
-  switch (t.dtype) {
-    case DType::f32: return t.ptr<const float>()[i];
-    case DType::bf16: return to_float(t.ptr<const bf16_t>()[i]);
-    case DType::f16: return to_float(t.ptr<const f16_t>()[i]);
-    default: break;
-  }
-  return 0.0f;
-}
-
 // A top-k selection to make for one expert: which boundary of its plan it fills.
 struct Selection {
   int expert;
@@ -298,7 +288,7 @@ std::vector<Selection> plan_selections(const MergeInputs& in, GtaPlan& plan) {
       const TensorView& e = (*in.experts)[size_t(t)];
       for (int64_t j = 0; j < s; ++j) {
         const int64_t pos = sample_position(j, n, s);
-        const float d = load_one(e, pos) - (in.base ? load_one(*in.base, pos) : 0.0f);
+        const float d = load_host(e, pos) - (in.base ? load_host(*in.base, pos) : 0.0f);
         sample[size_t(j)] = composite_key(magnitude_key(d), pos);
       }
     }

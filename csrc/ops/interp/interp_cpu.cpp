@@ -7,27 +7,6 @@
 #include "interp.h"
 
 namespace fastmerge {
-namespace {
-
-float load(const TensorView& t, int64_t i) {
-  switch (t.dtype) {
-    case DType::f32: return t.ptr<const float>()[i];
-    case DType::bf16: return to_float(t.ptr<const bf16_t>()[i]);
-    case DType::f16: return to_float(t.ptr<const f16_t>()[i]);
-    default: return 0.0f;
-  }
-}
-
-void store(const TensorView& t, int64_t i, float v) {
-  switch (t.dtype) {
-    case DType::f32: t.ptr<float>()[i] = v; break;
-    case DType::bf16: t.ptr<bf16_t>()[i] = from_float<bf16_t>(v); break;
-    case DType::f16: t.ptr<f16_t>()[i] = from_float<f16_t>(v); break;
-    default: break;
-  }
-}
-
-}  // namespace
 
 void slerp_cpu(const TensorView& a, const TensorView& b, const TensorView& out, double t) {
   const int64_t n = out.numel();
@@ -39,7 +18,7 @@ void slerp_cpu(const TensorView& a, const TensorView& b, const TensorView& out, 
   for_each_chunk(n, [&](int64_t c, int64_t begin, int64_t end) {
     double aa = 0, bb = 0, ab = 0;
     for (int64_t i = begin; i < end; ++i) {
-      const double x = load(a, i), y = load(b, i);
+      const double x = load_host(a, i), y = load_host(b, i);
       aa += x * x;
       bb += y * y;
       ab += x * y;
@@ -57,7 +36,7 @@ void slerp_cpu(const TensorView& a, const TensorView& b, const TensorView& out, 
   const SlerpCoefficients k = slerp_coefficients(aa, bb, ab, float(t));
   advise_huge_pages(out.data, size_t(n) * size_t(dtype_size(out.dtype)));
   for_each_chunk(n, [&](int64_t, int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) store(out, i, k.a * load(a, i) + k.b * load(b, i));
+    for (int64_t i = begin; i < end; ++i) store_host(out, i, k.a * load_host(a, i) + k.b * load_host(b, i));
   });
 }
 
@@ -75,8 +54,8 @@ void model_stock_cpu(const TensorView& base, const std::vector<TensorView>& expe
     double* g = gram.data() + size_t(part) * T * T;
     std::vector<double> o(static_cast<size_t>(T));
     for (int64_t i = begin; i < end; ++i) {
-      const float w0 = load(base, i);
-      for (int e = 0; e < T; ++e) o[size_t(e)] = double(load(experts[size_t(e)], i) - w0);
+      const float w0 = load_host(base, i);
+      for (int e = 0; e < T; ++e) o[size_t(e)] = double(load_host(experts[size_t(e)], i) - w0);
       for (int x = 0; x < T; ++x)
         for (int y = x; y < T; ++y) g[x * T + y] += o[size_t(x)] * o[size_t(y)];
     }
@@ -104,9 +83,9 @@ void model_stock_cpu(const TensorView& base, const std::vector<TensorView>& expe
     for (int64_t i = begin; i < end; ++i) {
       const float t = ratio[size_t(i / row_len)];
       float sum = 0.0f;
-      for (int e = 0; e < T; ++e) sum += load(experts[size_t(e)], i);
+      for (int e = 0; e < T; ++e) sum += load_host(experts[size_t(e)], i);
       const float average = sum / float(T);
-      store(out, i, t * average + (1.0f - t) * load(base, i));
+      store_host(out, i, t * average + (1.0f - t) * load_host(base, i));
     }
   });
 }
