@@ -110,9 +110,15 @@ Scratch& scratch_for(int experts) {
 // descending index order so that stability puts higher indices first among equal keys.
 void rank_order(Scratch& s, int64_t L) {
   constexpr int kBits = 8, kBins = 1 << kBits;
-  uint32_t* keys = s.keys.data();
-  uint32_t* order = s.order.data();
+  uint32_t any = 0, all = ~0u;  // digits where every key agrees need no pass
+  for (int64_t r = 0; r < L; ++r) {
+    any |= s.keys[size_t(r)];
+    all &= s.keys[size_t(r)];
+  }
   for (int shift = 0; shift < 32; shift += kBits) {
+    if ((((any ^ all) >> shift) & (kBins - 1)) == 0) continue;
+    const uint32_t* keys = s.keys.data();
+    const uint32_t* order = s.order.data();
     uint32_t count[kBins + 1] = {};
     for (int64_t r = 0; r < L; ++r) ++count[((keys[r] >> shift) & (kBins - 1)) + 1];
     for (int b = 0; b < kBins; ++b) count[b + 1] += count[b];
@@ -123,8 +129,6 @@ void rank_order(Scratch& s, int64_t L) {
     }
     std::swap(s.keys, s.keys_tmp);
     std::swap(s.order, s.order_tmp);
-    keys = s.keys.data();
-    order = s.order.data();
   }
 }
 
