@@ -119,13 +119,33 @@ void rank_order(Scratch& s, int64_t L) {
     if ((((any ^ all) >> shift) & (kBins - 1)) == 0) continue;
     const uint32_t* keys = s.keys.data();
     const uint32_t* order = s.order.data();
-    uint32_t count[kBins + 1] = {};
-    for (int64_t r = 0; r < L; ++r) ++count[((keys[r] >> shift) & (kBins - 1)) + 1];
-    for (int b = 0; b < kBins; ++b) count[b + 1] += count[b];
-    for (int64_t r = 0; r < L; ++r) {
-      const uint32_t dst = count[(keys[r] >> shift) & (kBins - 1)]++;
-      s.keys_tmp[dst] = keys[r];
-      s.order_tmp[dst] = order[r];
+    auto digit = [&](int64_t r) { return (keys[r] >> shift) & (kBins - 1); };
+    // Two independent halves, so repeated digits do not serialise one counter chain; the
+    // first half's elements still precede the second's within a bin (the sort stays stable).
+    const int64_t half = L / 2;
+    uint32_t first[kBins] = {}, second[kBins] = {};
+    for (int64_t r = 0; r < half; ++r) {
+      ++first[digit(r)];
+      ++second[digit(half + r)];
+    }
+    for (int64_t r = 2 * half; r < L; ++r) ++second[digit(r)];
+    uint32_t at_first[kBins], at_second[kBins], start = 0;
+    for (int b = 0; b < kBins; ++b) {
+      at_first[b] = start;
+      at_second[b] = start + first[b];
+      start += first[b] + second[b];
+    }
+    for (int64_t r = 0; r < half; ++r) {
+      const uint32_t p = at_first[digit(r)]++, q = at_second[digit(half + r)]++;
+      s.keys_tmp[p] = keys[r];
+      s.order_tmp[p] = order[r];
+      s.keys_tmp[q] = keys[half + r];
+      s.order_tmp[q] = order[half + r];
+    }
+    for (int64_t r = 2 * half; r < L; ++r) {
+      const uint32_t q = at_second[digit(r)]++;
+      s.keys_tmp[q] = keys[r];
+      s.order_tmp[q] = order[r];
     }
     std::swap(s.keys, s.keys_tmp);
     std::swap(s.order, s.order_tmp);
