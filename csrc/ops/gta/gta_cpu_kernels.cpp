@@ -394,7 +394,8 @@ void combine_experts(const float* v, int64_t stride, const float* weights, const
 // The whole merge of one block for T experts of storage type S whose masks are all top-k
 // ranges (keep_all, drop_all and topk_range are ranges too): deltas, masks, sign election and
 // the weighted sum in registers, in the operation order of contribution + combine_fixed.
-template <int T, typename S, Consensus C>
+// kDrop: some expert drops a top range (breadcrumbs); without it the drop test is skipped.
+template <int T, typename S, Consensus C, bool kDrop>
 void merge_ranges_fixed(const BlockSource* experts, const ExpertPlan* plans, const CombineParams& p,
                         const float* __restrict base, int64_t len, float* __restrict out) {
   const int64_t first = experts[0].offset;
@@ -417,20 +418,29 @@ void merge_ranges_fixed(const BlockSource* experts, const ExpertPlan* plans, con
       const float d = element(e[t], j) - base[j];
       const uint32_t key = magnitude_key(d);
       const bool in_keep = (key > from[t].key) | ((key == from[t].key) & (j <= from[t].last));
-      const bool in_drop = (key > to[t].key) | ((key == to[t].key) & (j <= to[t].last));
+      const bool in_drop = kDrop && ((key > to[t].key) | ((key == to[t].key) & (j <= to[t].last)));
       x[t] = (in_keep & !in_drop) ? (d * scale[t]) * w[t] : 0.0f;
     }
     out[j] = combine_element<T, C>(x, w, p.normalize, fixed_divisor, p.lambda, base[j]);
   }
 }
 
+template <int T, typename S, Consensus C>
+void merge_ranges_drop(const BlockSource* experts, const ExpertPlan* plans, const CombineParams& p,
+                       const float* base, int64_t len, float* out) {
+  bool drop = false;
+  for (int t = 0; t < T; ++t) drop |= plans[t].drop_from != kKeepNone;
+  if (drop) return merge_ranges_fixed<T, S, C, true>(experts, plans, p, base, len, out);
+  merge_ranges_fixed<T, S, C, false>(experts, plans, p, base, len, out);
+}
+
 template <int T, typename S>
 void merge_ranges_storage(const BlockSource* experts, const ExpertPlan* plans, const CombineParams& p,
                           const float* base, int64_t len, float* out) {
   switch (p.consensus) {
-    case Consensus::none: return merge_ranges_fixed<T, S, Consensus::none>(experts, plans, p, base, len, out);
-    case Consensus::sum: return merge_ranges_fixed<T, S, Consensus::sum>(experts, plans, p, base, len, out);
-    case Consensus::count: return merge_ranges_fixed<T, S, Consensus::count>(experts, plans, p, base, len, out);
+    case Consensus::none: return merge_ranges_drop<T, S, Consensus::none>(experts, plans, p, base, len, out);
+    case Consensus::sum: return merge_ranges_drop<T, S, Consensus::sum>(experts, plans, p, base, len, out);
+    case Consensus::count: return merge_ranges_drop<T, S, Consensus::count>(experts, plans, p, base, len, out);
   }
 }
 
