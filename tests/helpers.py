@@ -179,6 +179,18 @@ def rel_l2_delta(x: torch.Tensor, oracle: torch.Tensor, base: Optional[torch.Ten
     return float((x.detach().cpu().double() - o).norm() / (o - b).norm())
 
 
+def bf16_errors(label, ours, theirs, oracle, base, record_property):
+    """Relative L2 errors of the merged delta against an fp32 oracle: the bf16 rounding floor,
+    ours and mergekit's own bf16 run; recorded on the test report and printed."""
+    floor = rel_l2_delta(oracle.to(torch.bfloat16), oracle, base)
+    ours_err, theirs_err = rel_l2_delta(ours, oracle, base), rel_l2_delta(theirs, oracle, base)
+    record_property("bf16_floor", floor)
+    record_property("bf16_fastmerge_err", ours_err)
+    record_property("bf16_mergekit_err", theirs_err)
+    print(f"{label}: floor {floor:.4%} fastmerge {ours_err:.4%} mergekit-bf16 {theirs_err:.4%}")
+    return floor, ours_err
+
+
 def binomial_bound(probabilities: torch.Tensor) -> float:
     """SIGMAS standard deviations of a sum of independent Bernoulli(p_i)."""
     from conftest import SIGMAS

@@ -25,7 +25,7 @@ from helpers import (
     randn,
     ref_gta,
     ref_method,
-    rel_l2_delta,
+    bf16_errors,
     run_method,
     sampled_positions,
 )
@@ -529,13 +529,7 @@ def test_bf16_within_rounding_floor_of_fp32_oracle(method, params, record_proper
     ours = run_method(method, base, experts, weight, params.get("density"), **kw)
     theirs = mergekit_merge(method, [base] + experts, p)
     assert ours.dtype == theirs.dtype == torch.bfloat16
-    floor = rel_l2_delta(oracle.to(torch.bfloat16), oracle, base)
-    ours_err = rel_l2_delta(ours, oracle, base)
-    theirs_err = rel_l2_delta(theirs, oracle, base)
-    record_property("bf16_floor", floor)
-    record_property("bf16_fastmerge_err", ours_err)
-    record_property("bf16_mergekit_err", theirs_err)
-    print(f"{method} {params}: floor {floor:.4%} fastmerge {ours_err:.4%} mergekit-bf16 {theirs_err:.4%}")
+    floor, ours_err = bf16_errors(f"{method} {params}", ours, theirs, oracle, base, record_property)
     assert ours_err <= BF16_FLOOR_FACTOR * floor
 
 
@@ -548,12 +542,7 @@ def test_bf16_linear_within_rounding_floor(record_property):
                             base_index=None)
     ours = F.linear(experts, weight)
     theirs = mergekit_merge("linear", experts, {"weight": weight}, base_index=None)
-    floor = rel_l2_delta(oracle.to(torch.bfloat16), oracle, None)
-    ours_err, theirs_err = rel_l2_delta(ours, oracle, None), rel_l2_delta(theirs, oracle, None)
-    record_property("bf16_floor", floor)
-    record_property("bf16_fastmerge_err", ours_err)
-    record_property("bf16_mergekit_err", theirs_err)
-    print(f"linear: floor {floor:.4%} fastmerge {ours_err:.4%} mergekit-bf16 {theirs_err:.4%}")
+    floor, ours_err = bf16_errors("linear", ours, theirs, oracle, None, record_property)
     assert ours_err <= BF16_FLOOR_FACTOR * floor
 
 

@@ -10,7 +10,7 @@ import fastmerge.ops as F
 from fastmerge.ops import _reference as R
 
 from conftest import BF16_FLOOR_FACTOR
-from helpers import assert_close, make_group, mergekit_merge, randn, rel_l2_delta
+from helpers import assert_close, bf16_errors, make_group, mergekit_merge, randn
 
 ODD_SHAPES = [(), (1,), (4097,), (3, 5, 7)]
 
@@ -184,11 +184,6 @@ def test_bf16_within_rounding_floor_of_fp32_oracle(op, record_property):
         ours = F.model_stock(base, ex, filter_wise=fw)
     oracle = mergekit_merge(method, [x.float() for x in inputs], params)
     theirs = mergekit_merge(method, inputs, params)
-    floor = rel_l2_delta(oracle.to(torch.bfloat16), oracle, base)
-    ours_err, theirs_err = rel_l2_delta(ours, oracle, base), rel_l2_delta(theirs, oracle, base)
-    record_property("bf16_floor", floor)
-    record_property("bf16_fastmerge_err", ours_err)
-    record_property("bf16_mergekit_err", theirs_err)
-    print(f"{op}: floor {floor:.4%} fastmerge {ours_err:.4%} mergekit-bf16 {theirs_err:.4%}")
+    floor, ours_err = bf16_errors(op, ours, theirs, oracle, base, record_property)
     assert ours.dtype == torch.bfloat16
     assert ours_err <= BF16_FLOOR_FACTOR * floor
