@@ -9,6 +9,14 @@ class InvalidArgumentError(FastmergeError, ValueError):
     """An argument has the wrong type, shape, device, dtype or value."""
 
 
+class ConfigError(FastmergeError, ValueError):
+    """A merge configuration (YAML) is malformed, or asks for something fastmerge does not do."""
+
+
+class MergeInputError(FastmergeError, ValueError):
+    """The models of a merge do not fit together (missing tensors, shape mismatch, NaN/Inf)."""
+
+
 class NativeUnavailableError(FastmergeError, RuntimeError):
     """The compiled extension (or its CUDA part) is not available."""
 

@@ -1,0 +1,14 @@
+"""Merge-method registry: mergekit method name -> parameters (with defaults and scope) -> the
+per-tensor function that runs the fused kernel."""
+from .registry import (
+    INPUT_SCOPES,
+    MergeCall,
+    MethodSpec,
+    ParamSpec,
+    get_method,
+    method_names,
+    register,
+)
+from . import builtin  # noqa: F401  (registers mergekit's methods)
+
+__all__ = ["INPUT_SCOPES", "MergeCall", "MethodSpec", "ParamSpec", "get_method", "method_names", "register"]

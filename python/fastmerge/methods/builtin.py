@@ -1,0 +1,100 @@
+"""mergekit 0.1.5's methods, with its names, parameters, defaults and input rules, each
+running one fused fastmerge kernel per tensor."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import ops
+from .registry import INPUT, NON_BASE, SHARED, MergeCall, MethodSpec, ParamSpec, register
+
+
+def _gta(name: str, sparsification: Optional[str], consensus: Optional[str], normalize: bool,
+         rescale: bool, description: str) -> MethodSpec:
+    params = [
+        ParamSpec("int8_mask", "bool", SHARED, False),  # mergekit's mask dtype; fp32 here anyway
+        ParamSpec("normalize", "bool", SHARED, normalize),
+        ParamSpec("rescale", "bool", SHARED, rescale),
+        ParamSpec("lambda", "float", SHARED, 1.0),
+        ParamSpec("weight", "float", NON_BASE),
+        ParamSpec("density", "float", NON_BASE, 1.0),
+    ]
+    if sparsification == "magnitude_outliers":
+        params.append(ParamSpec("gamma", "float", NON_BASE, 0.01))
+    if sparsification == "della_magprune":
+        params.append(ParamSpec("epsilon", "float", NON_BASE, 0.15))
+
+    def merge(call: MergeCall) -> torch.Tensor:
+        if not call.inputs:
+            return call.base.to(call.out_dtype)
+        extra = {}
+        if sparsification == "magnitude_outliers":
+            extra["gamma"] = call.values("gamma")
+        if sparsification == "della_magprune":
+            extra["epsilon"] = call.values("epsilon")
+        return ops.generalized_task_arithmetic(
+            call.base, call.inputs, call.values("weight"), density=call.values("density"),
+            sparsification=sparsification, consensus=consensus,
+            rescale=call.shared["rescale"], normalize=call.shared["normalize"],
+            lambda_=call.shared["lambda"], seed=call.seed, name=call.name,
+            out_dtype=call.out_dtype, **extra)
+
+    return register(MethodSpec(name, tuple(params), merge, uses_base=True,
+                               description=description))
+
+
+_gta("task_arithmetic", None, None, False, False, "base + sum of weighted task vectors")
+_gta("ties", "magnitude", "sum", True, False, "magnitude top-k, sign election, disjoint mean")
+_gta("dare_ties", "random", "sum", False, True, "random drop with rescale, sign election")
+_gta("dare_linear", "random", None, False, True, "random drop with rescale, weighted sum")
+_gta("breadcrumbs", "magnitude_outliers", None, False, False,
+     "drop the largest and smallest magnitudes, weighted sum")
+_gta("breadcrumbs_ties", "magnitude_outliers", "sum", False, False,
+     "breadcrumbs sparsification with sign election")
+_gta("della", "della_magprune", "sum", True, True,
+     "magnitude-ranked drop probabilities, rescale, sign election")
+_gta("della_linear", "della_magprune", None, False, True,
+     "magnitude-ranked drop probabilities, rescale, weighted sum")
+
+
+def _linear(call: MergeCall) -> torch.Tensor:
+    return ops.linear(call.inputs, call.values("weight"), normalize=call.shared["normalize"],
+                      out_dtype=call.out_dtype)
+
+
+register(MethodSpec("linear", (ParamSpec("weight", "float", INPUT),
+                               ParamSpec("normalize", "bool", SHARED, True)),
+                    _linear, uses_base=False, description="weighted average of the models"))
+
+
+def _slerp(call: MergeCall) -> torch.Tensor:
+    return ops.slerp(call.base, call.inputs[0], call.shared["t"], out_dtype=call.out_dtype)
+
+
+register(MethodSpec("slerp", (ParamSpec("t", "float", SHARED),), _slerp, uses_base=True,
+                    min_inputs=2, max_inputs=2,
+                    description="spherical interpolation from the base (t=0) to the other model"))
+
+
+def _model_stock(call: MergeCall) -> torch.Tensor:
+    return ops.model_stock(call.base, call.inputs, filter_wise=call.shared["filter_wise"],
+                           out_dtype=call.out_dtype)
+
+
+register(MethodSpec("model_stock", (ParamSpec("filter_wise", "bool", SHARED, False),),
+                    _model_stock, uses_base=True, min_inputs=3,
+                    description="interpolate the models' average toward the base by their geometry"))
+
+
+def _passthrough(call: MergeCall) -> torch.Tensor:
+    x = call.inputs[0]
+    scale = call.per_input[0]["scale"]
+    if scale is None:
+        return x.to(call.out_dtype)
+    return (x.float() * scale).to(call.out_dtype)
+
+
+register(MethodSpec("passthrough", (ParamSpec("scale", "optional_float", INPUT, None),),
+                    _passthrough, uses_base=False, max_inputs=1,
+                    description="copy one model's tensors (layer stacking with slices)"))

@@ -1,0 +1,105 @@
+"""What a merge method declares, and the table of methods by name."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from ..config import coerce_bool, coerce_float
+from ..errors import ConfigError
+
+MISSING = object()
+
+# Where a parameter is bound (mergekit's ParameterScope):
+SHARED = "shared"      # one value per tensor, from slice and global parameters
+INPUT = "input"        # one value per input model, the base included
+NON_BASE = "non_base"  # one value per input model other than the base
+INPUT_SCOPES = (INPUT, NON_BASE)
+
+
+def _coerce_optional_float(value: Any) -> Optional[float]:
+    return None if value is None else coerce_float(value)
+
+
+COERCE = {"float": coerce_float, "bool": coerce_bool, "optional_float": _coerce_optional_float}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    kind: str            # float | bool | optional_float
+    scope: str           # SHARED | INPUT | NON_BASE
+    default: Any = MISSING
+
+    @property
+    def required(self) -> bool:
+        return self.default is MISSING
+
+    def coerce(self, value: Any) -> Any:
+        return COERCE[self.kind](value)
+
+
+@dataclass
+class MergeCall:
+    """One tensor's merge: the inputs in config order (base separate when the method uses one)
+    with their resolved parameters."""
+    name: str                        # output tensor name (keys the Philox stream)
+    base: Optional[torch.Tensor]
+    inputs: List[torch.Tensor]       # non-base inputs, or all inputs when the base is ignored
+    shared: Dict[str, Any]
+    per_input: List[Dict[str, Any]]  # aligned with inputs
+    seed: int
+    out_dtype: torch.dtype
+
+    def values(self, key: str) -> List[Any]:
+        return [p[key] for p in self.per_input]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    parameters: Tuple[ParamSpec, ...]
+    merge: Callable[[MergeCall], torch.Tensor]
+    uses_base: bool                  # True: a base model is required and merged against
+    min_inputs: int = 1              # counting the base
+    max_inputs: Optional[int] = None
+    description: str = ""
+
+    def parameter(self, name: str) -> ParamSpec:
+        for p in self.parameters:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def check_inputs(self, count: int, has_base: bool, where: str) -> None:
+        if self.uses_base and not has_base:
+            raise ConfigError(f"{where}: {self.name} needs a base_model")
+        if count < self.min_inputs:
+            raise ConfigError(f"{where}: {self.name} needs at least {self.min_inputs} models "
+                              f"(the base included), got {count}")
+        if self.max_inputs is not None and count > self.max_inputs:
+            raise ConfigError(f"{where}: {self.name} takes at most {self.max_inputs} model(s), "
+                              f"got {count}")
+
+
+_METHODS: Dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    if spec.name in _METHODS:
+        raise ValueError(f"merge method {spec.name!r} is already registered")
+    _METHODS[spec.name] = spec
+    return spec
+
+
+def method_names() -> List[str]:
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise ConfigError(f"merge_method {name!r} is not supported; supported: "
+                          f"{', '.join(method_names())}") from None
