@@ -30,7 +30,8 @@ class TensorInfo:
 
 class CheckpointReader:
     """A model directory (HF layout: index + shards, one model.safetensors, or loose
-    *.safetensors files) or a single .safetensors file.
+    *.safetensors files) or a single .safetensors file; pickle (.bin) checkpoints only with
+    allow_pickle=True.
 
     get() may be called from one background thread while other threads call info()/names():
     the tables are built in __init__ and never change; opening file handles is locked."""
