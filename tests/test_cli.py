@@ -42,7 +42,9 @@ def test_python_m_fastmerge_info_json():
 def test_demo_quick_exits_zero():
     proc = run_cli("demo", "--quick", "--no-mergekit")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for method in cli.DEMO_METHODS:
+    from fastmerge.demo import DEMO_METHODS
+
+    for method in DEMO_METHODS:
         assert method in proc.stdout
     assert "Traceback" not in proc.stderr
 

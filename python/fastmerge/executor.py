@@ -1,0 +1,275 @@
+"""Streams a planned merge: read the next tensor group on a background thread while the
+current one merges, write each result in place into pre-planned output shards, and record
+progress so an interrupted run resumes where it stopped.
+
+Memory stays bounded by the inputs of the group being merged plus those prefetched (up to
+PREFETCH_BYTES, and always at least the next group), plus one output tensor: about twice the
+largest tensor group, never the whole model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import resource
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+
+from . import __version__
+from .config import MergeConfig, load_config
+from .errors import FastmergeError, InvalidArgumentError, MergeInputError, ModelNotFoundError
+from .io import CheckpointReader, OutputTensor, ShardedWriter, StagedOutput
+from .methods import MergeCall, get_method
+from .output_files import write_model_files
+from .plan import MergePlan, Planner, TensorJob
+
+PREFETCH_BYTES = 256 << 20
+DURABLE_EVERY_BYTES = 1 << 30  # fsync + journal this often (bounded redo after a crash)
+
+
+@dataclass
+class MergeOptions:
+    device: str = "cpu"
+    threads: Optional[int] = None
+    out_shard_size: int = 5 * 10**9
+    overwrite: bool = False
+    allow_pickle: bool = False
+    check_finite: bool = False
+    seed: int = 0
+    quiet: bool = False
+
+
+@dataclass
+class MergeSummary:
+    output: Path
+    method: str
+    tensors: int
+    tensors_merged: int      # this run (fewer than tensors after a resume)
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    peak_rss_bytes: int
+    resumed: bool
+
+    @property
+    def gbs(self) -> float:
+        return (self.bytes_read + self.bytes_written) / max(self.seconds, 1e-9) / 1e9
+
+
+def reset_peak_rss() -> None:
+    """Start a fresh peak-memory measurement for this process (Linux: clear_refs 5 resets
+    VmHWM); elsewhere the peak stays the process's lifetime peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory since reset_peak_rss() (or since the process started)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def resolve_model_path(name: str, config: MergeConfig) -> Path:
+    """A model as written in the config: relative to the working directory (as mergekit
+    reads it), else relative to the config file."""
+    candidates = [Path(name).expanduser()]
+    if not candidates[0].is_absolute():
+        candidates.append(config.directory / name)
+    for path in candidates:
+        if path.exists():
+            return path
+    tried = " or ".join(str(p) for p in candidates)
+    raise ModelNotFoundError(f"model {name!r} not found (looked for {tried}); fastmerge reads "
+                             f"local checkpoints: download hub models first "
+                             f"(e.g. `huggingface-cli download {name} --local-dir DIR`)")
+
+
+def fingerprint(config: MergeConfig, readers: Dict[str, CheckpointReader], options: MergeOptions) -> str:
+    """What the output depends on: config, options that change bytes, and the input files."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"version": __version__, "config": config.text, "seed": options.seed,
+                         "shard": options.out_shard_size}).encode())
+    for name in sorted(readers):
+        for file in sorted({str(readers[name].info(t).file) for t in readers[name].names()}):
+            st = os.stat(file)
+            h.update(f"{name}|{file}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+class _Prefetcher:
+    """Loads the inputs of upcoming jobs on a background thread, in plan order."""
+
+    _DONE = object()
+
+    def __init__(self, jobs: Sequence[TensorJob], readers: Dict[str, CheckpointReader],
+                 check_finite: bool, device: torch.device):
+        self._jobs = jobs
+        self._readers = readers
+        self._check_finite = check_finite
+        self._pin = device.type == "cuda"
+        self._queue: "queue.Queue" = queue.Queue()
+        self._bytes_ahead = 0
+        self._lock = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="fastmerge-prefetch", daemon=True)
+        self._thread.start()
+
+    def _load(self, job: TensorJob) -> List[torch.Tensor]:
+        tensors = []
+        for x in job.inputs:
+            t = self._readers[x.model].get(x.tensor)
+            if self._check_finite and t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise MergeInputError(f"tensor {x.tensor} of model {x.model} "
+                                      f"({self._readers[x.model].info(x.tensor).file}) has {bad} "
+                                      f"NaN/Inf value(s)")
+            tensors.append(t.pin_memory() if self._pin else t)
+        return tensors
+
+    def _run(self) -> None:
+        try:
+            for job in self._jobs:
+                with self._lock:  # wait for room: few groups ahead, or little data ahead
+                    while not self._stop and self._bytes_ahead > 0 and (
+                            self._bytes_ahead + job.nbytes_in > PREFETCH_BYTES):
+                        self._lock.wait()
+                    if self._stop:
+                        return
+                    self._bytes_ahead += job.nbytes_in
+                self._queue.put((job, self._load(job)))
+            self._queue.put((self._DONE, None))
+        except BaseException as exc:  # surfaces in the consumer
+            self._queue.put((exc, None))
+
+    def __iter__(self):
+        while True:
+            job, tensors = self._queue.get()
+            if job is self._DONE:
+                return
+            if isinstance(job, BaseException):
+                raise job
+            yield job, tensors
+            with self._lock:
+                self._bytes_ahead -= job.nbytes_in
+                self._lock.notify_all()
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+
+
+def _merge_job(job: TensorJob, tensors: List[torch.Tensor], config: MergeConfig,
+               options: MergeOptions, device: torch.device) -> torch.Tensor:
+    if job.copy_only:
+        return tensors[0]
+    if device.type != "cpu":
+        tensors = [t.to(device, non_blocking=True) for t in tensors]
+    method = get_method(config.merge_method)
+    if method.uses_base:
+        b = job.base_index
+        base = tensors[b]
+        others = tensors[:b] + tensors[b + 1:]
+        params = list(job.per_input[:b]) + list(job.per_input[b + 1:])
+    else:
+        base, others, params = None, tensors, list(job.per_input)
+    call = MergeCall(job.name, base, others, dict(job.shared), [dict(p) for p in params],
+                     options.seed, job.out_dtype)
+    try:
+        out = method.merge(call)
+    except FastmergeError as exc:
+        raise type(exc)(f"tensor {job.name}: {exc}") from None
+    return out.to("cpu") if out.device.type != "cpu" else out
+
+
+def _progress(total_bytes: int, quiet: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000,
+                desc="merging", disable=quiet, dynamic_ncols=True, leave=False)
+
+
+def run_merge(config: Union[MergeConfig, str, os.PathLike], out_dir: Union[str, os.PathLike],
+              options: Optional[MergeOptions] = None) -> MergeSummary:
+    options = options or MergeOptions()
+    started = time.perf_counter()
+    reset_peak_rss()
+    if not isinstance(config, MergeConfig):
+        config = load_config(config)
+    device = torch.device(options.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError("--device cuda: torch sees no CUDA device here")
+    if options.threads is not None:
+        from ._native import available, set_num_threads
+
+        torch.set_num_threads(options.threads)
+        if available():
+            set_num_threads(options.threads)
+
+    readers = {m: CheckpointReader(resolve_model_path(m, config), allow_pickle=options.allow_pickle)
+               for m in config.referenced_models()}
+    try:
+        plan: MergePlan = Planner(config, readers, seed=options.seed).plan()
+        staging = StagedOutput(out_dir, fingerprint=fingerprint(config, readers, options),
+                               overwrite=options.overwrite)
+        planned = [OutputTensor(j.name, j.shape, j.out_dtype) for j in plan.jobs]
+        writer = ShardedWriter(staging.directory, planned, max_shard_bytes=options.out_shard_size,
+                               metadata={"format": "pt", "merged_with": f"fastmerge {__version__}"},
+                               resume=staging.resumed,
+                               already_written=staging.done() if staging.resumed else ())
+        done = writer.written()  # durable from an interrupted earlier run of the same merge
+        todo = [j for j in plan.jobs if j.name not in done]
+        bytes_read = bytes_written = 0
+        pending: List[str] = []
+        since_durable = 0
+        bar = _progress(sum(j.nbytes_in for j in todo), options.quiet)
+        prefetch = _Prefetcher(todo, readers, options.check_finite, device)
+        try:
+            for count, (job, tensors) in enumerate(prefetch, 1):
+                out = _merge_job(job, tensors, config, options, device)
+                del tensors
+                writer.write(job.name, out)
+                bytes_read += job.nbytes_in
+                bytes_written += job.nbytes_out
+                since_durable += job.nbytes_out
+                pending.append(job.name)
+                del out
+                if since_durable >= DURABLE_EVERY_BYTES:
+                    writer.flush()
+                    staging.record_done(pending)
+                    pending, since_durable = [], 0
+                bar.update(job.nbytes_in)
+                elapsed = bar.format_dict.get("elapsed") or 1e-9
+                bar.set_postfix_str(f"{count / elapsed:.0f} tensors/s", refresh=False)
+        finally:
+            prefetch.close()
+            bar.close()
+        writer.flush()
+        staging.record_done(pending)
+        writer.finish()
+        write_model_files(staging.directory, config, readers, plan)
+        staging.commit()
+    finally:
+        for r in readers.values():
+            r.close()
+    return MergeSummary(
+        output=Path(out_dir), method=config.merge_method, tensors=len(plan.jobs),
+        tensors_merged=len(todo), bytes_read=bytes_read, bytes_written=bytes_written,
+        seconds=time.perf_counter() - started,
+        peak_rss_bytes=peak_rss_bytes(),
+        resumed=staging.resumed)

@@ -1,0 +1,286 @@
+"""`fastmerge run` on the command line: the output directory, bad inputs (each a FastmergeError
+naming the file and tensor, exit code 2, no traceback, no finished-looking output), and
+interrupted runs that leave nothing behind that looks finished and resume when run again."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastmerge import cli, synthetic
+from fastmerge.executor import MergeOptions, run_merge
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    return synthetic.build_family(tmp_path_factory.mktemp("family"), preset="tiny", experts=2,
+                                  dtype=torch.bfloat16, seed=1)
+
+
+@pytest.fixture
+def family(pristine, tmp_path):
+    """A private copy that a test may break."""
+    root = tmp_path / "models"
+    shutil.copytree(pristine.root, root)
+    base = root / pristine.base.name
+    experts = [root / p.name for p in pristine.experts]
+    return base, experts
+
+
+def write_config(tmp_path: Path, base: Path, experts, method="ties") -> Path:
+    lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
+    for e in experts:
+        lines += [f"  - model: {e}", "    parameters: {weight: 0.5, density: 0.5}"]
+    path = tmp_path / "config.yml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run(*args, capsys):
+    code = cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def safetensors_files(model: Path):
+    return sorted(model.glob("*.safetensors"))
+
+
+def assert_no_finished_output(out: Path):
+    assert not out.exists(), f"{out} exists after a failed run"
+    for sibling in out.parent.iterdir():
+        if sibling.name.startswith(f".{out.name}"):
+            assert not (sibling / "config.json").exists() or not any(sibling.glob("*.index.json"))
+
+
+# ---- the output ----
+
+def test_run_writes_a_complete_model_directory(family, tmp_path, capsys):
+    base, experts = family
+    out = tmp_path / "merged"
+    code, stdout, err = run("run", write_config(tmp_path, base, experts), out, "--quiet",
+                            capsys=capsys)
+    assert code == 0, err
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "README.md", "mergekit_config.yml", "tokenizer.json",
+            "tokenizer_config.json", "generation_config.json"} <= names
+    assert "ties" in (out / "README.md").read_text()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg.get("torch_dtype", cfg.get("dtype")) == "bfloat16"
+    merged = {}
+    for f in safetensors_files(out):
+        merged.update(load_file(f))
+    source = {}
+    for f in safetensors_files(base):
+        source.update(load_file(f))
+    assert sorted(merged) == sorted(source)
+    assert not any(p.name.startswith(".merged") for p in tmp_path.iterdir())
+
+
+def test_small_shards_get_an_index(family, tmp_path, capsys):
+    base, experts = family
+    out = tmp_path / "merged"
+    code, _, err = run("run", write_config(tmp_path, base, experts), out, "--quiet",
+                       "--out-shard-size", "20K", capsys=capsys)
+    assert code == 0, err
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((out / s).is_file() for s in shards)
+    total = sum(t.numel() * t.element_size() for f in shards for t in load_file(out / f).values())
+    assert index["metadata"]["total_size"] == total
+
+
+def test_command_line_summary_and_no_traceback(family, tmp_path):
+    base, experts = family
+    cfg = write_config(tmp_path, base, experts)
+    proc = subprocess.run([sys.executable, "-m", "fastmerge", "run", str(cfg), str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "GB/s" in proc.stdout and "peak memory" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "fastmerge", "run", str(cfg), str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("fastmerge: error:") and "Traceback" not in proc.stderr
+    assert "--overwrite" in proc.stderr
+
+
+# ---- bad inputs ----
+
+def _rewrite(model: Path, change):
+    for f in safetensors_files(model):
+        tensors = load_file(f)
+        change(tensors)
+        save_file(tensors, f, metadata={"format": "pt"})
+
+
+NAME = "model.layers.1.mlp.up_proj.weight"
+
+
+def _missing_tensor(base, experts, tmp_path):
+    _rewrite(experts[1], lambda t: t.pop(NAME, None))
+    return [NAME, str(experts[1])]
+
+
+def _shape_mismatch(base, experts, tmp_path):
+    def change(t):
+        if NAME in t:
+            t[NAME] = t[NAME][:-1].contiguous()
+    _rewrite(experts[0], change)
+    return [NAME, "shape"]
+
+
+def _truncated(base, experts, tmp_path):
+    f = safetensors_files(experts[0])[-1]
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    return [str(f)]
+
+
+def _corrupt_header(base, experts, tmp_path):
+    f = safetensors_files(experts[1])[0]
+    data = bytearray(f.read_bytes())
+    data[8:40] = b"\x00garbage-that-is-not-json{{{{{{{{"
+    f.write_bytes(bytes(data))
+    return [str(f)]
+
+
+def _index(model: Path, weight_map):
+    (model / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _index_missing_shard(base, experts, tmp_path):
+    f = safetensors_files(experts[0])[0]
+    names = list(load_file(f))
+    f.rename(experts[0] / "model-00001-of-00002.safetensors")
+    _index(experts[0], {n: ("model-00001-of-00002.safetensors" if i % 2 else
+                            "model-00002-of-00002.safetensors") for i, n in enumerate(names)})
+    return ["model-00002-of-00002.safetensors"]
+
+
+def _index_escapes(base, experts, tmp_path):
+    f = safetensors_files(experts[0])[0]
+    names = list(load_file(f))
+    shutil.copy(f, tmp_path / "evil.safetensors")
+    f.unlink()
+    _index(experts[0], {n: "../../evil.safetensors" for n in names})
+    return ["evil.safetensors"]
+
+
+def _missing_model(base, experts, tmp_path):
+    shutil.rmtree(experts[1])
+    return [str(experts[1])]
+
+
+def _nan_input(base, experts, tmp_path):
+    def change(t):
+        if NAME in t:
+            t[NAME][3, 4] = float("nan")
+    _rewrite(experts[0], change)
+    return [NAME, "NaN"]
+
+
+BAD_INPUTS = {
+    "missing tensor": (_missing_tensor, []),
+    "shape mismatch": (_shape_mismatch, []),
+    "truncated file": (_truncated, []),
+    "corrupt header": (_corrupt_header, []),
+    "index names a missing shard": (_index_missing_shard, []),
+    "index escapes the model directory": (_index_escapes, []),
+    "missing model directory": (_missing_model, []),
+    "NaN with --check-finite": (_nan_input, ["--check-finite"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_a_clear_error_and_leaves_no_output(case, family, tmp_path, capsys):
+    base, experts = family
+    breaker, flags = BAD_INPUTS[case]
+    must_say = breaker(base, experts, tmp_path)
+    out = tmp_path / "merged"
+    code, _, err = run("run", write_config(tmp_path, base, experts), out, "--quiet", *flags,
+                       capsys=capsys)
+    assert code == 2, err
+    assert err.startswith("fastmerge: error:") and "Traceback" not in err
+    for word in must_say:
+        assert word in err, (word, err)
+    assert_no_finished_output(out)
+
+
+def test_nan_passes_without_check_finite(family, tmp_path, capsys):
+    base, experts = family
+    _nan_input(base, experts, tmp_path)
+    code, _, err = run("run", write_config(tmp_path, base, experts, "task_arithmetic"),
+                       tmp_path / "merged", "--quiet", capsys=capsys)
+    assert code == 0, err
+
+
+def test_pickle_checkpoints_need_allow_pickle(family, tmp_path, capsys):
+    base, experts = family
+    tensors = {}
+    for f in safetensors_files(experts[0]):
+        tensors.update(load_file(f))
+        f.unlink()
+    idx = experts[0] / "model.safetensors.index.json"
+    if idx.exists():
+        idx.unlink()
+    torch.save(tensors, experts[0] / "pytorch_model.bin")
+    cfg = write_config(tmp_path, base, experts)
+    code, _, err = run("run", cfg, tmp_path / "merged", "--quiet", capsys=capsys)
+    assert code == 2 and "allow-pickle" in err and "pytorch_model.bin" in err
+    assert_no_finished_output(tmp_path / "merged")
+    with pytest.warns(UserWarning, match="pickle"):
+        code, _, err = run("run", cfg, tmp_path / "merged", "--quiet", "--allow-pickle",
+                           capsys=capsys)
+    assert code == 0, err
+    assert "arbitrary code" in err
+
+
+def test_existing_output_needs_overwrite_and_survives_a_failed_overwrite(family, tmp_path, capsys):
+    base, experts = family
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    cfg = write_config(tmp_path, base, experts)
+    code, _, err = run("run", cfg, out, "--quiet", capsys=capsys)
+    assert code == 2 and str(out) in err and "--overwrite" in err
+    _missing_tensor(base, experts, tmp_path)  # the next run fails midway
+    code, _, err = run("run", cfg, out, "--quiet", "--overwrite", capsys=capsys)
+    assert code == 2
+    assert (out / "keep.txt").read_text() == "old"
+
+
+# ---- interruption and resume ----
+
+def test_interrupted_run_leaves_nothing_finished_and_resumes(family, tmp_path, monkeypatch):
+    base, experts = family
+    cfg = write_config(tmp_path, base, experts, "ties")
+    clean = tmp_path / "clean"
+    run_merge(cfg, clean, MergeOptions(quiet=True))
+
+    import fastmerge.executor as ex
+
+    monkeypatch.setattr(ex, "DURABLE_EVERY_BYTES", 1)  # record progress after every tensor
+    real_write = ex.ShardedWriter.write
+    calls = {"n": 0}
+
+    def dying_write(self, name, tensor):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C (or the machine died)
+        return real_write(self, name, tensor)
+
+    monkeypatch.setattr(ex.ShardedWriter, "write", dying_write)
+    out = tmp_path / "merged"
+    with pytest.raises(KeyboardInterrupt):
+        run_merge(cfg, out, MergeOptions(quiet=True))
+    assert not out.exists()
+    monkeypatch.setattr(ex.ShardedWriter, "write", real_write)
+    summary = run_merge(cfg, out, MergeOptions(quiet=True))
+    assert summary.resumed and summary.tensors_merged == summary.tensors - 11
+    for f in safetensors_files(clean):
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name

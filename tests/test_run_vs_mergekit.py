@@ -1,0 +1,193 @@
+"""`fastmerge run` against `mergekit-yaml` (0.1.5) on the same YAML, for every method: the same
+tensor names, values within the numerics contract, and a merged model that transformers loads
+and runs. Both tools run in-process here (mergekit through its run_merge API) to keep the
+suite fast; test_run_cli.py covers the command line."""
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+pytest.importorskip("mergekit")
+pytest.importorskip("transformers")
+
+from fastmerge import synthetic  # noqa: E402
+from fastmerge.config import parse_config  # noqa: E402
+from fastmerge.executor import MergeOptions, run_merge  # noqa: E402
+
+WEIGHTS = (0.6, 0.3, 0.45)
+
+
+def load_all(directory: Path) -> dict:
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as h:
+            for k in h.keys():
+                out[k] = h.get_tensor(k)
+    return out
+
+
+def run_mergekit(text: str, out: Path) -> None:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions as MkOptions, run_merge as mk_run
+    import yaml
+
+    mk_run(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out),
+           MkOptions(quiet=True, copy_tokenizer=True, random_seed=0))
+
+
+def run_fastmerge(text: str, out: Path, tmp: Path) -> None:
+    cfg = tmp / "config.yml"
+    cfg.write_text(text)
+    run_merge(parse_config(text, cfg), out, MergeOptions(quiet=True))
+
+
+def models_block(family, params) -> str:
+    lines = ["models:"]
+    for i, path in enumerate(family.experts):
+        p = ", ".join(f"{k}: {v[i] if isinstance(v, (list, tuple)) else v}" for k, v in params.items())
+        lines += [f"  - model: {path}", f"    parameters: {{{p}}}"]
+    return "\n".join(lines)
+
+
+def config_for(method: str, family, dtype: str) -> str:
+    base = f"base_model: {family.base}\n"
+    if method == "slerp":
+        return (f"merge_method: slerp\n{base}models:\n  - model: {family.base}\n"
+                f"  - model: {family.experts[0]}\n"
+                f"parameters:\n  t: [{{filter: mlp, value: [0.1, 0.9]}}, {{value: 0.4}}]\n"
+                f"dtype: {dtype}\n")
+    if method == "model_stock":
+        return f"merge_method: model_stock\n{base}{models_block(family, {})}\ndtype: {dtype}\n"
+    if method == "linear":
+        return (f"merge_method: linear\n{models_block(family, {'weight': WEIGHTS})}\n"
+                f"dtype: {dtype}\n")
+    params = {"weight": WEIGHTS}
+    if method != "task_arithmetic":
+        params["density"] = [0.5, 0.7, 0.3]
+    extra = ""
+    if "breadcrumbs" in method:
+        extra = "  gamma: 0.05\n"
+    if "della" in method:
+        extra = "  epsilon: 0.1\n"
+    # a gradient over layers and a filter, as real configs use them
+    return (f"merge_method: {method}\n{base}{models_block(family, params)}\n"
+            f"parameters:\n  lambda: [0.8, 1.2]\n{extra}dtype: {dtype}\n")
+
+
+@pytest.fixture(scope="module")
+def family32(tmp_path_factory):
+    return synthetic.build_family(tmp_path_factory.mktemp("fp32"), preset="tiny", experts=3,
+                                  dtype=torch.float32, seed=3)
+
+
+DETERMINISTIC = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "linear",
+                 "slerp", "model_stock"]
+RANDOM = ["dare_ties", "dare_linear", "della", "della_linear"]
+
+
+def _assert_loads_and_runs(out: Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        logits = model(torch.arange(1, 9).reshape(1, -1)).logits
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("method", DETERMINISTIC)
+def test_deterministic_methods_match_mergekit_fp32(method, family32, tmp_path):
+    text = config_for(method, family32, "float32")
+    run_fastmerge(text, tmp_path / "ours", tmp_path)
+    run_mergekit(text, tmp_path / "theirs")
+    ours, theirs = load_all(tmp_path / "ours"), load_all(tmp_path / "theirs")
+    assert sorted(ours) == sorted(theirs)
+    base = load_all(family32.base)
+    for name in theirs:
+        a, b = ours[name], theirs[name]
+        assert a.shape == b.shape and a.dtype == b.dtype == torch.float32, name
+        ref = base.get(name, b)
+        scale = float((b.double() - ref.double()).abs().max()) + 1e-30
+        err = float((a.double() - b.double()).abs().max())
+        # fp32 on both sides: differences are reduction order (and the few elements tied at
+        # the top-k threshold, which mergekit picks arbitrarily and we pick by index)
+        mismatch = (a - b).abs() > 1e-5 * scale + 1e-6 * b.abs()
+        if method in ("ties", "breadcrumbs", "breadcrumbs_ties"):
+            assert float(mismatch.float().mean()) < 1e-3, (name, err, scale)
+        else:
+            assert err <= 1e-5 * scale + 1e-6 * float(b.abs().max()), (name, err, scale)
+    _assert_loads_and_runs(tmp_path / "ours")
+
+
+@pytest.mark.parametrize("method", RANDOM)
+def test_random_methods_agree_with_mergekit_in_distribution(method, family32, tmp_path):
+    text = config_for(method, family32, "float32")
+    run_fastmerge(text, tmp_path / "ours", tmp_path)
+    run_mergekit(text, tmp_path / "theirs")
+    ours, theirs = load_all(tmp_path / "ours"), load_all(tmp_path / "theirs")
+    assert sorted(ours) == sorted(theirs)
+    base = load_all(family32.base)
+    name = "model.layers.1.mlp.up_proj.weight"
+    d_ours = (ours[name] - base[name]).double()
+    d_theirs = (theirs[name] - base[name]).double()
+    # different random masks, same expected update: similar size, same direction
+    ratio = float(d_ours.norm() / d_theirs.norm())
+    cos = float(torch.nn.functional.cosine_similarity(d_ours.reshape(-1), d_theirs.reshape(-1), dim=0))
+    assert 0.7 < ratio < 1.4 and cos > 0.4, (ratio, cos)
+    _assert_loads_and_runs(tmp_path / "ours")
+
+
+def test_bf16_ties_is_closer_to_the_fp32_merge_than_mergekit(tmp_path):
+    fam = synthetic.build_family(tmp_path / "bf16", preset="tiny", experts=3,
+                                 dtype=torch.bfloat16, seed=5)
+    text = config_for("ties", fam, "bfloat16")
+    run_fastmerge(text, tmp_path / "ours", tmp_path)
+    run_mergekit(text, tmp_path / "theirs")
+    ours, theirs = load_all(tmp_path / "ours"), load_all(tmp_path / "theirs")
+    assert sorted(ours) == sorted(theirs)
+    assert all(t.dtype == torch.bfloat16 for t in ours.values())
+    base = load_all(fam.base)
+    name = "model.layers.2.self_attn.q_proj.weight"
+    d_ours = ours[name].double() - base[name].double()
+    d_theirs = theirs[name].double() - base[name].double()
+    cos = float(torch.nn.functional.cosine_similarity(d_ours.reshape(-1), d_theirs.reshape(-1), dim=0))
+    assert cos > 0.97, cos
+    _assert_loads_and_runs(tmp_path / "ours")
+
+
+def test_passthrough_layer_stacking_matches_mergekit(family32, tmp_path):
+    a, b = family32.base, family32.experts[0]
+    text = (f"merge_method: passthrough\nslices:\n"
+            f"  - sources: [{{model: {a}, layer_range: [0, 3]}}]\n"
+            f"  - sources: [{{model: {b}, layer_range: [1, 4]}}]\n"
+            f"dtype: float32\n")
+    run_fastmerge(text, tmp_path / "ours", tmp_path)
+    run_mergekit(text, tmp_path / "theirs")
+    ours, theirs = load_all(tmp_path / "ours"), load_all(tmp_path / "theirs")
+    assert sorted(ours) == sorted(theirs)
+    for name in theirs:
+        assert torch.equal(ours[name], theirs[name]), name
+    import json
+
+    cfg = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 6
+    _assert_loads_and_runs(tmp_path / "ours")
+
+
+def test_tied_embeddings_handled_as_mergekit_does(family32, tmp_path):
+    """All tied: no lm_head in the output. Untied base with tied experts: the base's head is
+    merged with the experts' embeddings."""
+    fam = synthetic.build_family(tmp_path / "tied", preset="tiny", experts=2,
+                                 dtype=torch.float32, seed=9, tie_word_embeddings=True)
+    mixed = (f"merge_method: task_arithmetic\nbase_model: {family32.base}\n"
+             f"{models_block(fam, {'weight': WEIGHTS})}\ndtype: float32\n")
+    for label, text, has_head in [("tied", config_for("task_arithmetic", fam, "float32"), False),
+                                  ("mixed", mixed, True)]:
+        run_fastmerge(text, tmp_path / f"ours-{label}", tmp_path)
+        run_mergekit(text, tmp_path / f"theirs-{label}")
+        ours, theirs = load_all(tmp_path / f"ours-{label}"), load_all(tmp_path / f"theirs-{label}")
+        assert sorted(ours) == sorted(theirs), label
+        assert ("lm_head.weight" in ours) == has_head, label
+        for name in theirs:
+            assert torch.allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-6), (label, name)
+        _assert_loads_and_runs(tmp_path / f"ours-{label}")
