@@ -133,21 +133,42 @@ def mergekit_exe() -> Optional[Path]:
 # starts from the RSS of the process that forked it (Linux carries the parent's high-water mark
 # across fork and exec): forked from this process, which has built a family, every tool would
 # appear to use at least our peak. Forked from this small stdlib-only launcher, it does not.
+# It also samples /proc/PID/status every 10 ms: RSS counts the pages of mmap-ed checkpoint
+# files a tool has touched (RssFile, page cache shared with the system) as well as its own
+# memory (RssAnon), and the two mean different things for how much RAM a merge needs.
 LAUNCHER = """
 import json, os, subprocess, sys, time
 argv, log = json.loads(sys.argv[1]), sys.argv[2]
+peak = {"RssAnon": 0, "RssFile": 0}
+def sample(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key = line.split(":")[0]
+                if key in peak:
+                    peak[key] = max(peak[key], int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
 with open(log, "wb") as out:
     started = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        sample(proc.pid)
+        time.sleep(0.01)
     seconds = time.perf_counter() - started
 print(json.dumps({"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024,
+                  "sampled_peak_anon_bytes": peak["RssAnon"],
+                  "sampled_peak_file_bytes": peak["RssFile"],
                   "returncode": os.waitstatus_to_exitcode(status)}))
 """
 
 
 def run_child(argv: List[str], log: Path) -> Dict[str, object]:
-    """Wall time and peak RSS (KiB ru_maxrss on Linux, as bytes) of one child run to the end."""
+    """Wall time, peak RSS (ru_maxrss) and sampled peak anonymous / file-backed RSS of one
+    child run to the end."""
     done = subprocess.run([sys.executable, "-I", "-S", "-c", LAUNCHER, json.dumps(argv),
                            str(log)], capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
@@ -169,7 +190,8 @@ def time_tool(tool: str, method: str, config: Path, work: Path, args, read_bytes
     written = weight_bytes(out)
     return {"method": method, "tool": tool, "ok": True, "out": str(out),
             "seconds": seconds, "all_seconds": [r["seconds"] for r in runs],
-            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
+            **{key: max(r[key] for r in runs) for key in (
+                "peak_rss_bytes", "sampled_peak_anon_bytes", "sampled_peak_file_bytes")},
             "read_bytes": read_bytes, "written_bytes": written,
             "gbs": (read_bytes + written) / seconds / 1e9}
 
@@ -220,6 +242,8 @@ def summarize(method: str, rows: Dict[str, dict], copy_gbs: float, check: Option
     if ours and theirs and ours["ok"] and theirs["ok"]:
         s["speedup"] = theirs["seconds"] / ours["seconds"]
         s["rss_ratio"] = ours["peak_rss_bytes"] / theirs["peak_rss_bytes"]
+        if theirs["sampled_peak_anon_bytes"]:
+            s["anon_ratio"] = ours["sampled_peak_anon_bytes"] / theirs["sampled_peak_anon_bytes"]
         target = SPEEDUP_TARGETS.get(method)
         s["speedup_target"] = target
         s["speedup_met"] = None if target is None else s["speedup"] >= target
@@ -232,15 +256,21 @@ def summarize(method: str, rows: Dict[str, dict], copy_gbs: float, check: Option
 
 
 def format_report(rows: List[dict], summaries: List[dict], copy_gbs: float) -> List[str]:
-    head = f"{'method':<16} {'tool':<10} {'wall s':>8} {'peak RSS GB':>11} {'GB/s':>7}"
+    head = (f"{'method':<16} {'tool':<10} {'wall s':>8} {'peak RSS GB':>11} {'anon GB':>8} "
+            f"{'file GB':>8} {'GB/s':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if r["ok"]:
             lines.append(f"{r['method']:<16} {r['tool']:<10} {r['seconds']:>8.2f} "
-                         f"{r['peak_rss_bytes'] / 1e9:>11.2f} {r['gbs']:>7.2f}")
+                         f"{r['peak_rss_bytes'] / 1e9:>11.2f} "
+                         f"{r['sampled_peak_anon_bytes'] / 1e9:>8.2f} "
+                         f"{r['sampled_peak_file_bytes'] / 1e9:>8.2f} {r['gbs']:>7.2f}")
         else:
             lines.append(f"{r['method']:<16} {r['tool']:<10} FAILED (see {r['log']})")
-    lines += ["", f"copy bandwidth (read + write): {copy_gbs:.1f} GB/s", ""]
+    lines += ["peak RSS: the child's ru_maxrss (os.wait4); anon / file: largest RssAnon / RssFile "
+              "sampled every 10 ms (own memory / touched pages of mmap-ed files)",
+              "GB/s: checkpoint bytes read (base + experts, once) + bytes written, per wall second",
+              "", f"copy bandwidth (read + write): {copy_gbs:.1f} GB/s", ""]
     for s in summaries:
         parts = [s["method"] + ":"]
         if "speedup" in s:
@@ -249,7 +279,8 @@ def format_report(rows: List[dict], summaries: List[dict], copy_gbs: float) -> L
                             f"{'met' if s['speedup_met'] else 'NOT met'})"
                             if s["speedup_target"] else ""))
             parts.append(f"fastmerge/mergekit peak RSS {s['rss_ratio']:.0%} (target <= "
-                         f"{RSS_TARGET:.0%}: {'met' if s['rss_met'] else 'NOT met'})")
+                         f"{RSS_TARGET:.0%}: {'met' if s['rss_met'] else 'NOT met'})"
+                         + (f", anon {s['anon_ratio']:.0%}" if "anon_ratio" in s else ""))
         if "pct_copy_bandwidth" in s:
             parts.append(f"fastmerge at {s['pct_copy_bandwidth']:.1f}% of copy bandwidth")
         lines.append(" ".join(parts[:1]) + " " + "; ".join(parts[1:]))

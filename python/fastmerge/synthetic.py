@@ -148,10 +148,11 @@ def build_family(root: Union[str, Path], *, preset: Union[str, LlamaPreset] = "t
         shutil.rmtree(path, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
 
-    torch.manual_seed(seed)
-    with _default_dtype(dtype), torch.no_grad():
-        from transformers import LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
+    # fork_rng: seeding the init must not reset the caller's global RNG
+    with torch.random.fork_rng(devices=[]), _default_dtype(dtype), torch.no_grad():
+        torch.manual_seed(seed)
         model = LlamaForCausalLM(spec.config(dtype, tie_word_embeddings))
     tokenizer = _build_tokenizer(spec.vocab_size) if with_tokenizer else None
     _save(model, tokenizer, family.base, max_shard_size)
@@ -162,13 +163,16 @@ def build_family(root: Union[str, Path], *, preset: Union[str, LlamaPreset] = "t
     base_weights = {name: p.detach().clone() for name, p in params.items()}
     stds = {name: _noise_scale(w) for name, w in base_weights.items()}
     workers = threads or max(1, torch.get_num_threads())
+    chunks = [(name, start, stop) for name, p in params.items()
+              for start, stop in _chunks(p.shape)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for index, path in enumerate(family.experts):
-            jobs = [(name, start, stop) for name, p in params.items()
-                    for start, stop in _chunks(p.shape)]
-            list(pool.map(lambda job: _perturb_chunk(
-                params[job[0]], base_weights[job[0]], job[0], job[1], job[2],
-                delta_scale * stds[job[0]], seed, index), jobs))
+            def perturb(chunk, expert=index):
+                name, start, stop = chunk
+                _perturb_chunk(params[name], base_weights[name], name, start, stop,
+                               delta_scale * stds[name], seed, expert)
+
+            list(pool.map(perturb, chunks))  # list(): re-raises a worker's exception
             _save(model, tokenizer, path, max_shard_size)
             say(f"saved expert {index + 1}/{experts} to {path}")
     marker.write_text(json.dumps(metadata, indent=1) + "\n")
