@@ -132,7 +132,7 @@ class _Prefetcher:
     def _load(self, job: TensorJob) -> List[torch.Tensor]:
         tensors = []
         for x in job.inputs:
-            t = self._readers[x.model].get(x.tensor)
+            t = self._readers[x.model].get(x.tensor, mapped=not self._pin)
             if self._check_finite and t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
                 bad = int((~torch.isfinite(t)).sum())
                 raise MergeInputError(f"tensor {x.tensor} of model {x.model} "
@@ -172,6 +172,66 @@ class _Prefetcher:
         with self._lock:
             self._stop = True
             self._lock.notify_all()
+
+
+class _WriteBehind:
+    """Writes merged tensors on a background thread, one group behind the merging, and makes
+    them durable (fsync, then the journal) every DURABLE_EVERY_BYTES. An error in the thread
+    is raised in the caller at its next submit() or close()."""
+
+    def __init__(self, writer: ShardedWriter, staging: StagedOutput):
+        self._writer = writer
+        self._staging = staging
+        self._queue: "queue.Queue" = queue.Queue(maxsize=1)
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name="fastmerge-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        pending: List[str] = []
+        since_durable = 0
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    break
+                job, tensor = item
+                self._writer.write(job.name, tensor)
+                del item, tensor
+                pending.append(job.name)
+                since_durable += job.nbytes_out
+                if since_durable >= DURABLE_EVERY_BYTES:
+                    self._make_durable(pending)
+                    pending, since_durable = [], 0
+            self._make_durable(pending)
+        except BaseException as exc:
+            self._error = exc
+            while self._queue.get() is not None:  # unblock the producer until it stops
+                pass
+
+    def _make_durable(self, names: List[str]) -> None:
+        self._writer.flush()
+        self._staging.record_done(names)
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, job: TensorJob, tensor: torch.Tensor) -> None:
+        self._raise_if_failed()
+        self._queue.put((job, tensor))
+
+    def close(self) -> None:
+        """Waits until every submitted tensor is written and durable."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def abandon(self) -> None:
+        """After an error in the caller: stop the thread without waiting for more work."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
 
 def _merge_job(job: TensorJob, tensors: List[torch.Tensor], config: MergeConfig,
@@ -234,33 +294,25 @@ def run_merge(config: Union[MergeConfig, str, os.PathLike], out_dir: Union[str, 
                                already_written=staging.done() if staging.resumed else ())
         done = writer.written()  # durable from an interrupted earlier run of the same merge
         todo = [j for j in plan.jobs if j.name not in done]
-        bytes_read = bytes_written = 0
-        pending: List[str] = []
-        since_durable = 0
         bar = _progress(sum(j.nbytes_in for j in todo), options.quiet)
         prefetch = _Prefetcher(todo, readers, options.check_finite, device)
+        write_behind = _WriteBehind(writer, staging)
         try:
             for count, (job, tensors) in enumerate(prefetch, 1):
                 out = _merge_job(job, tensors, config, options, device)
                 del tensors
-                writer.write(job.name, out)
-                bytes_read += job.nbytes_in
-                bytes_written += job.nbytes_out
-                since_durable += job.nbytes_out
-                pending.append(job.name)
+                write_behind.submit(job, out)  # written while the next group merges
                 del out
-                if since_durable >= DURABLE_EVERY_BYTES:
-                    writer.flush()
-                    staging.record_done(pending)
-                    pending, since_durable = [], 0
                 bar.update(job.nbytes_in)
                 elapsed = bar.format_dict.get("elapsed") or 1e-9
                 bar.set_postfix_str(f"{count / elapsed:.0f} tensors/s", refresh=False)
+            write_behind.close()
         finally:
+            write_behind.abandon()
             prefetch.close()
             bar.close()
-        writer.flush()
-        staging.record_done(pending)
+        bytes_read = sum(j.nbytes_in for j in todo)
+        bytes_written = sum(j.nbytes_out for j in todo)
         writer.finish()
         write_model_files(staging.directory, config, readers, plan)
         staging.commit()

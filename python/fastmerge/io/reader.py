@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import mmap
 import os
 import threading
 import warnings
@@ -18,6 +19,9 @@ from .layout import Layout, find_layout
 from .pickle_checkpoint import OneShardCache, load_state_dict
 from .safetensors_format import read_header, tensor_nbytes
 
+# Fault the mapped pages in at once (in the prefetch thread), not one by one in the kernels.
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -26,6 +30,7 @@ class TensorInfo:
     dtype: torch.dtype
     file: Path
     nbytes: int
+    offset: int = -1  # file offset of the first byte (safetensors); -1 for pickle checkpoints
 
 
 class CheckpointReader:
@@ -40,7 +45,7 @@ class CheckpointReader:
         layout = find_layout(Path(path).expanduser())
         self.path: Path = layout.directory
         self._lock = threading.Lock()
-        self._handles: Dict[Path, object] = {}  # safetensors file -> open safe_open handle
+        self._handles: Dict[Path, int] = {}  # safetensors file -> open file descriptor
         self._pickle_cache: Optional[OneShardCache] = None
         if layout.pickle:
             self._infos = self._open_pickle(layout, allow_pickle)
@@ -54,9 +59,10 @@ class CheckpointReader:
     def _open_safetensors(self, layout: Layout) -> Dict[str, TensorInfo]:
         found: Dict[Path, Dict[str, TensorInfo]] = {}
         for file in layout.files:
-            entries = read_header(file).entries
-            found[file] = {e.name: TensorInfo(e.name, e.shape, e.dtype, file, e.nbytes)
-                           for e in entries}
+            header = read_header(file)
+            found[file] = {e.name: TensorInfo(e.name, e.shape, e.dtype, file, e.nbytes,
+                                              header.data_start + e.begin)
+                           for e in header.entries}
         if layout.weight_map is not None:
             return self._from_index(layout, found)
         return self._from_files(found)
@@ -141,32 +147,69 @@ class CheckpointReader:
         raise TensorNotFoundError(f"tensor {name!r} is not in model {self.path} "
                                   f"({len(self._infos)} tensors){hint}")
 
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor as a CPU tensor, reading only its bytes."""
+    def get(self, name: str, *, mapped: bool = False) -> torch.Tensor:
+        """The tensor as a CPU tensor, reading only its bytes.
+
+        mapped=False: a tensor of its own, read with pread (mapping the whole file, as
+        safetensors does, would count every page touched as ours until the file is unmapped).
+        mapped=True: a read-only view of the file's pages in the page cache, mapped for this
+        tensor alone and unmapped when the tensor is freed: no copy and no fresh memory, for
+        callers that only read it and drop it soon (the merge executor)."""
         info = self.info(name)
         if self._pickle_cache is not None:
             with self._lock:
                 return self._pickle_cache.get(info.file, name)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        if mapped:
+            data = self._map(info)
+        else:
+            data = torch.empty(info.nbytes, dtype=torch.uint8)
+            self._read_into(info, data.numpy())
+        return data.view(info.dtype).reshape(info.shape)
+
+    def _map(self, info: TensorInfo) -> torch.Tensor:
+        fd = self._fd(info.file)
+        start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+        length = info.offset + info.nbytes - start
         try:
-            tensor = self._handle(info.file).get_tensor(name)
-        except Exception as exc:  # safetensors raises its own types; the file changed or broke
-            raise CorruptCheckpointError(f"{info.file}: cannot read tensor {name!r} "
-                                         f"({type(exc).__name__}: {exc})") from None
-        if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
-            raise CorruptCheckpointError(
-                f"{info.file}: tensor {name!r} read as {tuple(tensor.shape)} {tensor.dtype}, "
-                f"but its header said {info.shape} {info.dtype} (file changed since opened?)")
-        return tensor
+            if os.fstat(fd).st_size < info.offset + info.nbytes:  # a shrunk file would SIGBUS
+                raise CorruptCheckpointError(
+                    f"{info.file}: tensor {info.name!r} ends past the end of the file "
+                    f"(file changed or truncated since it was opened?)")
+            region = mmap.mmap(fd, length, flags=mmap.MAP_SHARED | _MAP_POPULATE,
+                               prot=mmap.PROT_READ, offset=start)
+        except OSError as exc:
+            raise CorruptCheckpointError(f"{info.file}: cannot map tensor {info.name!r} "
+                                         f"({exc})") from None
+        with warnings.catch_warnings():  # read-only: the merge never writes its inputs
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(region, dtype=torch.uint8, count=info.nbytes,
+                                    offset=info.offset - start)
 
-    def _handle(self, file: Path):
+    def _read_into(self, info: TensorInfo, buffer) -> None:
+        fd = self._fd(info.file)
+        view = memoryview(buffer).cast("B")
+        done = 0
+        try:
+            while done < info.nbytes:
+                n = os.preadv(fd, [view[done:]], info.offset + done)
+                if n <= 0:
+                    raise CorruptCheckpointError(
+                        f"{info.file}: tensor {info.name!r} ends past the end of the file "
+                        f"(file changed or truncated since it was opened?)")
+                done += n
+        except OSError as exc:
+            raise CorruptCheckpointError(f"{info.file}: cannot read tensor {info.name!r} "
+                                         f"({exc})") from None
+
+    def _fd(self, file: Path) -> int:
         with self._lock:
-            handle = self._handles.get(file)
-            if handle is None:
-                from safetensors import safe_open
-
-                handle = safe_open(str(file), framework="pt", device="cpu")
-                self._handles[file] = handle
-            return handle
+            fd = self._handles.get(file)
+            if fd is None:
+                fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                self._handles[file] = fd
+            return fd
 
     # ---- lifetime ----
 
@@ -175,8 +218,8 @@ class CheckpointReader:
             handles, self._handles = self._handles, {}
             if self._pickle_cache is not None:
                 self._pickle_cache.clear()
-        for handle in handles.values():
-            handle.__exit__(None, None, None)
+        for fd in handles.values():
+            os.close(fd)
 
     def __enter__(self) -> "CheckpointReader":
         return self
