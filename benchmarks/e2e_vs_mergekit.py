@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 
 from fastmerge import bench, synthetic
+from fastmerge.measure import run_measured
 
 DEFAULT_METHODS = "ties,dare_ties,task_arithmetic"
 DETERMINISTIC = {"ties", "task_arithmetic", "breadcrumbs_ties", "linear"}
@@ -129,51 +130,6 @@ def mergekit_exe() -> Optional[Path]:
     return Path(found) if found else None
 
 
-# Runs the tool and reports its wall time and peak RSS. It exists because a child's ru_maxrss
-# starts from the RSS of the process that forked it (Linux carries the parent's high-water mark
-# across fork and exec): forked from this process, which has built a family, every tool would
-# appear to use at least our peak. Forked from this small stdlib-only launcher, it does not.
-# It also samples /proc/PID/status every 10 ms: RSS counts the pages of mmap-ed checkpoint
-# files a tool has touched (RssFile, page cache shared with the system) as well as its own
-# memory (RssAnon), and the two mean different things for how much RAM a merge needs.
-LAUNCHER = """
-import json, os, subprocess, sys, time
-argv, log = json.loads(sys.argv[1]), sys.argv[2]
-peak = {"RssAnon": 0, "RssFile": 0}
-def sample(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key = line.split(":")[0]
-                if key in peak:
-                    peak[key] = max(peak[key], int(line.split()[1]) * 1024)
-    except (OSError, ValueError):
-        pass
-with open(log, "wb") as out:
-    started = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        sample(proc.pid)
-        time.sleep(0.01)
-    seconds = time.perf_counter() - started
-print(json.dumps({"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024,
-                  "sampled_peak_anon_bytes": peak["RssAnon"],
-                  "sampled_peak_file_bytes": peak["RssFile"],
-                  "returncode": os.waitstatus_to_exitcode(status)}))
-"""
-
-
-def run_child(argv: List[str], log: Path) -> Dict[str, object]:
-    """Wall time, peak RSS (ru_maxrss) and sampled peak anonymous / file-backed RSS of one
-    child run to the end."""
-    done = subprocess.run([sys.executable, "-I", "-S", "-c", LAUNCHER, json.dumps(argv),
-                           str(log)], capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)
-
-
 def time_tool(tool: str, method: str, config: Path, work: Path, args, read_bytes: int) -> dict:
     out = work / "out" / f"{method}-{tool}"
     runs = []
@@ -181,7 +137,7 @@ def time_tool(tool: str, method: str, config: Path, work: Path, args, read_bytes
         shutil.rmtree(out, ignore_errors=True)
         os.sync()  # the previous run's dirty pages are not written back during this one
         log = work / "logs" / f"{method}-{tool}-{rep}.log"
-        run = run_child(tool_argv(tool, config, out, args), log)
+        run = run_measured(tool_argv(tool, config, out, args), log)
         if run["returncode"] != 0:
             tail = log.read_text(errors="replace")[-2000:]
             return {"method": method, "tool": tool, "ok": False, "error": tail, "log": str(log)}

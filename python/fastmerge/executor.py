@@ -3,8 +3,9 @@ current one merges, write each result in place into pre-planned output shards, a
 progress so an interrupted run resumes where it stopped.
 
 Memory stays bounded by the inputs of the group being merged plus those prefetched (up to
-PREFETCH_BYTES, and always at least the next group), plus one output tensor: about twice the
-largest tensor group, never the whole model.
+PREFETCH_BYTES, or the next group when that alone is larger), plus the outputs waiting to be
+written (at most two): about twice the largest tensor group, never the whole model. Inputs are
+read-only mappings of the checkpoint pages, unmapped as soon as their group is merged.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from .methods import MergeCall, get_method
 from .output_files import write_model_files
 from .plan import MergePlan, Planner, TensorJob
 
-PREFETCH_BYTES = 256 << 20
+PREFETCH_BYTES = 64 << 20
 DURABLE_EVERY_BYTES = 1 << 30  # fsync + journal this often (bounded redo after a crash)
 
 
@@ -144,7 +145,7 @@ class _Prefetcher:
     def _run(self) -> None:
         try:
             for job in self._jobs:
-                with self._lock:  # wait for room: few groups ahead, or little data ahead
+                with self._lock:  # wait for room: at most PREFETCH_BYTES ahead, or one group
                     while not self._stop and self._bytes_ahead > 0 and (
                             self._bytes_ahead + job.nbytes_in > PREFETCH_BYTES):
                         self._lock.wait()
@@ -164,6 +165,7 @@ class _Prefetcher:
             if isinstance(job, BaseException):
                 raise job
             yield job, tensors
+            del tensors  # the consumer is done with them: unmap before the next group loads
             with self._lock:
                 self._bytes_ahead -= job.nbytes_in
                 self._lock.notify_all()
@@ -284,7 +286,7 @@ def run_merge(config: Union[MergeConfig, str, os.PathLike], out_dir: Union[str, 
     readers = {m: CheckpointReader(resolve_model_path(m, config), allow_pickle=options.allow_pickle)
                for m in config.referenced_models()}
     try:
-        plan: MergePlan = Planner(config, readers, seed=options.seed).plan()
+        plan: MergePlan = Planner(config, readers).plan()
         staging = StagedOutput(out_dir, fingerprint=fingerprint(config, readers, options),
                                overwrite=options.overwrite)
         planned = [OutputTensor(j.name, j.shape, j.out_dtype) for j in plan.jobs]

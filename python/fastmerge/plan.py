@@ -111,7 +111,7 @@ class _Layout:
 
 
 class Planner:
-    def __init__(self, config: MergeConfig, readers: Mapping[str, object], *, seed: int = 0):
+    def __init__(self, config: MergeConfig, readers: Mapping[str, object]):
         self.config = config
         self.readers = readers
         self.method: MethodSpec = get_method(config.merge_method)
