@@ -1,6 +1,4 @@
 """``python -m fastmerge``: the same as the ``fastmerge`` command."""
-import sys
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()
