@@ -284,3 +284,43 @@ def test_interrupted_run_leaves_nothing_finished_and_resumes(family, tmp_path, m
     assert summary.resumed and summary.tensors_merged == summary.tensors - 11
     for f in safetensors_files(clean):
         assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+# ---- the torch-free CPU path ----
+
+def test_cpu_run_does_not_import_torch(family, tmp_path):
+    base, experts = family
+    cfg = write_config(tmp_path, base, experts, "dare_ties")
+    code = ("import sys; from fastmerge.cli import main; "
+            f"rc = main(['run', {str(cfg)!r}, {str(tmp_path / 'o')!r}, '--quiet', '--check-finite']); "
+            "print('torch' in sys.modules); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "linear", "passthrough"])
+def test_host_and_torch_paths_write_the_same_bytes(method, family, tmp_path, monkeypatch):
+    """The numpy path (CPU runs) and the torch path (CUDA, or dtypes the kernels do not
+    read) run the same kernels: the outputs are identical."""
+    base, experts = family
+    if method == "passthrough":
+        cfg = tmp_path / "config.yml"
+        cfg.write_text(f"merge_method: passthrough\nmodels:\n  - model: {experts[0]}\n"
+                       f"    parameters: {{scale: 0.7}}\ndtype: float16\n")
+    elif method == "linear":
+        cfg = tmp_path / "config.yml"
+        cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {experts[0]}\n"
+                       f"    parameters: {{weight: 0.7}}\n  - model: {experts[1]}\n"
+                       f"    parameters: {{weight: 0.2}}\nout_dtype: float32\n")
+    else:
+        cfg = write_config(tmp_path, base, experts, method)
+    run_merge(cfg, tmp_path / "host", MergeOptions(quiet=True))
+    from fastmerge import host_kernels
+
+    monkeypatch.setattr(host_kernels, "supports", lambda dtypes: False)
+    run_merge(cfg, tmp_path / "torch", MergeOptions(quiet=True))
+    files = safetensors_files(tmp_path / "host")
+    assert files and [f.name for f in files] == [f.name for f in safetensors_files(tmp_path / "torch")]
+    for f in files:
+        assert f.read_bytes() == (tmp_path / "torch" / f.name).read_bytes(), f.name

@@ -32,6 +32,7 @@ import torch
 
 from . import ops
 from ._native import available, build_info, set_num_threads
+from .cli import add_bench_arguments as add_arguments  # noqa: F401
 from .errors import InvalidArgumentError
 
 METHODS = ("ties", "dare_ties", "task_arithmetic")
@@ -251,31 +252,6 @@ def describe(machine: Dict[str, Any]) -> str:
 
 
 # ---- entry points ----
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true",
-                        help="only the 4096x4096 case, fewer repetitions (about 20 s)")
-    parser.add_argument("--no-mergekit", action="store_true",
-                        help="do not time mergekit even when it is installed")
-    parser.add_argument("--threads", type=_positive_int, default=None,
-                        help="threads for fastmerge and torch (default: all usable cores)")
-    parser.add_argument("--reps", type=_positive_int, default=None,
-                        help="timed runs of our kernels per case (default 15, --quick 5)")
-    parser.add_argument("--mergekit-reps", type=_positive_int, default=None,
-                        help="timed runs of mergekit per case (default 3, --quick 1)")
-    parser.add_argument("--json", metavar="PATH", default=None,
-                        help="also write the results and the machine description as JSON")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
 
 def run(args: argparse.Namespace, stream=None) -> int:
     stream = stream or sys.stdout

@@ -117,14 +117,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ---- parser ----
 
-def _positive_int(text: str) -> int:
-    from .bench import _positive_int as check
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `fastmerge bench` (here, so that building the parser never imports torch)."""
+    parser.add_argument("--quick", action="store_true",
+                        help="only the 4096x4096 case, fewer repetitions (about 20 s)")
+    parser.add_argument("--no-mergekit", action="store_true",
+                        help="do not time mergekit even when it is installed")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="threads for fastmerge and torch (default: all usable cores)")
+    parser.add_argument("--reps", type=positive_int, default=None,
+                        help="timed runs of our kernels per case (default 15, --quick 5)")
+    parser.add_argument("--mergekit-reps", type=positive_int, default=None,
+                        help="timed runs of mergekit per case (default 3, --quick 1)")
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help="also write the results and the machine description as JSON")
 
-    return check(text)
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    return bench.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, bench
+    from . import __version__
 
     parser = argparse.ArgumentParser(
         prog="fastmerge",
@@ -139,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory (written atomically: it appears when complete)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the merge arithmetic runs (cpu)")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads (default: all usable cores)")
     p.add_argument("--out-shard-size", type=parse_size, default=parse_size("5B"),
                    help="largest output shard in bytes: 5B (billion, the default), 500M, 2GB")
@@ -164,18 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny checkpoints (a few seconds; what CI runs)")
     p.add_argument("--no-mergekit", action="store_true",
                    help="skip the comparison with mergekit-yaml even when it is installed")
-    p.add_argument("--experts", type=_positive_int, default=3, help="experts per merge (3)")
+    p.add_argument("--experts", type=positive_int, default=3, help="experts per merge (3)")
     p.add_argument("--density", type=float, default=0.5,
                    help="fraction of each task vector kept (0.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the checkpoints and random masks (0)")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="threads for fastmerge and torch (default: all usable cores)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="time ties / dare_ties / task_arithmetic against mergekit "
                                      "and the copy bandwidth (benchmarks/gta_vs_mergekit.py)")
-    bench.add_arguments(p)
-    p.set_defaults(func=lambda a: bench.run(a))
+    add_bench_arguments(p)
+    p.set_defaults(func=_run_bench)
     return parser
 
 

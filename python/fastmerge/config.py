@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-import torch
 import yaml
 
+from .dtypes import DType, bfloat16, float16, float32
 from .errors import ConfigError
 
 TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype",
@@ -37,9 +37,9 @@ SOURCE_KEYS = ("model", "layer_range", "parameters")
 TOKENIZER_SOURCES = ("base",)
 
 DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": float32, "fp32": float32, "float": float32,
+    "float16": float16, "fp16": float16, "half": float16,
+    "bfloat16": bfloat16, "bf16": bfloat16,
 }
 
 Scalar = Union[bool, int, float, str]
@@ -68,8 +68,8 @@ class MergeConfig:
     slices: Tuple[OutputSlice, ...]      # a `models:` config is one slice over every layer
     uses_slices: bool                    # True when the YAML had `slices:`
     parameters: Mapping[str, Setting]
-    dtype: Optional[torch.dtype]
-    out_dtype: Optional[torch.dtype]
+    dtype: Optional[DType]
+    out_dtype: Optional[DType]
     tokenizer_source: Optional[str]
     text: str                            # the YAML as given, for the model card
     directory: Path                      # the config file's directory (relative model paths)
@@ -144,7 +144,7 @@ def _check_setting(setting: Setting, what: str, path: Optional[Path]) -> None:
                       f"filter list, got {setting!r}")
 
 
-def _dtype(value: Any, what: str, path: Optional[Path]) -> Optional[torch.dtype]:
+def _dtype(value: Any, what: str, path: Optional[Path]) -> Optional[DType]:
     if value is None:
         return None
     if value not in DTYPES:

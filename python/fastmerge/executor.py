@@ -14,15 +14,14 @@ import json
 import os
 import queue
 import resource
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
-import torch
-
-from . import __version__
+from . import __version__, host_kernels
 from .config import MergeConfig, load_config
 from .errors import FastmergeError, InvalidArgumentError, MergeInputError, ModelNotFoundError
 from .io import CheckpointReader, OutputTensor, ShardedWriter, StagedOutput
@@ -118,11 +117,11 @@ class _Prefetcher:
     _DONE = object()
 
     def __init__(self, jobs: Sequence[TensorJob], readers: Dict[str, CheckpointReader],
-                 check_finite: bool, device: torch.device):
+                 check_finite: bool, device: str):
         self._jobs = jobs
         self._readers = readers
         self._check_finite = check_finite
-        self._pin = device.type == "cuda"
+        self._cuda = device != "cpu"
         self._queue: "queue.Queue" = queue.Queue()
         self._bytes_ahead = 0
         self._lock = threading.Condition()
@@ -130,16 +129,25 @@ class _Prefetcher:
         self._thread = threading.Thread(target=self._run, name="fastmerge-prefetch", daemon=True)
         self._thread.start()
 
-    def _load(self, job: TensorJob) -> List[torch.Tensor]:
+    def _load(self, job: TensorJob) -> list:
+        """The job's inputs: HostArrays mapped from the page cache when the host kernels can
+        merge them (no torch), else torch tensors (CUDA: pinned copies for fast transfer)."""
+        host = not self._cuda and (job.copy_only or host_kernels.supports(
+            [x.dtype for x in job.inputs] + [job.out_dtype]))
         tensors = []
         for x in job.inputs:
-            t = self._readers[x.model].get(x.tensor, mapped=not self._pin)
-            if self._check_finite and t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
-                bad = int((~torch.isfinite(t)).sum())
-                raise MergeInputError(f"tensor {x.tensor} of model {x.model} "
-                                      f"({self._readers[x.model].info(x.tensor).file}) has {bad} "
-                                      f"NaN/Inf value(s)")
-            tensors.append(t.pin_memory() if self._pin else t)
+            reader = self._readers[x.model]
+            if host:
+                t = reader.get_array(x.tensor, mapped=True)
+            else:
+                t = reader.get(x.tensor, mapped=not self._cuda)
+            if self._check_finite and x.dtype.is_floating_point:
+                bad = host_kernels.count_non_finite(t)
+                if bad:
+                    raise MergeInputError(f"tensor {x.tensor} of model {x.model} "
+                                          f"({reader.info(x.tensor).file}) has {bad} NaN/Inf "
+                                          f"value(s)")
+            tensors.append(t.pin_memory() if self._cuda else t)
         return tensors
 
     def _run(self) -> None:
@@ -219,7 +227,7 @@ class _WriteBehind:
         if self._error is not None:
             raise self._error
 
-    def submit(self, job: TensorJob, tensor: torch.Tensor) -> None:
+    def submit(self, job: TensorJob, tensor) -> None:
         self._raise_if_failed()
         self._queue.put((job, tensor))
 
@@ -236,12 +244,11 @@ class _WriteBehind:
             self._thread.join()
 
 
-def _merge_job(job: TensorJob, tensors: List[torch.Tensor], config: MergeConfig,
-               options: MergeOptions, device: torch.device) -> torch.Tensor:
+def _merge_job(job: TensorJob, tensors: list, config: MergeConfig, options: MergeOptions):
     if job.copy_only:
         return tensors[0]
-    if device.type != "cpu":
-        tensors = [t.to(device, non_blocking=True) for t in tensors]
+    if options.device != "cpu":
+        tensors = [t.to(options.device, non_blocking=True) for t in tensors]
     method = get_method(config.merge_method)
     if method.uses_base:
         b = job.base_index
@@ -256,7 +263,9 @@ def _merge_job(job: TensorJob, tensors: List[torch.Tensor], config: MergeConfig,
         out = method.merge(call)
     except FastmergeError as exc:
         raise type(exc)(f"tensor {job.name}: {exc}") from None
-    return out.to("cpu") if out.device.type != "cpu" else out
+    if options.device != "cpu":
+        out = out.to("cpu")
+    return out
 
 
 def _progress(total_bytes: int, quiet: bool):
@@ -273,13 +282,16 @@ def run_merge(config: Union[MergeConfig, str, os.PathLike], out_dir: Union[str, 
     reset_peak_rss()
     if not isinstance(config, MergeConfig):
         config = load_config(config)
-    device = torch.device(options.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgumentError("--device cuda: torch sees no CUDA device here")
+    if options.device != "cpu":
+        import torch  # before _C: CUDA merges run on torch tensors
+
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError(f"--device {options.device}: torch sees no CUDA device here")
     if options.threads is not None:
         from ._native import available, set_num_threads
 
-        torch.set_num_threads(options.threads)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(options.threads)
         if available():
             set_num_threads(options.threads)
 
@@ -297,11 +309,11 @@ def run_merge(config: Union[MergeConfig, str, os.PathLike], out_dir: Union[str, 
         done = writer.written()  # durable from an interrupted earlier run of the same merge
         todo = [j for j in plan.jobs if j.name not in done]
         bar = _progress(sum(j.nbytes_in for j in todo), options.quiet)
-        prefetch = _Prefetcher(todo, readers, options.check_finite, device)
+        prefetch = _Prefetcher(todo, readers, options.check_finite, options.device)
         write_behind = _WriteBehind(writer, staging)
         try:
             for count, (job, tensors) in enumerate(prefetch, 1):
-                out = _merge_job(job, tensors, config, options, device)
+                out = _merge_job(job, tensors, config, options)
                 del tensors
                 write_behind.submit(job, out)  # written while the next group merges
                 del out

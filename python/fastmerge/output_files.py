@@ -8,8 +8,6 @@ import shutil
 from pathlib import Path
 from typing import Dict
 
-import torch
-
 from . import __version__
 from .config import MergeConfig
 from .plan import LAYER_COUNT_KEYS, MergePlan
@@ -20,7 +18,7 @@ TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenize
                    "vocab.txt", "chat_template.jinja", "chat_template.json")
 TAGALONG_FILES = ("generation_config.json",)
 
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")  # what config.json may say
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -37,10 +35,10 @@ def output_config(config: MergeConfig, reference_config: dict, plan: MergePlan) 
     if dtype is None:
         dtypes = {j.out_dtype for j in plan.jobs if j.out_dtype.is_floating_point}
         dtype = dtypes.pop() if len(dtypes) == 1 else None
-    if dtype in DTYPE_NAMES:
+    if dtype is not None and dtype.name in DTYPE_NAMES:
         keys = [k for k in ("torch_dtype", "dtype") if k in out] or ["torch_dtype"]
         for key in keys:
-            out[key] = DTYPE_NAMES[dtype]
+            out[key] = dtype.name
     if config.uses_slices:
         for key in LAYER_COUNT_KEYS:
             if key in out:

@@ -13,9 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-import torch
-
 from .config import MergeConfig, OutputSlice, resolve
+from .dtypes import DType
 from .errors import ConfigError, MergeInputError
 from .methods import INPUT_SCOPES, MethodSpec, get_method
 
@@ -42,7 +41,7 @@ class InputTensor:
     model: str               # the model as named in the config
     tensor: str              # its name inside that checkpoint
     shape: Tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
     nbytes: int
 
 
@@ -55,7 +54,7 @@ class TensorJob:
     shared: Mapping[str, object]
     per_input: Tuple[Mapping[str, object], ...]
     shape: Tuple[int, ...]
-    out_dtype: torch.dtype
+    out_dtype: DType
     copy_only: bool = False              # non-float tensors (buffers) are copied from input 0
 
     @property
@@ -67,7 +66,7 @@ class TensorJob:
         n = 1
         for s in self.shape:
             n *= s
-        return n * torch.empty((), dtype=self.out_dtype).element_size()
+        return n * self.out_dtype.itemsize
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ def assert_reads_back(reader: CheckpointReader, tensors: dict):
         assert got.dtype == expected.dtype and got.shape == expected.shape, name
         assert torch.equal(got, expected), name
         info = reader.info(name)
-        assert info.shape == tuple(expected.shape) and info.dtype == expected.dtype
+        assert info.shape == tuple(expected.shape) and info.dtype.torch == expected.dtype
         assert info.nbytes == expected.numel() * expected.element_size()
 
 

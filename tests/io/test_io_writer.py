@@ -150,8 +150,8 @@ def test_shards_are_created_at_their_final_size(tmp_path):
 
 @pytest.mark.parametrize("name, tensor, fragment", [
     ("c", torch.ones(2), "'c' is not in the output plan"),
-    ("a", torch.ones(3), "(3,) torch.float32, but the plan has (2,) torch.float32"),
-    ("a", torch.ones(2, dtype=torch.float16), "torch.float16, but the plan has (2,) torch.float32"),
+    ("a", torch.ones(3), "(3,) torch.float32, but the plan has (2,) float32"),
+    ("a", torch.ones(2, dtype=torch.float16), "torch.float16, but the plan has (2,) float32"),
     ("b", torch.ones(1, 1), "(1, 1)"),
 ])
 def test_write_refuses_what_is_not_planned(tmp_path, name, tensor, fragment):

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
-import torch
+import numpy as np
 
+from ..dtypes import DType, as_dtype
 from ..errors import CorruptCheckpointError, PickleCheckpointError, TensorNotFoundError
 from .layout import Layout, find_layout
-from .pickle_checkpoint import OneShardCache, load_state_dict
 from .safetensors_format import read_header, tensor_nbytes
 
 # Fault the mapped pages in at once (in the prefetch thread), not one by one in the kernels.
@@ -27,7 +27,7 @@ _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 class TensorInfo:
     name: str
     shape: Tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
     file: Path
     nbytes: int
     offset: int = -1  # file offset of the first byte (safetensors); -1 for pickle checkpoints
@@ -46,8 +46,10 @@ class CheckpointReader:
         self.path: Path = layout.directory
         self._lock = threading.Lock()
         self._handles: Dict[Path, int] = {}  # safetensors file -> open file descriptor
-        self._pickle_cache: Optional[OneShardCache] = None
+        self._pickle_cache = None  # OneShardCache of a pickle checkpoint
         if layout.pickle:
+            from .pickle_checkpoint import OneShardCache
+
             self._infos = self._open_pickle(layout, allow_pickle)
             self._pickle_cache = OneShardCache()
         else:
@@ -76,11 +78,13 @@ class CheckpointReader:
                 f"to safetensors")
         warnings.warn(f"{where}: loading a pickle checkpoint (allowed by allow_pickle); "
                       f"safetensors is safer and faster", UserWarning, stacklevel=3)
+        from .pickle_checkpoint import load_state_dict
+
         found: Dict[Path, Dict[str, TensorInfo]] = {}
         for file in layout.files:
             # Memory-mapped, so listing shapes does not read the data; dropped right after.
             tensors = load_state_dict(file)
-            found[file] = {name: TensorInfo(name, tuple(t.shape), t.dtype, file,
+            found[file] = {name: TensorInfo(name, tuple(t.shape), as_dtype(t.dtype), file,
                                             tensor_nbytes(t.shape, t.dtype))
                            for name, t in tensors.items()}
             del tensors
@@ -147,28 +151,57 @@ class CheckpointReader:
         raise TensorNotFoundError(f"tensor {name!r} is not in model {self.path} "
                                   f"({len(self._infos)} tensors){hint}")
 
-    def get(self, name: str, *, mapped: bool = False) -> torch.Tensor:
-        """The tensor as a CPU tensor, reading only its bytes.
+    def get(self, name: str, *, mapped: bool = False):
+        """The tensor as a CPU torch tensor, reading only its bytes.
 
         mapped=False: a tensor of its own, read with pread (mapping the whole file, as
         safetensors does, would count every page touched as ours until the file is unmapped).
         mapped=True: a read-only view of the file's pages in the page cache, mapped for this
         tensor alone and unmapped when the tensor is freed: no copy and no fresh memory, for
-        callers that only read it and drop it soon (the merge executor)."""
+        callers that only read it and drop it soon."""
+        import torch
+
         info = self.info(name)
         if self._pickle_cache is not None:
             with self._lock:
                 return self._pickle_cache.get(info.file, name)
         if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
+            return torch.empty(info.shape, dtype=info.dtype.torch)
         if mapped:
-            data = self._map(info)
+            with warnings.catch_warnings():  # read-only: callers never write their inputs
+                warnings.simplefilter("ignore", UserWarning)
+                data = torch.frombuffer(self._map(info), dtype=torch.uint8, count=info.nbytes,
+                                        offset=info.offset % mmap.ALLOCATIONGRANULARITY)
         else:
             data = torch.empty(info.nbytes, dtype=torch.uint8)
             self._read_into(info, data.numpy())
-        return data.view(info.dtype).reshape(info.shape)
+        return data.view(info.dtype.torch).reshape(info.shape)
 
-    def _map(self, info: TensorInfo) -> torch.Tensor:
+    def get_array(self, name: str, *, mapped: bool = True):
+        """The tensor as a HostArray (numpy storage + DType), without torch; mapped as in get().
+        Pickle checkpoints need torch to load and are converted."""
+        from ..host_kernels import HostArray
+
+        info = self.info(name)
+        storage = np.dtype(info.dtype.storage)
+        count = info.nbytes // storage.itemsize
+        if self._pickle_cache is not None:
+            t = self.get(name).contiguous()
+            raw = t.reshape(-1).view(__import__("torch").uint8).numpy().view(storage)
+            return HostArray(raw.reshape(info.shape), info.dtype)
+        if info.nbytes == 0:
+            return HostArray(np.empty(info.shape, dtype=storage), info.dtype)
+        if mapped:
+            data = np.frombuffer(self._map(info), dtype=storage, count=count,
+                                 offset=info.offset % mmap.ALLOCATIONGRANULARITY)
+        else:
+            data = np.empty(count, dtype=storage)
+            self._read_into(info, data)
+        return HostArray(data.reshape(info.shape), info.dtype)
+
+    def _map(self, info: TensorInfo) -> mmap.mmap:
+        """A read-only mapping of the tensor's pages (from the page boundary before it),
+        populated now rather than faulted in page by page by the kernels."""
         fd = self._fd(info.file)
         start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
         length = info.offset + info.nbytes - start
@@ -177,15 +210,11 @@ class CheckpointReader:
                 raise CorruptCheckpointError(
                     f"{info.file}: tensor {info.name!r} ends past the end of the file "
                     f"(file changed or truncated since it was opened?)")
-            region = mmap.mmap(fd, length, flags=mmap.MAP_SHARED | _MAP_POPULATE,
-                               prot=mmap.PROT_READ, offset=start)
+            return mmap.mmap(fd, length, flags=mmap.MAP_SHARED | _MAP_POPULATE,
+                             prot=mmap.PROT_READ, offset=start)
         except OSError as exc:
             raise CorruptCheckpointError(f"{info.file}: cannot map tensor {info.name!r} "
                                          f"({exc})") from None
-        with warnings.catch_warnings():  # read-only: the merge never writes its inputs
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.frombuffer(region, dtype=torch.uint8, count=info.nbytes,
-                                    offset=info.offset - start)
 
     def _read_into(self, info: TensorInfo, buffer) -> None:
         fd = self._fd(info.file)

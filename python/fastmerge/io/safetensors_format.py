@@ -16,21 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
-import torch
-
+from ..dtypes import BY_CODE, DType, as_dtype
 from ..errors import CorruptCheckpointError
 
-# safetensors dtype code -> torch dtype; the float8 and unsigned types only where torch has them.
-DTYPES: Dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-for _code, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        DTYPES[_code] = getattr(torch, _attr)
-DTYPE_CODES: Dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
+# safetensors dtype code -> DType
+DTYPES: Dict[str, DType] = dict(BY_CODE)
 
 HEADER_LENGTH_BYTES = 8
 # The safetensors library refuses larger headers; a corrupt length must not make us read gigabytes.
@@ -41,7 +31,7 @@ METADATA_KEY = "__metadata__"
 @dataclass(frozen=True)
 class HeaderEntry:
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: Tuple[int, ...]
     begin: int  # byte offsets into the data area
     end: int
@@ -58,8 +48,9 @@ class Header:
     data_start: int  # file offset of the data area
 
 
-def tensor_nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+def tensor_nbytes(shape: Iterable[int], dtype) -> int:
+    """Bytes of a tensor of this shape and dtype (a DType, a name or a torch dtype)."""
+    return math.prod(shape) * as_dtype(dtype).itemsize
 
 
 def read_header(path: Path) -> Header:
@@ -153,13 +144,13 @@ def _check_tiling(path: Path, entries: List[HeaderEntry], data_size: int) -> Non
             f"{path}: {data_size - position} bytes after {after} that no header entry describes")
 
 
-def encode_header(entries: Iterable[Tuple[str, torch.dtype, Tuple[int, ...], int, int]],
+def encode_header(entries: Iterable[Tuple[str, DType, Tuple[int, ...], int, int]],
                   metadata: Dict[str, str]) -> bytes:
     """The 8-byte length plus the JSON header, padded with spaces so that the data area starts
     at a multiple of 8 bytes. entries: (name, dtype, shape, begin, end)."""
     header = {METADATA_KEY: dict(metadata)}
     for name, dtype, shape, begin, end in entries:
-        header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape),
+        header[name] = {"dtype": as_dtype(dtype).code, "shape": list(shape),
                         "data_offsets": [begin, end]}
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-import torch
-
+from ..dtypes import DType, as_dtype
 from ..errors import InvalidArgumentError, OutputError
 from .layout import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
-from .safetensors_format import DTYPE_CODES, encode_header, tensor_nbytes
+from .safetensors_format import encode_header, tensor_nbytes
 
 DEFAULT_METADATA = {"format": "pt"}
 MAX_LISTED = 10  # names listed in an error before "... and N more"
@@ -26,7 +25,14 @@ MAX_LISTED = 10  # names listed in an error before "... and N more"
 class OutputTensor:
     name: str
     shape: Tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType  # a torch dtype or a dtype name is accepted and converted
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "dtype", as_dtype(self.dtype))
+        except ValueError:
+            raise OutputError(f"output tensor {self.name!r} has dtype {self.dtype}, which "
+                              f"safetensors cannot store") from None
 
 
 @dataclass(frozen=True)
@@ -117,9 +123,6 @@ class ShardedWriter:
             if t.name in seen:
                 raise OutputError(f"output tensor {t.name!r} is planned twice")
             seen.add(t.name)
-            if t.dtype not in DTYPE_CODES:
-                raise OutputError(f"output tensor {t.name!r} has dtype {t.dtype}, which "
-                                  f"safetensors cannot store")
             if not all(isinstance(d, int) and d >= 0 for d in t.shape):
                 raise OutputError(f"output tensor {t.name!r} has invalid shape {t.shape!r}")
 
@@ -128,7 +131,7 @@ class ShardedWriter:
         # Widest dtypes first (stable otherwise): every tensor then starts at a multiple of its
         # element size, as the safetensors library lays files out, so readers never see
         # misaligned data. Within one dtype this is the planned order.
-        ordered = sorted(group, key=lambda t: -torch.empty((), dtype=t.dtype).element_size())
+        ordered = sorted(group, key=lambda t: -t.dtype.itemsize)
         entries, position = [], 0
         for t in ordered:
             nbytes = tensor_nbytes(t.shape, t.dtype)
@@ -164,23 +167,26 @@ class ShardedWriter:
             count = os.pwrite(shard.fd, view, offset)
             view, offset = view[count:], offset + count
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor) -> None:
+        """Writes a torch tensor or a HostArray (numpy bytes + DType) into its planned place."""
         if self._finished:
             raise OutputError(f"{self.directory}: write({name!r}) after finish()")
         slot = self._slots.get(name)
         if slot is None:
             raise OutputError(f"{self.directory}: tensor {name!r} is not in the output plan")
         planned = slot.tensor
-        if tuple(tensor.shape) != tuple(planned.shape) or tensor.dtype != planned.dtype:
+        try:
+            dtype = as_dtype(tensor.dtype)
+        except ValueError:
+            dtype = None
+        if tuple(tensor.shape) != tuple(planned.shape) or dtype != planned.dtype:
             raise OutputError(
                 f"{self.directory}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
                 f"but the plan has {tuple(planned.shape)} {planned.dtype}")
         shard = self._shards[slot.shard]
         if slot.nbytes:
-            # Reinterpret as bytes: numpy has no bfloat16/float8, but every dtype has uint8 bytes.
-            raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
             try:
-                self._pwrite_all(shard, raw, slot.offset)
+                self._pwrite_all(shard, _raw_bytes(tensor), slot.offset)
             except OSError as exc:
                 raise OutputError(f"{shard.path}: writing tensor {name!r} failed "
                                   f"({exc.strerror or exc})") from exc
@@ -240,3 +246,15 @@ class ShardedWriter:
 
     def __del__(self):
         self._close()
+
+
+def _raw_bytes(tensor):
+    """The bytes of a HostArray or a torch tensor, as a flat uint8 numpy array."""
+    data = getattr(tensor, "data", None)
+    if data is not None and hasattr(data, "ctypes"):  # HostArray: numpy storage
+        import numpy as np
+
+        return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    import torch  # reinterpret as bytes: numpy has no bfloat16/float8, every dtype has uint8
+
+    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()

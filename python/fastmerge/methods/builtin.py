@@ -1,13 +1,29 @@
 """mergekit 0.1.5's methods, with its names, parameters, defaults and input rules, each
-running one fused fastmerge kernel per tensor."""
+running one fused fastmerge kernel per tensor: on HostArrays (numpy, the CPU streaming path,
+no torch) through fastmerge.host_kernels, on torch tensors through fastmerge.ops."""
 from __future__ import annotations
 
 from typing import Optional
 
-import torch
-
-from .. import ops
+from .. import host_kernels
 from .registry import INPUT, NON_BASE, SHARED, MergeCall, MethodSpec, ParamSpec, register
+
+
+def _ops():
+    from .. import ops  # imports torch: only for merges of torch tensors
+
+    return ops
+
+
+def _cast(call: MergeCall, x, scale: Optional[float] = None):
+    """x (times scale) in the output dtype, computed in fp32 and rounded once."""
+    if call.host:
+        if scale is None and x.dtype == call.out_dtype:
+            return x
+        return host_kernels.gta(None, [x], call.out_dtype, weight=1.0 if scale is None else scale)
+    if scale is None:
+        return x.to(call.out_dtype.torch)
+    return (x.float() * scale).to(call.out_dtype.torch)
 
 
 def _gta(name: str, sparsification: Optional[str], consensus: Optional[str], normalize: bool,
@@ -25,20 +41,23 @@ def _gta(name: str, sparsification: Optional[str], consensus: Optional[str], nor
     if sparsification == "della_magprune":
         params.append(ParamSpec("epsilon", "float", NON_BASE, 0.15))
 
-    def merge(call: MergeCall) -> torch.Tensor:
+    def merge(call: MergeCall):
         if not call.inputs:
-            return call.base.to(call.out_dtype)
-        extra = {}
+            return _cast(call, call.base)
+        params = dict(density=call.values("density"), sparsification=sparsification,
+                      consensus=consensus, rescale=call.shared["rescale"],
+                      normalize=call.shared["normalize"], lambda_=call.shared["lambda"],
+                      seed=call.seed, name=call.name)
         if sparsification == "magnitude_outliers":
-            extra["gamma"] = call.values("gamma")
+            params["gamma"] = call.values("gamma")
         if sparsification == "della_magprune":
-            extra["epsilon"] = call.values("epsilon")
-        return ops.generalized_task_arithmetic(
-            call.base, call.inputs, call.values("weight"), density=call.values("density"),
-            sparsification=sparsification, consensus=consensus,
-            rescale=call.shared["rescale"], normalize=call.shared["normalize"],
-            lambda_=call.shared["lambda"], seed=call.seed, name=call.name,
-            out_dtype=call.out_dtype, **extra)
+            params["epsilon"] = call.values("epsilon")
+        if call.host:
+            return host_kernels.gta(call.base, call.inputs, call.out_dtype,
+                                    weight=call.values("weight"), **params)
+        return _ops().generalized_task_arithmetic(
+            call.base, call.inputs, call.values("weight"), out_dtype=call.out_dtype.torch,
+            **params)
 
     return register(MethodSpec(name, tuple(params), merge, uses_base=True,
                                description=description))
@@ -58,9 +77,12 @@ _gta("della_linear", "della_magprune", None, False, True,
      "magnitude-ranked drop probabilities, rescale, weighted sum")
 
 
-def _linear(call: MergeCall) -> torch.Tensor:
-    return ops.linear(call.inputs, call.values("weight"), normalize=call.shared["normalize"],
-                      out_dtype=call.out_dtype)
+def _linear(call: MergeCall):
+    if call.host:
+        return host_kernels.gta(None, call.inputs, call.out_dtype, weight=call.values("weight"),
+                                normalize=call.shared["normalize"])
+    return _ops().linear(call.inputs, call.values("weight"), normalize=call.shared["normalize"],
+                         out_dtype=call.out_dtype.torch)
 
 
 register(MethodSpec("linear", (ParamSpec("weight", "float", INPUT),
@@ -68,8 +90,11 @@ register(MethodSpec("linear", (ParamSpec("weight", "float", INPUT),
                     _linear, uses_base=False, description="weighted average of the models"))
 
 
-def _slerp(call: MergeCall) -> torch.Tensor:
-    return ops.slerp(call.base, call.inputs[0], call.shared["t"], out_dtype=call.out_dtype)
+def _slerp(call: MergeCall):
+    if call.host:
+        return host_kernels.slerp(call.base, call.inputs[0], call.shared["t"], call.out_dtype)
+    return _ops().slerp(call.base, call.inputs[0], call.shared["t"],
+                        out_dtype=call.out_dtype.torch)
 
 
 register(MethodSpec("slerp", (ParamSpec("t", "float", SHARED),), _slerp, uses_base=True,
@@ -77,9 +102,12 @@ register(MethodSpec("slerp", (ParamSpec("t", "float", SHARED),), _slerp, uses_ba
                     description="spherical interpolation from the base (t=0) to the other model"))
 
 
-def _model_stock(call: MergeCall) -> torch.Tensor:
-    return ops.model_stock(call.base, call.inputs, filter_wise=call.shared["filter_wise"],
-                           out_dtype=call.out_dtype)
+def _model_stock(call: MergeCall):
+    if call.host:
+        return host_kernels.model_stock(call.base, call.inputs, call.shared["filter_wise"],
+                                        call.out_dtype)
+    return _ops().model_stock(call.base, call.inputs, filter_wise=call.shared["filter_wise"],
+                              out_dtype=call.out_dtype.torch)
 
 
 register(MethodSpec("model_stock", (ParamSpec("filter_wise", "bool", SHARED, False),),
@@ -87,12 +115,8 @@ register(MethodSpec("model_stock", (ParamSpec("filter_wise", "bool", SHARED, Fal
                     description="interpolate the models' average toward the base by their geometry"))
 
 
-def _passthrough(call: MergeCall) -> torch.Tensor:
-    x = call.inputs[0]
-    scale = call.per_input[0]["scale"]
-    if scale is None:
-        return x.to(call.out_dtype)
-    return (x.float() * scale).to(call.out_dtype)
+def _passthrough(call: MergeCall):
+    return _cast(call, call.inputs[0], call.per_input[0]["scale"])
 
 
 register(MethodSpec("passthrough", (ParamSpec("scale", "optional_float", INPUT, None),),

@@ -4,9 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import torch
-
 from ..config import coerce_bool, coerce_float
+from ..dtypes import DType
 from ..errors import ConfigError
 
 MISSING = object()
@@ -43,24 +42,32 @@ class ParamSpec:
 @dataclass
 class MergeCall:
     """One tensor's merge: the inputs in config order (base separate when the method uses one)
-    with their resolved parameters."""
+    with their resolved parameters. The tensors are all HostArrays (host memory, no torch) or
+    all torch tensors (CUDA, or dtypes the kernels do not read)."""
     name: str                        # output tensor name (keys the Philox stream)
-    base: Optional[torch.Tensor]
-    inputs: List[torch.Tensor]       # non-base inputs, or all inputs when the base is ignored
+    base: Any
+    inputs: List[Any]                # non-base inputs, or all inputs when the base is ignored
     shared: Dict[str, Any]
     per_input: List[Dict[str, Any]]  # aligned with inputs
     seed: int
-    out_dtype: torch.dtype
+    out_dtype: DType
 
     def values(self, key: str) -> List[Any]:
         return [p[key] for p in self.per_input]
+
+    @property
+    def host(self) -> bool:
+        from ..host_kernels import HostArray
+
+        first = self.base if self.base is not None else self.inputs[0]
+        return isinstance(first, HostArray)
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
     parameters: Tuple[ParamSpec, ...]
-    merge: Callable[[MergeCall], torch.Tensor]
+    merge: Callable[[MergeCall], Any]
     uses_base: bool                  # True: a base model is required and merged against
     min_inputs: int = 1              # counting the base
     max_inputs: Optional[int] = None

@@ -5,15 +5,14 @@ faults. Every failure is an InvalidArgumentError naming the argument and the val
 """
 from __future__ import annotations
 
-import math
 import warnings
-from numbers import Real
-from typing import List, Optional, Sequence, Union
+from typing import List, Sequence, Union
 
 import torch
 import torch.utils.dlpack
 
 from .. import _native
+from .._params import check_scalar, check_seed, per_expert, stream_hash  # noqa: F401
 from ..errors import InvalidArgumentError
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -55,42 +54,8 @@ def check_same_layout(reference: torch.Tensor, ref_name: str, tensors: Sequence[
             raise InvalidArgumentError(f"{n} is on {t.device} but {ref_name} is on {reference.device}")
 
 
-def per_expert(value: PerExpert, count: int, name: str, *, low: Optional[float] = None,
-               high: Optional[float] = None) -> List[float]:
-    """A float or one value per expert -> list of finite floats within [low, high]."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().reshape(-1).tolist()
-        if len(value) == 1:
-            value = value[0]
-    if isinstance(value, Real) and not isinstance(value, bool):
-        values = [float(value)] * count
-    else:
-        try:
-            if isinstance(value, (str, bytes)):
-                raise TypeError(name)
-            values = [float(v) for v in value]  # type: ignore[union-attr]
-        except (TypeError, ValueError):
-            raise InvalidArgumentError(f"{name} must be a float or one float per expert, got {value!r}") from None
-        if len(values) != count:
-            raise InvalidArgumentError(f"{name} has {len(values)} values for {count} experts: {values}")
-    for i, v in enumerate(values):
-        label = name if count == 1 else f"{name}[{i}]"
-        if not math.isfinite(v):
-            raise InvalidArgumentError(f"{label} must be finite, got {v}")
-        if low is not None and v < low or high is not None and v > high:
-            raise InvalidArgumentError(f"{label} must lie in [{low}, {high}], got {v}")
-    return values
 
 
-def check_scalar(value, name: str, *, low: Optional[float] = None, high: Optional[float] = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise InvalidArgumentError(f"{name} must be a real number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise InvalidArgumentError(f"{name} must be finite, got {v}")
-    if low is not None and v < low or high is not None and v > high:
-        raise InvalidArgumentError(f"{name} must lie in [{low}, {high}], got {v}")
-    return v
 
 
 def resolve_out_dtype(out_dtype, default: torch.dtype) -> torch.dtype:
@@ -101,21 +66,8 @@ def resolve_out_dtype(out_dtype, default: torch.dtype) -> torch.dtype:
     return out_dtype
 
 
-def stream_hash(name: str) -> int:
-    """32-bit FNV-1a of the tensor name's UTF-8 bytes: the Philox stream of random masks."""
-    h = 0x811C9DC5
-    for byte in name.encode("utf-8"):
-        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
-    return h
 
 
-def check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise InvalidArgumentError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-    return seed
-
-
-# ---- hand-off to the kernels ----
 
 def kernel_input(t: torch.Tensor) -> torch.Tensor:
     """Contiguous, kernel dtype (float64 is computed in fp32), no autograd."""

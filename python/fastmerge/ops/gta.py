@@ -13,42 +13,20 @@ from typing import Optional, Sequence
 import torch
 
 from .. import _native
-from ..errors import InvalidArgumentError
 from . import _reference
+from .._params import CONSENSUS, SPARSIFICATION, della_rank_axis, gta_arguments  # noqa: F401
 from ._validate import (
     PerExpert,
     capsule,
     check_experts,
     check_same_layout,
-    check_scalar,
-    check_seed,
     check_tensor,
     cuda_stream,
     kernel_input,
     kernel_output,
-    per_expert,
     resolve_out_dtype,
-    stream_hash,
     use_native,
 )
-
-SPARSIFICATION = {None: 0, "magnitude": 1, "random": 2, "magnitude_outliers": 3, "della_magprune": 4}
-CONSENSUS = {None: 0, "sum": 1, "count": 2}
-
-
-def della_rank_axis(shape: Sequence[int]):
-    """(outer, len, inner) of mergekit's DELLA ranking: argsort along dim 1 after <2-D tensors
-    are unsqueezed to one row (0-d tensors count as one element)."""
-    shape = list(shape)
-    if len(shape) == 0:
-        return 1, 1, 1
-    if len(shape) == 1:
-        return 1, shape[0], 1
-    inner = 1
-    for s in shape[2:]:
-        inner *= s
-    return shape[0], shape[1], inner
-
 
 def generalized_task_arithmetic(
     base: Optional[torch.Tensor],
@@ -78,36 +56,16 @@ def generalized_task_arithmetic(
         reference, ref_name = experts[0], "experts[0]"
         others, names = experts[1:], [f"experts[{i}]" for i in range(1, len(experts))]
     check_same_layout(reference, ref_name, others, names)
-    if sparsification not in SPARSIFICATION:
-        raise InvalidArgumentError(
-            f"sparsification must be one of {sorted(k for k in SPARSIFICATION if k)} or None, got {sparsification!r}"
-        )
-    if consensus not in CONSENSUS:
-        raise InvalidArgumentError(f"consensus must be 'sum', 'count' or None, got {consensus!r}")
-    count = len(experts)
-    weights = per_expert(weight, count, "weight")
-    densities = per_expert(density, count, "density", low=0.0, high=1.0)
-    gammas = per_expert(gamma, count, "gamma", low=0.0, high=1.0)
-    epsilons = per_expert(epsilon, count, "epsilon", low=0.0, high=1.0)
-    if sparsification == "della_magprune":
-        for i, (d, e) in enumerate(zip(densities, epsilons)):
-            if 0.0 < d < 1.0 and not (d + e < 1.0 and d - e > 0.0):
-                raise InvalidArgumentError(
-                    f"della needs density +/- epsilon inside (0, 1): expert {i} has density={d}, epsilon={e}"
-                )
-    lam = check_scalar(lambda_, "lambda_")
-    seed = check_seed(seed)
-    if not isinstance(name, str):
-        raise InvalidArgumentError(f"name must be a string, got {name!r}")
+    args = gta_arguments(len(experts), reference.shape, weight=weight, density=density,
+                         sparsification=sparsification, consensus=consensus, rescale=rescale,
+                         normalize=normalize, lambda_=lambda_, gamma=gamma, epsilon=epsilon,
+                         seed=seed, name=name)
+    kernel_args = args.pop("kernel")
     dtype = resolve_out_dtype(out_dtype, reference.dtype)
 
-    args = dict(weights=weights, densities=densities, gammas=gammas, epsilons=epsilons,
-                sparsification=sparsification, consensus=consensus, rescale=bool(rescale),
-                normalize=bool(normalize), lambda_=lam, seed=seed, name=name)
     if not use_native(reference.device):
         return _reference.generalized_task_arithmetic(base, experts, **args).to(dtype)
 
-    outer, length, inner = della_rank_axis(reference.shape)
     base_in = kernel_input(base) if base is not None else None
     expert_in = [kernel_input(e) for e in experts]
     out = kernel_output(reference.shape, dtype, reference.device)
@@ -115,20 +73,7 @@ def generalized_task_arithmetic(
         capsule(base_in) if base_in is not None else None,
         [capsule(e) for e in expert_in],
         capsule(out),
-        SPARSIFICATION[sparsification],
-        CONSENSUS[consensus],
-        bool(rescale),
-        bool(normalize),
-        lam,
-        seed,
-        stream_hash(name),
-        weights,
-        densities,
-        gammas,
-        epsilons,
-        outer,
-        length,
-        inner,
+        *kernel_args,
         cuda_stream(reference.device),
     )
     return out.to(dtype) if out.dtype != dtype else out

@@ -1,0 +1,127 @@
+"""Argument checks and the argument list of the merge kernels, without torch: shared by the
+public ops (fastmerge.ops) and the streaming path of `fastmerge run`, which must not import
+torch on the CPU."""
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import List, Optional, Sequence
+
+from .errors import InvalidArgumentError
+
+SPARSIFICATION = {None: 0, "magnitude": 1, "random": 2, "magnitude_outliers": 3, "della_magprune": 4}
+CONSENSUS = {None: 0, "sum": 1, "count": 2}
+
+
+def della_rank_axis(shape: Sequence[int]):
+    """(outer, len, inner) of mergekit's DELLA ranking: argsort along dim 1 after <2-D tensors
+    are unsqueezed to one row (0-d tensors count as one element)."""
+    shape = list(shape)
+    if len(shape) == 0:
+        return 1, 1, 1
+    if len(shape) == 1:
+        return 1, shape[0], 1
+    inner = 1
+    for s in shape[2:]:
+        inner *= s
+    return shape[0], shape[1], inner
+
+
+
+def per_expert(value, count: int, name: str, *, low: Optional[float] = None,
+               high: Optional[float] = None) -> List[float]:
+    """A float or one value per expert -> list of finite floats within [low, high]."""
+    if hasattr(value, "detach") and hasattr(value, "reshape"):  # a torch tensor
+        value = value.detach().cpu().reshape(-1).tolist()
+        if len(value) == 1:
+            value = value[0]
+    if isinstance(value, Real) and not isinstance(value, bool):
+        values = [float(value)] * count
+    else:
+        try:
+            if isinstance(value, (str, bytes)):
+                raise TypeError(name)
+            values = [float(v) for v in value]  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(f"{name} must be a float or one float per expert, got {value!r}") from None
+        if len(values) != count:
+            raise InvalidArgumentError(f"{name} has {len(values)} values for {count} experts: {values}")
+    for i, v in enumerate(values):
+        label = name if count == 1 else f"{name}[{i}]"
+        if not math.isfinite(v):
+            raise InvalidArgumentError(f"{label} must be finite, got {v}")
+        if low is not None and v < low or high is not None and v > high:
+            raise InvalidArgumentError(f"{label} must lie in [{low}, {high}], got {v}")
+    return values
+
+
+def check_scalar(value, name: str, *, low: Optional[float] = None, high: Optional[float] = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise InvalidArgumentError(f"{name} must be a real number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise InvalidArgumentError(f"{name} must be finite, got {v}")
+    if low is not None and v < low or high is not None and v > high:
+        raise InvalidArgumentError(f"{name} must lie in [{low}, {high}], got {v}")
+    return v
+
+
+def stream_hash(name: str) -> int:
+    """32-bit FNV-1a of the tensor name's UTF-8 bytes: the Philox stream of random masks."""
+    h = 0x811C9DC5
+    for byte in name.encode("utf-8"):
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise InvalidArgumentError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return seed
+
+
+# ---- hand-off to the kernels ----
+
+
+def gta_arguments(count: int, shape: Sequence[int], *, weight, density=1.0,
+                  sparsification: Optional[str] = None, consensus: Optional[str] = None,
+                  rescale: bool = False, normalize: bool = False, lambda_: float = 1.0,
+                  gamma=0.01, epsilon=0.15, seed: int = 0, name: str = "") -> dict:
+    """Checks the parameters of a merge of `count` experts of this shape; returns them as the
+    reference implementation takes them (keys) plus `kernel`: the tuple _C.gta_merge takes
+    after the tensors."""
+    if sparsification not in SPARSIFICATION:
+        raise InvalidArgumentError(
+            f"sparsification must be one of {sorted(k for k in SPARSIFICATION if k)} or None, "
+            f"got {sparsification!r}")
+    if consensus not in CONSENSUS:
+        raise InvalidArgumentError(f"consensus must be 'sum', 'count' or None, got {consensus!r}")
+    weights = per_expert(weight, count, "weight")
+    densities = per_expert(density, count, "density", low=0.0, high=1.0)
+    gammas = per_expert(gamma, count, "gamma", low=0.0, high=1.0)
+    epsilons = per_expert(epsilon, count, "epsilon", low=0.0, high=1.0)
+    if sparsification == "della_magprune":
+        for i, (d, e) in enumerate(zip(densities, epsilons)):
+            if 0.0 < d < 1.0 and not (d + e < 1.0 and d - e > 0.0):
+                raise InvalidArgumentError(
+                    f"della needs density +/- epsilon inside (0, 1): expert {i} has "
+                    f"density={d}, epsilon={e}")
+    lam = check_scalar(lambda_, "lambda_")
+    seed = check_seed(seed)
+    if not isinstance(name, str):
+        raise InvalidArgumentError(f"name must be a string, got {name!r}")
+    outer, length, inner = della_rank_axis(shape)
+    kernel = (SPARSIFICATION[sparsification], CONSENSUS[consensus], bool(rescale),
+              bool(normalize), lam, seed, stream_hash(name), weights, densities, gammas,
+              epsilons, outer, length, inner)
+    return dict(weights=weights, densities=densities, gammas=gammas, epsilons=epsilons,
+                sparsification=sparsification, consensus=consensus, rescale=bool(rescale),
+                normalize=bool(normalize), lambda_=lam, seed=seed, name=name, kernel=kernel)
+
+
+def model_stock_rows(shape: Sequence[int], filter_wise: bool) -> int:
+    """Rows the kernel reduces over: the last dim per row when filter_wise (a 1-D tensor is one
+    row), otherwise one flat row."""
+    if filter_wise and len(shape) >= 2 and shape[-1]:
+        return math.prod(shape) // shape[-1]
+    return 1

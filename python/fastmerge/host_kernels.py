@@ -1,0 +1,142 @@
+"""The merge kernels on numpy arrays in host memory, without torch.
+
+`fastmerge run` on the CPU reads checkpoints as numpy views of the file pages and hands them to
+the same _C kernels the torch ops call. The kernels take DLPack capsules; numpy cannot describe
+bfloat16, so the capsules are built here with the element type spelled out (the arrays hold the
+bytes, DType says what they are). _C borrows a capsule for the duration of the call only.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _native
+from ._params import check_scalar, gta_arguments, model_stock_rows
+from .dtypes import KERNEL_DTYPES, DType
+
+DL_CPU = 1
+
+
+@dataclass
+class HostArray:
+    """A C-contiguous array whose bytes are elements of dtype (numpy holds bf16 as uint16)."""
+    data: np.ndarray
+    dtype: DType
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    @staticmethod
+    def empty(shape: Sequence[int], dtype: DType) -> "HostArray":
+        return HostArray(np.empty(tuple(shape), dtype=dtype.storage), dtype)
+
+
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int32),
+                ("dtype", _DLDataType), ("shape", ctypes.POINTER(ctypes.c_int64)),
+                ("strides", ctypes.POINTER(ctypes.c_int64)), ("byte_offset", ctypes.c_uint64)]
+
+
+class _DLManagedTensor(ctypes.Structure):
+    _fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p),
+                ("deleter", ctypes.c_void_p)]
+
+
+_capsule_new = ctypes.pythonapi.PyCapsule_New
+_capsule_new.restype = ctypes.py_object
+_capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+
+class _Borrowed:
+    """A DLPack capsule describing an array; keeps what it points to alive while referenced."""
+
+    def __init__(self, x: HostArray):
+        if not x.data.flags.c_contiguous:
+            raise ValueError("host kernels need C-contiguous arrays")
+        self.array = x.data
+        ndim = x.data.ndim
+        self.shape = (ctypes.c_int64 * max(ndim, 1))(*x.data.shape)
+        code, bits = x.dtype.dlpack
+        self.managed = _DLManagedTensor()
+        t = self.managed.dl_tensor
+        t.data = x.data.ctypes.data if x.data.size else None
+        t.device = _DLDevice(DL_CPU, 0)
+        t.ndim = ndim
+        t.dtype = _DLDataType(code, bits, 1)
+        t.shape = ctypes.cast(self.shape, ctypes.POINTER(ctypes.c_int64))
+        t.strides = None  # compact row-major
+        t.byte_offset = 0
+        self.capsule = _capsule_new(ctypes.addressof(self.managed), b"dltensor", None)
+
+
+def supports(dtypes: Sequence[DType]) -> bool:
+    """True when the kernels read and write every one of these dtypes."""
+    return _native.available() and all(d in KERNEL_DTYPES for d in dtypes)
+
+
+def gta(base: Optional[HostArray], experts: List[HostArray], out_dtype: DType,
+        **params) -> HostArray:
+    """Generalized task arithmetic (as fastmerge.ops.generalized_task_arithmetic)."""
+    reference = base if base is not None else experts[0]
+    args = gta_arguments(len(experts), reference.shape, **params)
+    out = HostArray.empty(reference.shape, out_dtype)
+    held = [_Borrowed(e) for e in experts]
+    held_base = _Borrowed(base) if base is not None else None
+    held_out = _Borrowed(out)
+    _native.native().gta_merge(held_base.capsule if held_base else None,
+                               [h.capsule for h in held], held_out.capsule, *args["kernel"], 0)
+    return out
+
+
+def slerp(a: HostArray, b: HostArray, t: float, out_dtype: DType) -> HostArray:
+    out = HostArray.empty(a.shape, out_dtype)
+    ha, hb, ho = _Borrowed(a), _Borrowed(b), _Borrowed(out)
+    _native.native().slerp(ha.capsule, hb.capsule, ho.capsule, check_scalar(t, "t"), 0)
+    return out
+
+
+def model_stock(base: HostArray, experts: List[HostArray], filter_wise: bool,
+                out_dtype: DType) -> HostArray:
+    out = HostArray.empty(base.shape, out_dtype)
+    if out.data.size:
+        hb, ho = _Borrowed(base), _Borrowed(out)
+        held = [_Borrowed(e) for e in experts]
+        _native.native().model_stock(hb.capsule, [h.capsule for h in held], ho.capsule,
+                                     model_stock_rows(base.shape, filter_wise), 0)
+    return out
+
+
+# Exponent bits that mark Inf/NaN in formats numpy cannot test directly.
+_NON_FINITE_BITS = {"bfloat16": 0x7F80, "float8_e5m2": 0x7C}
+
+
+def count_non_finite(x) -> int:
+    """How many elements of a HostArray or torch tensor are NaN or +-Inf."""
+    if isinstance(x, HostArray):
+        if x.dtype.name in _NON_FINITE_BITS:
+            mask = _NON_FINITE_BITS[x.dtype.name]
+            return int(np.count_nonzero((x.data & mask) == mask))
+        if x.dtype.name == "float8_e4m3fn":  # no infinities; NaN is S.1111.111
+            return int(np.count_nonzero((x.data & 0x7F) == 0x7F))
+        if x.dtype.is_floating_point:
+            return int(np.count_nonzero(~np.isfinite(x.data)))
+        return 0
+    import torch
+
+    return int((~torch.isfinite(x)).sum()) if x.is_floating_point() else 0
