@@ -324,3 +324,32 @@ def test_host_and_torch_paths_write_the_same_bytes(method, family, tmp_path, mon
     assert files and [f.name for f in files] == [f.name for f in safetensors_files(tmp_path / "torch")]
     for f in files:
         assert f.read_bytes() == (tmp_path / "torch" / f.name).read_bytes(), f.name
+
+
+def test_buffers_and_float64_tensors(tmp_path):
+    """Integer buffers are copied from the base; float64 tensors (which the kernels do not
+    read) go through the torch ops and keep their dtype; both next to bf16 ones."""
+    g = torch.Generator().manual_seed(0)
+    models = {}
+    base = {"model.embed_tokens.weight": torch.randn(16, 8, generator=g).to(torch.bfloat16),
+            "model.layers.0.mlp.weight": torch.randn(8, 8, generator=g, dtype=torch.float64),
+            "model.layers.0.position_ids": torch.arange(6)}
+    for name in ("base", "a", "b"):
+        d = tmp_path / name
+        d.mkdir()
+        tensors = {k: (v + 0.1 * torch.randn(v.shape, generator=g).to(v.dtype)
+                       if v.is_floating_point() and name != "base" else v.clone())
+                   for k, v in base.items()}
+        save_file(tensors, d / "model.safetensors")
+        (d / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 1}))
+        models[name] = tensors
+    cfg = write_config(tmp_path, tmp_path / "base", [tmp_path / "a", tmp_path / "b"], "ties")
+    run_merge(cfg, tmp_path / "out", MergeOptions(quiet=True))
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(out["model.layers.0.position_ids"], base["model.layers.0.position_ids"])
+    from fastmerge import ops
+
+    for name in ("model.embed_tokens.weight", "model.layers.0.mlp.weight"):
+        want = ops.ties(models["base"][name], [models["a"][name], models["b"][name]],
+                        [0.5, 0.5], 0.5)
+        assert out[name].dtype == base[name].dtype and torch.equal(out[name], want), name
