@@ -144,6 +144,12 @@ def positive_int(text: str) -> int:
 
 
 
+def cmd_mergekit_yaml(args: argparse.Namespace) -> int:
+    from .integrations.mergekit import run_mergekit_yaml
+
+    return run_mergekit_yaml(args.mergekit_args)
+
+
 def _run_bench(args: argparse.Namespace) -> int:
     from . import bench
 
@@ -181,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("mergekit-yaml", add_help=False,
+                       help="mergekit's own mergekit-yaml, with its methods running on fastmerge "
+                            "kernels (fastmerge.integrations.mergekit)")
+    p.add_argument("mergekit_args", nargs=argparse.REMAINDER,
+                   help="mergekit-yaml's arguments: CONFIG OUT [options]")
+    p.set_defaults(func=cmd_mergekit_yaml)
+
     p = sub.add_parser("info", help="show what this installation was built with")
     p.add_argument("--json", action="store_true", help="print JSON instead of key: value lines")
     p.set_defaults(func=cmd_info)
@@ -207,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["mergekit-yaml"]:  # everything after it is mergekit's, --help included
+        return guarded(lambda: cmd_mergekit_yaml(argparse.Namespace(mergekit_args=argv[1:])))
     parser = build_parser()
     args = parser.parse_args(argv)
     return guarded(lambda: args.func(args))

@@ -1,0 +1,2 @@
+"""Opt-in acceleration of other merge tools: each module's patch() swaps their merge methods
+for fastmerge's kernels and unpatch() restores them. Nothing is patched on import."""

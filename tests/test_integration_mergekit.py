@@ -1,0 +1,195 @@
+"""fastmerge.integrations.mergekit: mergekit's own entry points (merge_tensors,
+merge_state_dicts, run_merge, the mergekit-yaml CLI) with and without the patch."""
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("mergekit")
+
+from mergekit.merge_methods import registry  # noqa: E402
+from mergekit.merge_methods.api import merge_state_dicts, merge_tensors  # noqa: E402
+
+from fastmerge import ops  # noqa: E402
+from fastmerge.integrations import mergekit as fmk  # noqa: E402
+
+WEIGHTS = [0.5, 0.3, 0.2]
+
+
+@pytest.fixture(autouse=True)
+def restore_registry():
+    before = dict(registry._METHODS)
+    yield
+    fmk.unpatch()
+    assert registry._METHODS == before
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts calls into the fastmerge ops, to tell the kernels from mergekit's own code."""
+    calls = []
+    for name in ("generalized_task_arithmetic", "linear", "slerp", "model_stock"):
+        real = getattr(ops, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls.append(_name)
+            return _real(*a, **k)
+        monkeypatch.setattr(ops, name, spy)
+    return calls
+
+
+def group(shape=(300, 200), experts=3, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g, dtype=torch.float64)
+    ex = [base + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(experts)]
+    return base.to(dtype), [e.to(dtype) for e in ex]
+
+
+CASES = {
+    "task_arithmetic": {"weight": WEIGHTS, "lambda": 0.8},
+    "ties": {"weight": WEIGHTS, "density": [0.5, 0.7, 0.3]},
+    "breadcrumbs": {"weight": WEIGHTS, "density": 0.6, "gamma": 0.05},
+    "breadcrumbs_ties": {"weight": WEIGHTS, "density": 0.6, "gamma": 0.05},
+    "linear": {"weight": [0.1] + WEIGHTS},
+    "model_stock": {"filter_wise": True},
+}
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_deterministic_methods_match_mergekit_fp32(method, kernel_calls):
+    base, experts = group()
+    inputs = [base] + experts
+    want = merge_tensors(inputs, method, parameters=CASES[method], base_index=0, name="w")
+    assert kernel_calls == []
+    with fmk.patch():
+        got = merge_tensors(inputs, method, parameters=CASES[method], base_index=0, name="w")
+    assert kernel_calls, "the patched method did not run a fastmerge kernel"
+    scale = float((want - base).abs().max())
+    if method in ("ties", "breadcrumbs", "breadcrumbs_ties"):
+        # elements tied at the top-k threshold may differ; none are in continuous inputs
+        assert torch.allclose(got, want, rtol=0, atol=1e-5 * scale)
+    else:
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6 * scale)
+
+
+def test_slerp_matches_mergekit(kernel_calls):
+    base, (other,) = group(experts=1)
+    want = merge_tensors([base, other], "slerp", parameters={"t": 0.3}, base_index=0)
+    with fmk.patch():
+        got = merge_tensors([base, other], "slerp", parameters={"t": 0.3}, base_index=0)
+    assert kernel_calls == ["slerp"]
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "della_linear"])
+def test_random_methods_agree_in_distribution_and_follow_torch_seed(method, kernel_calls):
+    base, experts = group(shape=(400, 300))
+    params = {"weight": WEIGHTS, "density": 0.5}
+    if "della" in method:
+        params["epsilon"] = 0.1
+    want = merge_tensors([base] + experts, method, parameters=params, base_index=0, name="w")
+    with fmk.patch():
+        torch.manual_seed(7)
+        got = merge_tensors([base] + experts, method, parameters=params, base_index=0, name="w")
+        torch.manual_seed(7)
+        again = merge_tensors([base] + experts, method, parameters=params, base_index=0, name="w")
+        torch.manual_seed(8)
+        other = merge_tensors([base] + experts, method, parameters=params, base_index=0, name="w")
+    assert kernel_calls
+    assert torch.equal(got, again) and not torch.equal(got, other)
+    d_got, d_want = (got - base).reshape(-1), (want - base).reshape(-1)
+    ratio = float(d_got.norm() / d_want.norm())
+    cos = float(torch.nn.functional.cosine_similarity(d_got, d_want, dim=0))
+    assert 0.8 < ratio < 1.25 and cos > 0.4, (ratio, cos)
+
+
+def test_bf16_patched_is_closer_to_the_fp32_merge():
+    base, experts = group(dtype=torch.bfloat16)
+    params = {"weight": WEIGHTS, "density": 0.5}
+    exact = merge_tensors([base.float()] + [e.float() for e in experts], "ties",
+                          parameters=params, base_index=0)
+    theirs = merge_tensors([base] + experts, "ties", parameters=params, base_index=0)
+    with fmk.patch():
+        ours = merge_tensors([base] + experts, "ties", parameters=params, base_index=0)
+    assert ours.dtype == torch.bfloat16
+    delta = (exact - base.float()).norm()
+    assert (ours.float() - exact).norm() / delta < (theirs.float() - exact).norm() / delta
+
+
+def test_merge_state_dicts_through_the_patch(kernel_calls):
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.LayerNorm(16)) for _ in range(3)]
+    states = [m.state_dict() for m in models]
+    params = {"weight": [0.6, 0.4], "density": 0.5}
+    want = merge_state_dicts(states, "ties", parameters=params, base=0)
+    with fmk.patch():
+        got = merge_state_dicts(states, "ties", parameters=params, base=0)
+    assert kernel_calls and sorted(got) == sorted(want)
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-6), name
+
+
+def test_fallbacks_warn_once_and_give_mergekit_results(kernel_calls):
+    base, experts = group()
+    params = {"weight": WEIGHTS, "density": 0.5}
+    leaf = base.clone().requires_grad_(True)
+    want = merge_tensors([leaf] + experts, "ties", parameters=params, base_index=0)
+    with fmk.patch():
+        with pytest.warns(RuntimeWarning, match="require grad"):
+            got = merge_tensors([leaf] + experts, "ties", parameters=params, base_index=0)
+        assert got.requires_grad and torch.equal(got, want)
+        d64 = [t.double() for t in [base] + experts]
+        with pytest.warns(RuntimeWarning, match="float32/float16/bfloat16"):
+            got64 = merge_tensors(d64, "ties", parameters=params, base_index=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # said once only
+            merge_tensors(d64, "ties", parameters=params, base_index=0)
+    assert kernel_calls == []
+    assert torch.equal(got64, merge_tensors(d64, "ties", parameters=params, base_index=0))
+
+
+def test_patch_and_unpatch_swap_registry_entries():
+    original = registry._METHODS["ties"]
+    handle = fmk.patch(["ties"])
+    assert fmk.is_patched("ties") and registry._METHODS["ties"] is not original
+    assert registry._METHODS["ties"].spec is original.spec
+    assert not fmk.is_patched("slerp")
+    fmk.patch(["ties"])  # idempotent
+    fmk.unpatch()
+    assert registry._METHODS["ties"] is original and not fmk.is_patched("ties")
+    assert "ties" in repr(handle)
+    with pytest.raises(fmk.FastmergeError, match="sce"):
+        fmk.patch(["sce"])
+
+
+def test_unsupported_mergekit_version_is_refused(monkeypatch):
+    original = registry._METHODS["ties"]
+    monkeypatch.setattr(fmk.metadata, "version", lambda name: "0.2.0")
+    with pytest.raises(fmk.MergekitVersionError, match="0.2.0"):
+        fmk.patch()
+    assert registry._METHODS["ties"] is original
+
+
+def test_mergekit_yaml_command_runs_patched(tmp_path, kernel_calls):
+    from safetensors.torch import load_file
+
+    from fastmerge import cli, synthetic
+
+    fam = synthetic.build_family(tmp_path / "m", preset="tiny", experts=2, dtype=torch.float32)
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"merge_method: ties\nbase_model: {fam.base}\nmodels:\n"
+                   + "".join(f"  - model: {e}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+                             for e in fam.experts))
+    assert cli.main(["mergekit-yaml", str(cfg), str(tmp_path / "out")]) == 0
+    assert kernel_calls and not fmk.is_patched()
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+    import yaml
+
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(cfg.read_text())),
+              str(tmp_path / "plain"), MergeOptions(quiet=True))
+    ours, theirs = load_file(tmp_path / "out" / "model.safetensors"), load_file(
+        tmp_path / "plain" / "model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    for name in theirs:
+        assert torch.allclose(ours[name], theirs[name], atol=1e-5), name
