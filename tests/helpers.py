@@ -304,3 +304,19 @@ def sampled_positions(n: int, samples: int = 1 << 16, run: int = 16) -> torch.Te
     start = ((torch.arange(runs, dtype=torch.float64) + 0.5) * n / runs).long().clamp(max=n - run)
     in_runs = (start.unsqueeze(1) + torch.arange(run)).reshape(-1)
     return torch.unique(torch.cat([even, in_runs]))
+
+
+# ---- checkpoints ----
+
+def load_weights(directory) -> Dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files in a model directory."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(f, framework="pt") as h:
+            for name in h.keys():
+                out[name] = h.get_tensor(name)
+    return out

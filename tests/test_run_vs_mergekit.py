@@ -6,25 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 pytest.importorskip("mergekit")
 pytest.importorskip("transformers")
 
 from fastmerge import synthetic  # noqa: E402
+from helpers import load_weights  # noqa: E402
 from fastmerge.config import parse_config  # noqa: E402
 from fastmerge.executor import MergeOptions, run_merge  # noqa: E402
 
 WEIGHTS = (0.6, 0.3, 0.45)
-
-
-def load_all(directory: Path) -> dict:
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as h:
-            for k in h.keys():
-                out[k] = h.get_tensor(k)
-    return out
 
 
 def run_mergekit(text: str, out: Path) -> None:
@@ -40,6 +31,17 @@ def run_fastmerge(text: str, out: Path, tmp: Path) -> None:
     cfg = tmp / "config.yml"
     cfg.write_text(text)
     run_merge(parse_config(text, cfg), out, MergeOptions(quiet=True))
+
+
+def merge_both(text: str, tmp_path: Path, label: str = ""):
+    """The same config merged by fastmerge and by mergekit: (ours, theirs) tensor dicts, with
+    the same tensor names asserted."""
+    ours_dir, theirs_dir = tmp_path / f"ours{label}", tmp_path / f"theirs{label}"
+    run_fastmerge(text, ours_dir, tmp_path)
+    run_mergekit(text, theirs_dir)
+    ours, theirs = load_weights(ours_dir), load_weights(theirs_dir)
+    assert sorted(ours) == sorted(theirs), label
+    return ours, theirs
 
 
 def models_block(family, params) -> str:
@@ -98,11 +100,8 @@ def _assert_loads_and_runs(out: Path):
 @pytest.mark.parametrize("method", DETERMINISTIC)
 def test_deterministic_methods_match_mergekit_fp32(method, family32, tmp_path):
     text = config_for(method, family32, "float32")
-    run_fastmerge(text, tmp_path / "ours", tmp_path)
-    run_mergekit(text, tmp_path / "theirs")
-    ours, theirs = load_all(tmp_path / "ours"), load_all(tmp_path / "theirs")
-    assert sorted(ours) == sorted(theirs)
-    base = load_all(family32.base)
+    ours, theirs = merge_both(text, tmp_path)
+    base = load_weights(family32.base)
     for name in theirs:
         a, b = ours[name], theirs[name]
         assert a.shape == b.shape and a.dtype == b.dtype == torch.float32, name
@@ -122,11 +121,8 @@ def test_deterministic_methods_match_mergekit_fp32(method, family32, tmp_path):
 @pytest.mark.parametrize("method", RANDOM)
 def test_random_methods_agree_with_mergekit_in_distribution(method, family32, tmp_path):
     text = config_for(method, family32, "float32")
-    run_fastmerge(text, tmp_path / "ours", tmp_path)
-    run_mergekit(text, tmp_path / "theirs")
-    ours, theirs = load_all(tmp_path / "ours"), load_all(tmp_path / "theirs")
-    assert sorted(ours) == sorted(theirs)
-    base = load_all(family32.base)
+    ours, theirs = merge_both(text, tmp_path)
+    base = load_weights(family32.base)
     name = "model.layers.1.mlp.up_proj.weight"
     d_ours = (ours[name] - base[name]).double()
     d_theirs = (theirs[name] - base[name]).double()
@@ -141,12 +137,9 @@ def test_bf16_ties_is_closer_to_the_fp32_merge_than_mergekit(tmp_path):
     fam = synthetic.build_family(tmp_path / "bf16", preset="tiny", experts=3,
                                  dtype=torch.bfloat16, seed=5)
     text = config_for("ties", fam, "bfloat16")
-    run_fastmerge(text, tmp_path / "ours", tmp_path)
-    run_mergekit(text, tmp_path / "theirs")
-    ours, theirs = load_all(tmp_path / "ours"), load_all(tmp_path / "theirs")
-    assert sorted(ours) == sorted(theirs)
+    ours, theirs = merge_both(text, tmp_path)
     assert all(t.dtype == torch.bfloat16 for t in ours.values())
-    base = load_all(fam.base)
+    base = load_weights(fam.base)
     name = "model.layers.2.self_attn.q_proj.weight"
     d_ours = ours[name].double() - base[name].double()
     d_theirs = theirs[name].double() - base[name].double()
@@ -161,10 +154,7 @@ def test_passthrough_layer_stacking_matches_mergekit(family32, tmp_path):
             f"  - sources: [{{model: {a}, layer_range: [0, 3]}}]\n"
             f"  - sources: [{{model: {b}, layer_range: [1, 4]}}]\n"
             f"dtype: float32\n")
-    run_fastmerge(text, tmp_path / "ours", tmp_path)
-    run_mergekit(text, tmp_path / "theirs")
-    ours, theirs = load_all(tmp_path / "ours"), load_all(tmp_path / "theirs")
-    assert sorted(ours) == sorted(theirs)
+    ours, theirs = merge_both(text, tmp_path)
     for name in theirs:
         assert torch.equal(ours[name], theirs[name]), name
     import json
@@ -183,10 +173,7 @@ def test_tied_embeddings_handled_as_mergekit_does(family32, tmp_path):
              f"{models_block(fam, {'weight': WEIGHTS})}\ndtype: float32\n")
     for label, text, has_head in [("tied", config_for("task_arithmetic", fam, "float32"), False),
                                   ("mixed", mixed, True)]:
-        run_fastmerge(text, tmp_path / f"ours-{label}", tmp_path)
-        run_mergekit(text, tmp_path / f"theirs-{label}")
-        ours, theirs = load_all(tmp_path / f"ours-{label}"), load_all(tmp_path / f"theirs-{label}")
-        assert sorted(ours) == sorted(theirs), label
+        ours, theirs = merge_both(text, tmp_path, f"-{label}")
         assert ("lm_head.weight" in ours) == has_head, label
         for name in theirs:
             assert torch.allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-6), (label, name)

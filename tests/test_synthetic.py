@@ -2,11 +2,10 @@
 that differ from the base by the requested relative amount, reproducibly from the seed."""
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from helpers import load_weights
 
 pytest.importorskip("transformers")
 
@@ -14,15 +13,6 @@ from fastmerge import synthetic  # noqa: E402
 from fastmerge.errors import InvalidArgumentError  # noqa: E402
 
 DELTA_SCALE = 0.1
-
-
-def load_weights(directory: Path) -> dict:
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as h:
-            for name in h.keys():
-                out[name] = h.get_tensor(name)
-    return out
 
 
 @pytest.fixture(scope="module")
