@@ -110,6 +110,11 @@ def test_cuda_magnitude_mask(shape, dtype):
 def test_cuda_interp(shape):
     base, experts = group(shape, 3, torch.float32, seed=9)
     assert_same(ops.slerp(base.cuda(), experts[0].cuda(), 0.3), ops.slerp(base, experts[0], 0.3), exact=False)
+    # elementwise, no reduction: bit for bit (bf16 output too)
+    assert_same(ops.nearswap(base.cuda(), experts[0].cuda(), 0.05),
+                ops.nearswap(base, experts[0], 0.05), exact=True)
+    assert_same(ops.nearswap(base.cuda(), experts[1].cuda(), 0.2, out_dtype=torch.bfloat16),
+                ops.nearswap(base, experts[1], 0.2, out_dtype=torch.bfloat16), exact=True)
     assert_same(ops.model_stock(base.cuda(), on_cuda(experts)), ops.model_stock(base, experts), exact=False)
     assert_same(ops.model_stock(base.cuda(), on_cuda(experts), filter_wise=True),
                 ops.model_stock(base, experts, filter_wise=True), exact=False)

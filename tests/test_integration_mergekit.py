@@ -28,7 +28,7 @@ def restore_registry():
 def kernel_calls(monkeypatch):
     """Counts calls into the fastmerge ops, to tell the kernels from mergekit's own code."""
     calls = []
-    for name in ("generalized_task_arithmetic", "linear", "slerp", "model_stock"):
+    for name in ("generalized_task_arithmetic", "linear", "slerp", "nearswap", "model_stock"):
         real = getattr(ops, name)
 
         def spy(*a, _real=real, _name=name, **k):
@@ -72,13 +72,16 @@ def test_deterministic_methods_match_mergekit_fp32(method, kernel_calls):
         assert torch.allclose(got, want, rtol=1e-6, atol=1e-6 * scale)
 
 
-def test_slerp_matches_mergekit(kernel_calls):
+def test_slerp_and_nearswap_match_mergekit(kernel_calls):
     base, (other,) = group(experts=1)
     want = merge_tensors([base, other], "slerp", parameters={"t": 0.3}, base_index=0)
+    near = merge_tensors([base, other], "nearswap", parameters={"t": 0.05}, base_index=0)
     with fmk.patch():
         got = merge_tensors([base, other], "slerp", parameters={"t": 0.3}, base_index=0)
-    assert kernel_calls == ["slerp"]
+        got_near = merge_tensors([base, other], "nearswap", parameters={"t": 0.05}, base_index=0)
+    assert kernel_calls == ["slerp", "nearswap"]
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got_near, near)
 
 
 @pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "della_linear"])

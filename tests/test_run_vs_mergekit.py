@@ -59,6 +59,10 @@ def config_for(method: str, family, dtype: str) -> str:
                 f"  - model: {family.experts[0]}\n"
                 f"parameters:\n  t: [{{filter: mlp, value: [0.1, 0.9]}}, {{value: 0.4}}]\n"
                 f"dtype: {dtype}\n")
+    if method == "nearswap":
+        return (f"merge_method: nearswap\n{base}models:\n  - model: {family.base}\n"
+                f"  - model: {family.experts[1]}\n"
+                f"parameters:\n  t: [0.0005, 0.003]\ndtype: {dtype}\n")
     if method == "model_stock":
         return f"merge_method: model_stock\n{base}{models_block(family, {})}\ndtype: {dtype}\n"
     if method == "linear":
@@ -84,7 +88,7 @@ def family32(tmp_path_factory):
 
 
 DETERMINISTIC = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "linear",
-                 "slerp", "model_stock"]
+                 "slerp", "nearswap", "model_stock"]
 RANDOM = ["dare_ties", "dare_linear", "della", "della_linear"]
 
 

@@ -159,6 +159,21 @@ void slerp(const py::capsule& a_cap, const py::capsule& b_cap, const py::capsule
   }
 }
 
+void nearswap(const py::capsule& a_cap, const py::capsule& b_cap, const py::capsule& out_cap,
+              double t, uintptr_t cuda_stream) {
+  const TensorView a = view_of(a_cap), b = view_of(b_cap), out = view_of(out_cap);
+  py::gil_scoped_release release;
+  if (on_cuda(out)) {
+#ifdef FM_WITH_CUDA
+    with_device(out, [&] { nearswap_cuda(a, b, out, t, cuda_stream); });
+#else
+    no_cuda();
+#endif
+  } else {
+    nearswap_cpu(a, b, out, t);
+  }
+}
+
 void model_stock(const py::capsule& base_cap, const std::vector<py::capsule>& expert_caps,
                  const py::capsule& out_cap, int64_t rows, uintptr_t cuda_stream) {
   const TensorView base = view_of(base_cap), out = view_of(out_cap);
@@ -217,6 +232,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("magnitude_mask", &magnitude_mask, py::arg("x"), py::arg("density"), py::arg("mask"),
         py::arg("cuda_stream"));
   m.def("slerp", &slerp, py::arg("a"), py::arg("b"), py::arg("out"), py::arg("t"),
+        py::arg("cuda_stream"));
+  m.def("nearswap", &nearswap, py::arg("a"), py::arg("b"), py::arg("out"), py::arg("t"),
         py::arg("cuda_stream"));
   m.def("model_stock", &model_stock, py::arg("base"), py::arg("experts"), py::arg("out"),
         py::arg("rows"), py::arg("cuda_stream"));

@@ -111,6 +111,14 @@ def slerp(a: HostArray, b: HostArray, t: float, out_dtype: DType) -> HostArray:
     return out
 
 
+def nearswap(a: HostArray, b: HostArray, t: float, out_dtype: DType) -> HostArray:
+    out = HostArray.empty(a.shape, out_dtype)
+    if out.data.size:
+        ha, hb, ho = _Borrowed(a), _Borrowed(b), _Borrowed(out)
+        _native.native().nearswap(ha.capsule, hb.capsule, ho.capsule, check_scalar(t, "t"), 0)
+    return out
+
+
 def model_stock(base: HostArray, experts: List[HostArray], filter_wise: bool,
                 out_dtype: DType) -> HostArray:
     out = HostArray.empty(base.shape, out_dtype)

@@ -1,4 +1,4 @@
-"""slerp and model_stock against the reference, closed-form cases and mergekit 0.1.5."""
+"""slerp, nearswap and model_stock against the reference, closed-form cases and mergekit 0.1.5."""
 from __future__ import annotations
 
 import math
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastmerge.ops as F
+from fastmerge.errors import InvalidArgumentError
 from fastmerge.ops import _reference as R
 
 from conftest import BF16_FLOOR_FACTOR
@@ -187,3 +188,55 @@ def test_bf16_within_rounding_floor_of_fp32_oracle(op, record_property):
     floor, ours_err = bf16_errors(op, ours, theirs, oracle, base, record_property)
     assert ours.dtype == torch.bfloat16
     assert ours_err <= BF16_FLOOR_FACTOR * floor
+
+
+# ---------------------------------------------------------------------------------------------
+# nearswap
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", ODD_SHAPES + [(0, 3)], ids=str)
+@pytest.mark.parametrize("t", [0.0, 0.05, 0.5, 3.0, -0.1])
+def test_nearswap_matches_reference(shape, t, dtype, device):
+    a, (b,) = make_group(shape, 1, seed=4, dtype=dtype, device=device, delta_scale=0.2)
+    out = F.nearswap(a, b, t)
+    assert out.dtype == dtype and out.shape == a.shape
+    # elementwise in fp32, one rounding: the same bits as the reference
+    assert torch.equal(out, R.nearswap(a, b, t).to(dtype))
+
+
+def test_nearswap_formula_by_hand():
+    a = torch.tensor([0.0, 1.0, 1.0, 5.0, 2.0])
+    b = torch.tensor([0.05, 1.5, 1.0, 1.0, -2.0])
+    t = 0.1
+    # |a - b| = .05 (<= t: take b), .5 (w = .2), 0 (clamped to 1e-6: w = 1), 4 (w = .025), 4
+    w = torch.tensor([1.0, 0.2, 1.0, 0.025, 0.025])
+    assert torch.allclose(F.nearswap(a, b, t), w * b + (1 - w) * a, rtol=1e-6, atol=1e-7)
+
+
+def test_nearswap_special_values_propagate_like_mergekit():
+    a = torch.tensor([1.0, float("nan"), 1.0, float("inf"), 0.0])
+    b = torch.tensor([float("nan"), 1.0, float("inf"), 1.0, 0.0])
+    got = F.nearswap(a, b, 0.3)
+    want = R.nearswap(a, b, 0.3)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    finite = ~torch.isnan(want)
+    assert torch.equal(got[finite], want[finite])
+
+
+@pytest.mark.parametrize("t", [0.01, 0.1, 0.7])
+def test_nearswap_matches_mergekit_bit_for_bit_fp32(t):
+    pytest.importorskip("mergekit")
+    a, (b,) = make_group((513, 129), 1, seed=6, delta_scale=0.3)
+    expected = mergekit_merge("nearswap", [a, b], {"t": t})
+    assert torch.equal(F.nearswap(a, b, t), expected)
+
+
+def test_nearswap_mixed_dtypes_and_bad_arguments():
+    a, (b,) = make_group((300,), 1, seed=7, dtype=torch.bfloat16)
+    out = F.nearswap(a, b.float(), 0.2, out_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, R.nearswap(a, b.float(), 0.2))
+    with pytest.raises(InvalidArgumentError, match="shape"):
+        F.nearswap(a, b[:10], 0.2)
+    with pytest.raises(InvalidArgumentError, match="t"):
+        F.nearswap(a, b, float("nan"))

@@ -83,6 +83,27 @@ void slerp_cpu(const TensorView& a, const TensorView& b, const TensorView& out, 
   });
 }
 
+void nearswap_cpu(const TensorView& a, const TensorView& b, const TensorView& out, double t) {
+  const int64_t n = out.numel();
+  check_flat(a, "a", n);
+  check_flat(b, "b", n);
+  check_flat(out, "out", n);
+  const GtaBlockKernels& K = gta_block_kernels();
+  const float tf = float(t);
+  advise_huge_pages(out.data, size_t(n) * size_t(dtype_size(out.dtype)));
+  for_each_chunk(n, [&](int64_t, int64_t begin, int64_t end) {
+    Blocks& s = blocks_for(2);
+    for_each_block(begin, end, [&](int64_t blk, int64_t len) {
+      K.load(a.data, a.dtype, blk, len, s.expert(0));
+      K.load(b.data, b.dtype, blk, len, s.expert(1));
+      const float* x = s.expert(0);
+      const float* y = s.expert(1);
+      for (int64_t j = 0; j < len; ++j) s.out[size_t(j)] = nearswap_element(x[j], y[j], tf);
+      K.store(out.data, out.dtype, blk, len, s.out.data());
+    });
+  });
+}
+
 void model_stock_cpu(const TensorView& base, const std::vector<TensorView>& experts,
                      const TensorView& out, int64_t rows) {
   const int64_t n = check_model_stock_inputs(base, experts, out, rows);

@@ -51,6 +51,14 @@ __global__ void slerp_output_kernel(const void* a, int a_dtype, const void* b, i
     store_element(out, out_dtype, i, ka * load_element(a, a_dtype, i) + kb * load_element(b, b_dtype, i));
 }
 
+__global__ void nearswap_kernel(const void* a, int a_dtype, const void* b, int b_dtype, int64_t n,
+                                float t, void* out, int out_dtype) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    store_element(out, out_dtype, i,
+                  nearswap_element(load_element(a, a_dtype, i), load_element(b, b_dtype, i), t));
+}
+
 struct StockInputs {
   const void* base;
   int base_dtype;
@@ -131,6 +139,20 @@ void slerp_cuda(const TensorView& a, const TensorView& b, const TensorView& out,
   const SlerpCoefficients c = slerp_coefficients(aa, bb, ab, float(t));
   slerp_output_kernel<<<blocks, kThreads, 0, stream>>>(a.data, int(a.dtype), b.data, int(b.dtype), n,
                                                        c.a, c.b, out.data, int(out.dtype));
+  FM_CUDA_LAUNCHED();
+}
+
+void nearswap_cuda(const TensorView& a, const TensorView& b, const TensorView& out, double t,
+                   StreamHandle stream_handle) {
+  const int64_t n = out.numel();
+  check_flat(a, "a", n);
+  check_flat(b, "b", n);
+  check_flat(out, "out", n);
+  if (n == 0) return;
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const int blocks = grid_for(n, kThreads);
+  nearswap_kernel<<<blocks, kThreads, 0, stream>>>(a.data, int(a.dtype), b.data, int(b.dtype), n,
+                                                   float(t), out.data, int(out.dtype));
   FM_CUDA_LAUNCHED();
 }
 

@@ -26,7 +26,7 @@ from ..errors import FastmergeError
 SUPPORTED_VERSIONS = ("0.1.5",)
 GTA_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
                "breadcrumbs_ties", "della", "della_linear")
-METHODS = GTA_METHODS + ("linear", "slerp", "model_stock")
+METHODS = GTA_METHODS + ("linear", "slerp", "nearswap", "model_stock")
 
 
 class MergekitVersionError(FastmergeError):
@@ -128,6 +128,13 @@ def _slerp(group, parameters):
     return ops.slerp(group.base.tensor, other.tensor, parameters["t"])
 
 
+def _nearswap(group, parameters):
+    from .. import ops
+
+    (other,) = group.non_base
+    return ops.nearswap(group.base.tensor, other.tensor, parameters["t"])
+
+
 def _model_stock(group, parameters):
     from .. import ops
 
@@ -190,7 +197,8 @@ def patch(methods: Iterable[str] = METHODS) -> _Patched:
         if name in GTA_METHODS:
             kernel = _gta_kernel(original)
         else:
-            kernel = {"linear": _linear, "slerp": _slerp, "model_stock": _model_stock}[name]
+            kernel = {"linear": _linear, "slerp": _slerp, "nearswap": _nearswap,
+                      "model_stock": _model_stock}[name]
         _originals[name] = original
         registry._METHODS[name] = accelerated(original, kernel)
     return _Patched(sorted(_originals))

@@ -102,6 +102,18 @@ register(MethodSpec("slerp", (ParamSpec("t", "float", SHARED),), _slerp, uses_ba
                     description="spherical interpolation from the base (t=0) to the other model"))
 
 
+def _nearswap(call: MergeCall):
+    if call.host:
+        return host_kernels.nearswap(call.base, call.inputs[0], call.shared["t"], call.out_dtype)
+    return _ops().nearswap(call.base, call.inputs[0], call.shared["t"],
+                           out_dtype=call.out_dtype.torch)
+
+
+register(MethodSpec("nearswap", (ParamSpec("t", "float", SHARED),), _nearswap, uses_base=True,
+                    min_inputs=2, max_inputs=2,
+                    description="take the other model's values where they are close to the base's"))
+
+
 def _model_stock(call: MergeCall):
     if call.host:
         return host_kernels.model_stock(call.base, call.inputs, call.shared["filter_wise"],

@@ -12,7 +12,7 @@ from .gta import (
     task_arithmetic,
     ties,
 )
-from .interp import model_stock, slerp
+from .interp import model_stock, nearswap, slerp
 from .select import magnitude_mask
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "linear",
     "magnitude_mask",
     "model_stock",
+    "nearswap",
     "slerp",
     "task_arithmetic",
     "ties",

@@ -332,6 +332,13 @@ _SLERP_EPS = 1e-8
 _SLERP_DOT_THRESHOLD = 0.9995
 
 
+def nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
+    """mergekit's nearswap in fp32: w = clamp(t / max(|a - b|, 1e-6), 0, 1), w b + (1 - w) a."""
+    a, b = base.float(), other.float()
+    w = (t / (a - b).abs().clamp(min=1e-6)).clamp(min=0, max=1)
+    return w * b + (1 - w) * a
+
+
 def slerp(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
     """mergekit's slerp over the flattened tensors: dot of the normalised vectors (norms <= 1e-8
     count as 1), clamped to [-1, 1]; |dot| > 0.9995 falls back to linear interpolation.

@@ -1,4 +1,4 @@
-"""Interpolation merges (csrc/ops/interp): slerp and model_stock."""
+"""Interpolation merges (csrc/ops/interp): slerp, nearswap and model_stock."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -36,6 +36,26 @@ def slerp(base: torch.Tensor, other: torch.Tensor, t: float, *,
     a, b = kernel_input(base), kernel_input(other)
     out = kernel_output(base.shape, dtype, base.device)
     _native.native().slerp(capsule(a), capsule(b), capsule(out), t, cuda_stream(base.device))
+    return out.to(dtype) if out.dtype != dtype else out
+
+
+def nearswap(base: torch.Tensor, other: torch.Tensor, t: float, *,
+             out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """NearSwap (mergekit): per element, the other model's value where the two differ by at
+    most t, blending back toward the base as they drift apart:
+    w = clamp(t / max(|base - other|, 1e-6), 0, 1), out = w * other + (1 - w) * base."""
+    base = check_tensor(base, "base")
+    other = check_tensor(other, "other")
+    check_same_layout(base, "base", [other], ["other"])
+    t = check_scalar(t, "t")
+    dtype = resolve_out_dtype(out_dtype, base.dtype)
+    if not use_native(base.device):
+        return _reference.nearswap(base, other, t).to(dtype)
+    a, b = kernel_input(base), kernel_input(other)
+    out = kernel_output(base.shape, dtype, base.device)
+    if base.numel():
+        _native.native().nearswap(capsule(a), capsule(b), capsule(out), t,
+                                  cuda_stream(base.device))
     return out.to(dtype) if out.dtype != dtype else out
 
 
