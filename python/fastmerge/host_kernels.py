@@ -104,19 +104,21 @@ def gta(base: Optional[HostArray], experts: List[HostArray], out_dtype: DType,
     return out
 
 
-def slerp(a: HostArray, b: HostArray, t: float, out_dtype: DType) -> HostArray:
-    out = HostArray.empty(a.shape, out_dtype)
-    ha, hb, ho = _Borrowed(a), _Borrowed(b), _Borrowed(out)
-    _native.native().slerp(ha.capsule, hb.capsule, ho.capsule, check_scalar(t, "t"), 0)
-    return out
-
-
-def nearswap(a: HostArray, b: HostArray, t: float, out_dtype: DType) -> HostArray:
+def _pairwise(kernel: str, a: HostArray, b: HostArray, t: float, out_dtype: DType) -> HostArray:
     out = HostArray.empty(a.shape, out_dtype)
     if out.data.size:
         ha, hb, ho = _Borrowed(a), _Borrowed(b), _Borrowed(out)
-        _native.native().nearswap(ha.capsule, hb.capsule, ho.capsule, check_scalar(t, "t"), 0)
+        getattr(_native.native(), kernel)(ha.capsule, hb.capsule, ho.capsule,
+                                          check_scalar(t, "t"), 0)
     return out
+
+
+def slerp(a: HostArray, b: HostArray, t: float, out_dtype: DType) -> HostArray:
+    return _pairwise("slerp", a, b, t, out_dtype)
+
+
+def nearswap(a: HostArray, b: HostArray, t: float, out_dtype: DType) -> HostArray:
+    return _pairwise("nearswap", a, b, t, out_dtype)
 
 
 def model_stock(base: HostArray, experts: List[HostArray], filter_wise: bool,

@@ -32,6 +32,25 @@ Blocks& blocks_for(int experts) {
   return blocks;
 }
 
+// out[i] = fn(a[i], b[i]) in fp32 blocks, for any input and output dtypes.
+template <typename Fn>
+void pairwise_output(const TensorView& a, const TensorView& b, const TensorView& out, Fn fn) {
+  const int64_t n = out.numel();
+  const GtaBlockKernels& K = gta_block_kernels();
+  advise_huge_pages(out.data, size_t(n) * size_t(dtype_size(out.dtype)));
+  for_each_chunk(n, [&](int64_t, int64_t begin, int64_t end) {
+    Blocks& s = blocks_for(2);
+    for_each_block(begin, end, [&](int64_t blk, int64_t len) {
+      K.load(a.data, a.dtype, blk, len, s.expert(0));
+      K.load(b.data, b.dtype, blk, len, s.expert(1));
+      const float* x = s.expert(0);
+      const float* y = s.expert(1);
+      for (int64_t j = 0; j < len; ++j) s.out[size_t(j)] = fn(x[j], y[j]);
+      K.store(out.data, out.dtype, blk, len, s.out.data());
+    });
+  });
+}
+
 }  // namespace
 
 void slerp_cpu(const TensorView& a, const TensorView& b, const TensorView& out, double t) {
@@ -69,18 +88,7 @@ void slerp_cpu(const TensorView& a, const TensorView& b, const TensorView& out, 
     ab += partial[size_t(c) * 3 + 2];
   }
   const SlerpCoefficients k = slerp_coefficients(aa, bb, ab, float(t));
-  advise_huge_pages(out.data, size_t(n) * size_t(dtype_size(out.dtype)));
-  for_each_chunk(n, [&](int64_t, int64_t begin, int64_t end) {
-    Blocks& s = blocks_for(2);
-    for_each_block(begin, end, [&](int64_t blk, int64_t len) {
-      K.load(a.data, a.dtype, blk, len, s.expert(0));
-      K.load(b.data, b.dtype, blk, len, s.expert(1));
-      const float* x = s.expert(0);
-      const float* y = s.expert(1);
-      for (int64_t j = 0; j < len; ++j) s.out[size_t(j)] = k.a * x[j] + k.b * y[j];
-      K.store(out.data, out.dtype, blk, len, s.out.data());
-    });
-  });
+  pairwise_output(a, b, out, [&](float x, float y) { return k.a * x + k.b * y; });
 }
 
 void nearswap_cpu(const TensorView& a, const TensorView& b, const TensorView& out, double t) {
@@ -88,20 +96,8 @@ void nearswap_cpu(const TensorView& a, const TensorView& b, const TensorView& ou
   check_flat(a, "a", n);
   check_flat(b, "b", n);
   check_flat(out, "out", n);
-  const GtaBlockKernels& K = gta_block_kernels();
   const float tf = float(t);
-  advise_huge_pages(out.data, size_t(n) * size_t(dtype_size(out.dtype)));
-  for_each_chunk(n, [&](int64_t, int64_t begin, int64_t end) {
-    Blocks& s = blocks_for(2);
-    for_each_block(begin, end, [&](int64_t blk, int64_t len) {
-      K.load(a.data, a.dtype, blk, len, s.expert(0));
-      K.load(b.data, b.dtype, blk, len, s.expert(1));
-      const float* x = s.expert(0);
-      const float* y = s.expert(1);
-      for (int64_t j = 0; j < len; ++j) s.out[size_t(j)] = nearswap_element(x[j], y[j], tf);
-      K.store(out.data, out.dtype, blk, len, s.out.data());
-    });
-  });
+  pairwise_output(a, b, out, [&](float x, float y) { return nearswap_element(x, y, tf); });
 }
 
 void model_stock_cpu(const TensorView& base, const std::vector<TensorView>& experts,

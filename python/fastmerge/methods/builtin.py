@@ -90,28 +90,22 @@ register(MethodSpec("linear", (ParamSpec("weight", "float", INPUT),
                     _linear, uses_base=False, description="weighted average of the models"))
 
 
-def _slerp(call: MergeCall):
-    if call.host:
-        return host_kernels.slerp(call.base, call.inputs[0], call.shared["t"], call.out_dtype)
-    return _ops().slerp(call.base, call.inputs[0], call.shared["t"],
-                        out_dtype=call.out_dtype.torch)
+def _two_models(kernel: str, description: str) -> MethodSpec:
+    """A method of the base and one other model with a shared t (slerp, nearswap)."""
+
+    def merge(call: MergeCall):
+        other, t = call.inputs[0], call.shared["t"]
+        if call.host:
+            return getattr(host_kernels, kernel)(call.base, other, t, call.out_dtype)
+        return getattr(_ops(), kernel)(call.base, other, t, out_dtype=call.out_dtype.torch)
+
+    return register(MethodSpec(kernel, (ParamSpec("t", "float", SHARED),), merge,
+                               uses_base=True, min_inputs=2, max_inputs=2,
+                               description=description))
 
 
-register(MethodSpec("slerp", (ParamSpec("t", "float", SHARED),), _slerp, uses_base=True,
-                    min_inputs=2, max_inputs=2,
-                    description="spherical interpolation from the base (t=0) to the other model"))
-
-
-def _nearswap(call: MergeCall):
-    if call.host:
-        return host_kernels.nearswap(call.base, call.inputs[0], call.shared["t"], call.out_dtype)
-    return _ops().nearswap(call.base, call.inputs[0], call.shared["t"],
-                           out_dtype=call.out_dtype.torch)
-
-
-register(MethodSpec("nearswap", (ParamSpec("t", "float", SHARED),), _nearswap, uses_base=True,
-                    min_inputs=2, max_inputs=2,
-                    description="take the other model's values where they are close to the base's"))
+_two_models("slerp", "spherical interpolation from the base (t=0) to the other model")
+_two_models("nearswap", "take the other model's values where they are close to the base's")
 
 
 def _model_stock(call: MergeCall):

@@ -22,21 +22,28 @@ from ._validate import (
 )
 
 
-def slerp(base: torch.Tensor, other: torch.Tensor, t: float, *,
-          out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Spherical interpolation from base (t=0) to other (t=1) over the flattened tensors, with
-    mergekit's fallback to linear interpolation for nearly collinear inputs (|cos| > 0.9995)."""
+def _pairwise(kernel: str, base, other, t, out_dtype) -> torch.Tensor:
+    """Checks and runs a two-model kernel with a scalar t (slerp, nearswap)."""
     base = check_tensor(base, "base")
     other = check_tensor(other, "other")
     check_same_layout(base, "base", [other], ["other"])
     t = check_scalar(t, "t")
     dtype = resolve_out_dtype(out_dtype, base.dtype)
     if not use_native(base.device):
-        return _reference.slerp(base, other, t).to(dtype)
+        return getattr(_reference, kernel)(base, other, t).to(dtype)
     a, b = kernel_input(base), kernel_input(other)
     out = kernel_output(base.shape, dtype, base.device)
-    _native.native().slerp(capsule(a), capsule(b), capsule(out), t, cuda_stream(base.device))
+    if base.numel():
+        getattr(_native.native(), kernel)(capsule(a), capsule(b), capsule(out), t,
+                                          cuda_stream(base.device))
     return out.to(dtype) if out.dtype != dtype else out
+
+
+def slerp(base: torch.Tensor, other: torch.Tensor, t: float, *,
+          out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Spherical interpolation from base (t=0) to other (t=1) over the flattened tensors, with
+    mergekit's fallback to linear interpolation for nearly collinear inputs (|cos| > 0.9995)."""
+    return _pairwise("slerp", base, other, t, out_dtype)
 
 
 def nearswap(base: torch.Tensor, other: torch.Tensor, t: float, *,
@@ -44,19 +51,7 @@ def nearswap(base: torch.Tensor, other: torch.Tensor, t: float, *,
     """NearSwap (mergekit): per element, the other model's value where the two differ by at
     most t, blending back toward the base as they drift apart:
     w = clamp(t / max(|base - other|, 1e-6), 0, 1), out = w * other + (1 - w) * base."""
-    base = check_tensor(base, "base")
-    other = check_tensor(other, "other")
-    check_same_layout(base, "base", [other], ["other"])
-    t = check_scalar(t, "t")
-    dtype = resolve_out_dtype(out_dtype, base.dtype)
-    if not use_native(base.device):
-        return _reference.nearswap(base, other, t).to(dtype)
-    a, b = kernel_input(base), kernel_input(other)
-    out = kernel_output(base.shape, dtype, base.device)
-    if base.numel():
-        _native.native().nearswap(capsule(a), capsule(b), capsule(out), t,
-                                  cuda_stream(base.device))
-    return out.to(dtype) if out.dtype != dtype else out
+    return _pairwise("nearswap", base, other, t, out_dtype)
 
 
 def model_stock(base: torch.Tensor, experts: Sequence[torch.Tensor], *, filter_wise: bool = False,
