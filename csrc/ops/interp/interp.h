@@ -32,6 +32,10 @@ SlerpCoefficients slerp_coefficients(double aa, double bb, double ab, float t);
 // (gram[i * T + j] = <w_i - w_0, w_j - w_0>).
 float model_stock_ratio(const double* gram, int experts);
 
+// Launcher-side checks of the two-tensor ops (slerp, nearswap): a, b and out hold the same
+// number of contiguous elements; returns it.
+int64_t check_pair_inputs(const TensorView& a, const TensorView& b, const TensorView& out);
+
 // Launcher-side checks of model_stock (CPU and CUDA); returns numel.
 int64_t check_model_stock_inputs(const TensorView& base, const std::vector<TensorView>& experts,
                                  const TensorView& out, int64_t rows);

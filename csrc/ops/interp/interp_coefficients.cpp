@@ -19,6 +19,14 @@ SlerpCoefficients slerp_coefficients(double aa, double bb, double ab, float t) {
   return {std::sin((1.0f - t) * theta) / sin_theta, std::sin(t * theta) / sin_theta};
 }
 
+int64_t check_pair_inputs(const TensorView& a, const TensorView& b, const TensorView& out) {
+  const int64_t n = out.numel();
+  check_flat(a, "a", n);
+  check_flat(b, "b", n);
+  check_flat(out, "out", n);
+  return n;
+}
+
 int64_t check_model_stock_inputs(const TensorView& base, const std::vector<TensorView>& experts,
                                  const TensorView& out, int64_t rows) {
   const int64_t n = out.numel();

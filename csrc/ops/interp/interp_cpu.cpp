@@ -54,10 +54,7 @@ void pairwise_output(const TensorView& a, const TensorView& b, const TensorView&
 }  // namespace
 
 void slerp_cpu(const TensorView& a, const TensorView& b, const TensorView& out, double t) {
-  const int64_t n = out.numel();
-  check_flat(a, "a", n);
-  check_flat(b, "b", n);
-  check_flat(out, "out", n);
+  const int64_t n = check_pair_inputs(a, b, out);
   const GtaBlockKernels& K = gta_block_kernels();
   const int64_t chunks = num_chunks(n);
   std::vector<double> partial(size_t(chunks) * 3, 0.0);
@@ -92,10 +89,7 @@ void slerp_cpu(const TensorView& a, const TensorView& b, const TensorView& out, 
 }
 
 void nearswap_cpu(const TensorView& a, const TensorView& b, const TensorView& out, double t) {
-  const int64_t n = out.numel();
-  check_flat(a, "a", n);
-  check_flat(b, "b", n);
-  check_flat(out, "out", n);
+  const int64_t n = check_pair_inputs(a, b, out);
   const float tf = float(t);
   pairwise_output(a, b, out, [&](float x, float y) { return nearswap_element(x, y, tf); });
 }

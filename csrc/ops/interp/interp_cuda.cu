@@ -116,10 +116,7 @@ void launch_gram(const StockInputs& in, int64_t rows, int64_t row_len, int64_t p
 
 void slerp_cuda(const TensorView& a, const TensorView& b, const TensorView& out, double t,
                 StreamHandle stream_handle) {
-  const int64_t n = out.numel();
-  check_flat(a, "a", n);
-  check_flat(b, "b", n);
-  check_flat(out, "out", n);
+  const int64_t n = check_pair_inputs(a, b, out);
   if (n == 0) return;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const int blocks = grid_for(n, kThreads);
@@ -144,10 +141,7 @@ void slerp_cuda(const TensorView& a, const TensorView& b, const TensorView& out,
 
 void nearswap_cuda(const TensorView& a, const TensorView& b, const TensorView& out, double t,
                    StreamHandle stream_handle) {
-  const int64_t n = out.numel();
-  check_flat(a, "a", n);
-  check_flat(b, "b", n);
-  check_flat(out, "out", n);
+  const int64_t n = check_pair_inputs(a, b, out);
   if (n == 0) return;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const int blocks = grid_for(n, kThreads);
