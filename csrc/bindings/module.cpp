@@ -88,7 +88,22 @@ void with_device(const TensorView& t, Fn&& fn) {
   }
   if (previous != t.device_index) cudaSetDevice(previous);
 }
+// The CUDA launch of a binding; without CUDA kernels in the build, the error saying so.
+#define FM_CUDA_LAUNCH(...) [&] { __VA_ARGS__; }
+#else
+#define FM_CUDA_LAUNCH(...) [&] { no_cuda(); }
 #endif
+
+// Runs the CUDA launch on t's device when t lives on a GPU, the CPU kernel otherwise.
+template <typename CudaFn, typename CpuFn>
+void dispatch(const TensorView& t, CudaFn&& cuda, CpuFn&& cpu) {
+  if (!on_cuda(t)) return cpu();
+#ifdef FM_WITH_CUDA
+  with_device(t, cuda);
+#else
+  cuda();
+#endif
+}
 
 void gta_merge(const std::optional<py::capsule>& base_cap, const std::vector<py::capsule>& expert_caps,
                const py::capsule& out_cap, int sparsify, int consensus, bool rescale, bool normalize,
@@ -118,60 +133,32 @@ void gta_merge(const std::optional<py::capsule>& base_cap, const std::vector<py:
   p.rank_inner = rank_inner;
   const TensorView* base_ptr = base ? &*base : nullptr;
   py::gil_scoped_release release;
-  if (on_cuda(out)) {
-#ifdef FM_WITH_CUDA
-    with_device(out, [&] { gta_merge_cuda(base_ptr, experts, out, p, cuda_stream); });
-#else
-    no_cuda();
-#endif
-  } else {
-    gta_merge_cpu(base_ptr, experts, out, p);
-  }
+  dispatch(out, FM_CUDA_LAUNCH(gta_merge_cuda(base_ptr, experts, out, p, cuda_stream)),
+           [&] { gta_merge_cpu(base_ptr, experts, out, p); });
 }
 
 void magnitude_mask(const py::capsule& x_cap, double density, const py::capsule& mask_cap,
                     uintptr_t cuda_stream) {
   const TensorView x = view_of(x_cap), mask = view_of(mask_cap);
   py::gil_scoped_release release;
-  if (on_cuda(x)) {
-#ifdef FM_WITH_CUDA
-    with_device(x, [&] { magnitude_mask_cuda(x, density, mask, cuda_stream); });
-#else
-    no_cuda();
-#endif
-  } else {
-    magnitude_mask_cpu(x, density, mask);
-  }
+  dispatch(x, FM_CUDA_LAUNCH(magnitude_mask_cuda(x, density, mask, cuda_stream)),
+           [&] { magnitude_mask_cpu(x, density, mask); });
 }
 
 void slerp(const py::capsule& a_cap, const py::capsule& b_cap, const py::capsule& out_cap, double t,
            uintptr_t cuda_stream) {
   const TensorView a = view_of(a_cap), b = view_of(b_cap), out = view_of(out_cap);
   py::gil_scoped_release release;
-  if (on_cuda(out)) {
-#ifdef FM_WITH_CUDA
-    with_device(out, [&] { slerp_cuda(a, b, out, t, cuda_stream); });
-#else
-    no_cuda();
-#endif
-  } else {
-    slerp_cpu(a, b, out, t);
-  }
+  dispatch(out, FM_CUDA_LAUNCH(slerp_cuda(a, b, out, t, cuda_stream)),
+           [&] { slerp_cpu(a, b, out, t); });
 }
 
 void nearswap(const py::capsule& a_cap, const py::capsule& b_cap, const py::capsule& out_cap,
               double t, uintptr_t cuda_stream) {
   const TensorView a = view_of(a_cap), b = view_of(b_cap), out = view_of(out_cap);
   py::gil_scoped_release release;
-  if (on_cuda(out)) {
-#ifdef FM_WITH_CUDA
-    with_device(out, [&] { nearswap_cuda(a, b, out, t, cuda_stream); });
-#else
-    no_cuda();
-#endif
-  } else {
-    nearswap_cpu(a, b, out, t);
-  }
+  dispatch(out, FM_CUDA_LAUNCH(nearswap_cuda(a, b, out, t, cuda_stream)),
+           [&] { nearswap_cpu(a, b, out, t); });
 }
 
 void model_stock(const py::capsule& base_cap, const std::vector<py::capsule>& expert_caps,
@@ -179,15 +166,8 @@ void model_stock(const py::capsule& base_cap, const std::vector<py::capsule>& ex
   const TensorView base = view_of(base_cap), out = view_of(out_cap);
   const std::vector<TensorView> experts = views_of(expert_caps);
   py::gil_scoped_release release;
-  if (on_cuda(out)) {
-#ifdef FM_WITH_CUDA
-    with_device(out, [&] { model_stock_cuda(base, experts, out, rows, cuda_stream); });
-#else
-    no_cuda();
-#endif
-  } else {
-    model_stock_cpu(base, experts, out, rows);
-  }
+  dispatch(out, FM_CUDA_LAUNCH(model_stock_cuda(base, experts, out, rows, cuda_stream)),
+           [&] { model_stock_cpu(base, experts, out, rows); });
 }
 
 py::dict build_info() {
