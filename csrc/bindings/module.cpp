@@ -1,28 +1,14 @@
-// fastmerge._C: one m.def per launcher. Tensors arrive as DLPack capsules that we borrow (the
-// Python caller keeps them alive for the call); CUDA launchers also get the caller's stream.
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
-
-#include <optional>
+// fastmerge._C: the module. Tensors arrive as DLPack capsules that we borrow (the Python caller
+// keeps them alive for the call); CUDA launchers also get the caller's stream. Each op family
+// registers its functions from its own bind_<family>.cpp.
 #include <string>
-#include <vector>
 
+#include "binding.h"
 #include "fastmerge/cpu_isa.h"
 #include "fastmerge/dlpack_abi.h"
 #include "fastmerge/parallel.h"
-#include "fastmerge/tensor.h"
-#include "../ops/gta/gta.h"
-#include "../ops/interp/interp.h"
-#include "../ops/select/select.h"
 
-#ifdef FM_WITH_CUDA
-#include <cuda_runtime_api.h>
-#endif
-
-namespace py = pybind11;
-using namespace fastmerge;
-
-namespace {
+namespace fastmerge::bindings {
 
 TensorView view_of(const py::capsule& cap) {
   const FmDLTensor* t = nullptr;
@@ -67,108 +53,11 @@ std::vector<TensorView> views_of(const std::vector<py::capsule>& caps) {
   return out;
 }
 
-bool on_cuda(const TensorView& t) { return t.device == DeviceKind::cuda; }
-
 [[noreturn]] void no_cuda() {
   fail("fastmerge: this build has no CUDA kernels (rebuild with FASTMERGE_CUDA=ON)");
 }
 
-#ifdef FM_WITH_CUDA
-// Runs a CUDA launcher on the tensor's device, restoring the caller's current device after.
-template <typename Fn>
-void with_device(const TensorView& t, Fn&& fn) {
-  int previous = 0;
-  cudaGetDevice(&previous);
-  if (previous != t.device_index) cudaSetDevice(t.device_index);
-  try {
-    fn();
-  } catch (...) {
-    if (previous != t.device_index) cudaSetDevice(previous);
-    throw;
-  }
-  if (previous != t.device_index) cudaSetDevice(previous);
-}
-// The CUDA launch of a binding; without CUDA kernels in the build, the error saying so.
-#define FM_CUDA_LAUNCH(...) [&] { __VA_ARGS__; }
-#else
-#define FM_CUDA_LAUNCH(...) [&] { no_cuda(); }
-#endif
-
-// Runs the CUDA launch on t's device when t lives on a GPU, the CPU kernel otherwise.
-template <typename CudaFn, typename CpuFn>
-void dispatch(const TensorView& t, CudaFn&& cuda, CpuFn&& cpu) {
-  if (!on_cuda(t)) return cpu();
-#ifdef FM_WITH_CUDA
-  with_device(t, cuda);
-#else
-  cuda();
-#endif
-}
-
-void gta_merge(const std::optional<py::capsule>& base_cap, const std::vector<py::capsule>& expert_caps,
-               const py::capsule& out_cap, int sparsify, int consensus, bool rescale, bool normalize,
-               double lambda, uint64_t seed, uint32_t stream_hash, const std::vector<double>& weights,
-               const std::vector<double>& densities, const std::vector<double>& gammas,
-               const std::vector<double>& epsilons, int64_t rank_outer, int64_t rank_len,
-               int64_t rank_inner, uintptr_t cuda_stream) {
-  std::optional<TensorView> base;
-  if (base_cap) base = view_of(*base_cap);
-  const std::vector<TensorView> experts = views_of(expert_caps);
-  const TensorView out = view_of(out_cap);
-  GtaParams p;
-  p.sparsify = Sparsify(sparsify);
-  p.consensus = Consensus(consensus);
-  p.rescale = rescale;
-  p.normalize = normalize;
-  p.lambda = lambda;
-  p.seed = seed;
-  p.stream = stream_hash;
-  FM_CHECK(weights.size() == experts.size() && densities.size() == experts.size() &&
-               gammas.size() == experts.size() && epsilons.size() == experts.size(),
-           "one weight, density, gamma and epsilon per expert");
-  for (size_t i = 0; i < experts.size(); ++i)
-    p.experts.push_back(GtaExpertParams{weights[i], densities[i], gammas[i], epsilons[i]});
-  p.rank_outer = rank_outer;
-  p.rank_len = rank_len;
-  p.rank_inner = rank_inner;
-  const TensorView* base_ptr = base ? &*base : nullptr;
-  py::gil_scoped_release release;
-  dispatch(out, FM_CUDA_LAUNCH(gta_merge_cuda(base_ptr, experts, out, p, cuda_stream)),
-           [&] { gta_merge_cpu(base_ptr, experts, out, p); });
-}
-
-void magnitude_mask(const py::capsule& x_cap, double density, const py::capsule& mask_cap,
-                    uintptr_t cuda_stream) {
-  const TensorView x = view_of(x_cap), mask = view_of(mask_cap);
-  py::gil_scoped_release release;
-  dispatch(x, FM_CUDA_LAUNCH(magnitude_mask_cuda(x, density, mask, cuda_stream)),
-           [&] { magnitude_mask_cpu(x, density, mask); });
-}
-
-void slerp(const py::capsule& a_cap, const py::capsule& b_cap, const py::capsule& out_cap, double t,
-           uintptr_t cuda_stream) {
-  const TensorView a = view_of(a_cap), b = view_of(b_cap), out = view_of(out_cap);
-  py::gil_scoped_release release;
-  dispatch(out, FM_CUDA_LAUNCH(slerp_cuda(a, b, out, t, cuda_stream)),
-           [&] { slerp_cpu(a, b, out, t); });
-}
-
-void nearswap(const py::capsule& a_cap, const py::capsule& b_cap, const py::capsule& out_cap,
-              double t, uintptr_t cuda_stream) {
-  const TensorView a = view_of(a_cap), b = view_of(b_cap), out = view_of(out_cap);
-  py::gil_scoped_release release;
-  dispatch(out, FM_CUDA_LAUNCH(nearswap_cuda(a, b, out, t, cuda_stream)),
-           [&] { nearswap_cpu(a, b, out, t); });
-}
-
-void model_stock(const py::capsule& base_cap, const std::vector<py::capsule>& expert_caps,
-                 const py::capsule& out_cap, int64_t rows, uintptr_t cuda_stream) {
-  const TensorView base = view_of(base_cap), out = view_of(out_cap);
-  const std::vector<TensorView> experts = views_of(expert_caps);
-  py::gil_scoped_release release;
-  dispatch(out, FM_CUDA_LAUNCH(model_stock_cuda(base, experts, out, rows, cuda_stream)),
-           [&] { model_stock_cpu(base, experts, out, rows); });
-}
+namespace {
 
 py::dict build_info() {
   py::dict d;
@@ -196,25 +85,19 @@ py::dict build_info() {
 
 }  // namespace
 
+}  // namespace fastmerge::bindings
+
 PYBIND11_MODULE(_C, m) {
+  namespace py = pybind11;
+  using namespace fastmerge::bindings;
   m.doc() = "fastmerge native kernels (CPU and CUDA), torch-ABI free";
   // C++ checks surface as fastmerge.errors.NativeKernelError (a FastmergeError).
   static py::exception<fastmerge::Error> native_error(
       m, "NativeError", py::module_::import("fastmerge.errors").attr("NativeKernelError"));
   m.def("build_info", &build_info);
-  m.def("set_num_threads", &set_threads, py::arg("n"));
-  m.def("get_num_threads", &max_threads);
-  m.def("gta_merge", &gta_merge, py::arg("base"), py::arg("experts"), py::arg("out"),
-        py::arg("sparsify"), py::arg("consensus"), py::arg("rescale"), py::arg("normalize"),
-        py::arg("lambda_"), py::arg("seed"), py::arg("stream_hash"), py::arg("weights"),
-        py::arg("densities"), py::arg("gammas"), py::arg("epsilons"), py::arg("rank_outer"),
-        py::arg("rank_len"), py::arg("rank_inner"), py::arg("cuda_stream"));
-  m.def("magnitude_mask", &magnitude_mask, py::arg("x"), py::arg("density"), py::arg("mask"),
-        py::arg("cuda_stream"));
-  m.def("slerp", &slerp, py::arg("a"), py::arg("b"), py::arg("out"), py::arg("t"),
-        py::arg("cuda_stream"));
-  m.def("nearswap", &nearswap, py::arg("a"), py::arg("b"), py::arg("out"), py::arg("t"),
-        py::arg("cuda_stream"));
-  m.def("model_stock", &model_stock, py::arg("base"), py::arg("experts"), py::arg("out"),
-        py::arg("rows"), py::arg("cuda_stream"));
+  m.def("set_num_threads", &fastmerge::set_threads, py::arg("n"));
+  m.def("get_num_threads", &fastmerge::max_threads);
+  bind_select(m);
+  bind_gta(m);
+  bind_interp(m);
 }
