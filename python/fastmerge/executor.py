@@ -250,7 +250,7 @@ def _merge_job(job: TensorJob, tensors: list, config: MergeConfig, options: Merg
     if options.device != "cpu":
         tensors = [t.to(options.device, non_blocking=True) for t in tensors]
     method = get_method(config.merge_method)
-    if method.uses_base:
+    if method.splits_base(job.base_index is not None):
         b = job.base_index
         base = tensors[b]
         others = tensors[:b] + tensors[b + 1:]

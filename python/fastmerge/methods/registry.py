@@ -72,6 +72,15 @@ class MethodSpec:
     min_inputs: int = 1              # counting the base
     max_inputs: Optional[int] = None
     description: str = ""
+    # mergekit's BasePolicy.OPTIONAL: merged against the base when the config names one, as
+    # plain inputs otherwise (uses_base must then be False).
+    optional_base: bool = False
+    min_non_base: Optional[int] = None
+    max_non_base: Optional[int] = None
+
+    def splits_base(self, has_base: bool) -> bool:
+        """Whether the base is passed apart from the other inputs (MergeCall.base)."""
+        return self.uses_base or (self.optional_base and has_base)
 
     def parameter(self, name: str) -> ParamSpec:
         for p in self.parameters:
@@ -88,6 +97,13 @@ class MethodSpec:
         if self.max_inputs is not None and count > self.max_inputs:
             raise ConfigError(f"{where}: {self.name} takes at most {self.max_inputs} model(s), "
                               f"got {count}")
+        others = count - 1 if self.splits_base(has_base) else count
+        if self.min_non_base is not None and others < self.min_non_base:
+            raise ConfigError(f"{where}: {self.name} needs at least {self.min_non_base} models "
+                              f"besides the base, got {others}")
+        if self.max_non_base is not None and others > self.max_non_base:
+            raise ConfigError(f"{where}: {self.name} takes at most {self.max_non_base} models "
+                              f"besides the base, got {others}")
 
 
 _METHODS: Dict[str, MethodSpec] = {}
