@@ -33,15 +33,31 @@ from e2e_vs_mergekit import (  # same directory: the family, configs and page-ca
 from fastmerge import bench, synthetic
 from fastmerge.measure import run_measured
 
-DEFAULT_METHODS = "ties,dare_ties,della,breadcrumbs_ties,model_stock"
+DEFAULT_METHODS = "ties,dare_ties,della,breadcrumbs_ties,sce,model_stock,nuslerp,karcher"
 TARGETS = {"ties": 5.0}  # patched speed-up over unpatched, on this machine
+
+
+def _listing(method: str, base, models, parameters=(), per_model=None) -> str:
+    lines = [f"merge_method: {method}"] + ([f"base_model: {base}"] if base else []) + ["models:"]
+    for i, path in enumerate(models):
+        lines.append(f"  - model: {path}")
+        if per_model:
+            lines.append(f"    parameters: {{{per_model[i]}}}")
+    if parameters:
+        lines += ["parameters:"] + [f"  {p}" for p in parameters]
+    return "\n".join(lines + ["dtype: bfloat16", ""])
 
 
 def config_for(method: str, family) -> str:
     if method == "model_stock":
-        lines = [f"merge_method: model_stock", f"base_model: {family.base}", "models:"]
-        lines += [f"  - model: {p}" for p in family.experts]
-        return "\n".join(lines + ["dtype: bfloat16", ""])
+        return _listing(method, family.base, family.experts)
+    if method == "sce":
+        return _listing(method, family.base, family.experts, ["select_topk: 0.5"])
+    if method == "nuslerp":  # two models besides the base, rows interpolated one by one
+        return _listing(method, family.base, family.experts[:2], ["nuslerp_flatten: false"],
+                        ["weight: 0.6", "weight: 0.4"])
+    if method == "karcher":  # the base is an ordinary input here
+        return _listing(method, None, [family.base, *family.experts])
     text = merge_config(method, family)
     extra = {"della": "  epsilon: 0.1\n", "breadcrumbs_ties": "  gamma: 0.01\n"}.get(method, "")
     if extra:
