@@ -240,3 +240,44 @@ def test_cuda_magnitude_mask_exact_counts(shape, kind):
             gpu = ops.magnitude_mask(xd.cuda(), density).cpu()
             assert int(gpu.sum()) == keep_count(density, n)
             assert torch.equal(gpu, ops.magnitude_mask(xd, density))
+
+
+# ---- batched SVD: Jacobi on the GPU (parallel rotation order) vs the CPU (cyclic order) ----
+
+def svd_properties(x, u, s, vh, tol=3e-5):
+    x64 = x.double().cpu()
+    u, s, vh = u.double().cpu(), s.double().cpu(), vh.double().cpu()
+    k = s.shape[-1]
+    scale = max(float(torch.linalg.matrix_norm(x64, ord=2).max()) if x.numel() else 0.0, 1e-30)
+    assert float(((u * s.unsqueeze(-2)) @ vh - x64).abs().max()) <= tol * scale
+    eye = torch.eye(k, dtype=torch.float64)
+    assert float((u.mT @ u - eye).abs().max()) <= tol
+    assert float((vh @ vh.mT - eye).abs().max()) <= tol
+    assert float((s - torch.linalg.svdvals(x64)).abs().max()) <= tol * scale
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (3, 5), (64, 64, 64), (8, 33, 17),
+                                   (4, 17, 33), (256, 256), (2, 300, 200)], ids=str)
+def test_cuda_batched_svd_matches_cpu(shape):
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(shape, generator=g)
+    gpu = ops.batched_svd(x.cuda())
+    cpu = ops.batched_svd(x)
+    svd_properties(x, *gpu)
+    assert torch.allclose(gpu[1].cpu(), cpu[1], rtol=0, atol=3e-5 * float(cpu[1].max()))
+
+
+def test_cuda_batched_svd_rank_deficient_and_zero():
+    g = torch.Generator().manual_seed(16)
+    low = torch.randn(6, 50, 4, generator=g) @ torch.randn(6, 4, 30, generator=g)
+    svd_properties(low, *ops.batched_svd(low.cuda()))
+    zero = torch.zeros(3, 7, 5)
+    u, s, vh = ops.batched_svd(zero.cuda())
+    assert bool((s == 0).all())
+    svd_properties(zero, u, s, vh)
+
+
+def test_cuda_batched_svd_bf16_input():
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(16, 48, 24, generator=g).to(torch.bfloat16)
+    svd_properties(x.float(), *ops.batched_svd(x.cuda()))

@@ -14,8 +14,10 @@ from .gta import (
 )
 from .interp import model_stock, nearswap, slerp
 from .select import magnitude_mask
+from .svd import batched_svd
 
 __all__ = [
+    "batched_svd",
     "breadcrumbs",
     "breadcrumbs_ties",
     "dare_drop",

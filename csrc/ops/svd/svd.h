@@ -1,0 +1,52 @@
+// Batched thin SVD of small matrices ("svd" family) by one-sided (Hestenes) Jacobi in fp32.
+//
+// For each matrix A (m x n) of the batch, with k = min(m, n): the k columns of A (or of A^T
+// when m < n) are rotated pairwise until every pair is orthogonal to working precision; their
+// norms are the singular values, the normalised columns one set of singular vectors and the
+// accumulated rotations the other. Results are sorted by descending singular value (ties keep
+// column order), and singular vectors of numerically zero singular values are completed to an
+// orthonormal set, as LAPACK's thin SVD returns them.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "fastmerge/common.h"
+#include "fastmerge/tensor.h"
+
+namespace fastmerge {
+
+// Sweeps after which Jacobi stops even if some pair is not yet orthogonal (well-conditioned
+// fp32 matrices converge in 6-10).
+constexpr int kMaxJacobiSweeps = 40;
+
+// A pair (p, q) is orthogonal enough when |<p, q>| <= tol * |p| |q|, tol = eps32 * sqrt(len).
+FM_HD float jacobi_tolerance(int64_t len) {
+  return 1.1920929e-7f * sqrtf(float(len < 1 ? 1 : len));
+}
+
+// Columns below this fraction of the largest singular value count as zero when the singular
+// vectors are completed: their normalised columns would be noise.
+FM_HD float zero_singular_threshold(int64_t len) { return 4.0f * jacobi_tolerance(len); }
+
+// The rotation that orthogonalises columns p and q given a = |p|^2, b = |q|^2, c = <p, q>:
+// p' = cs * p - sn * q, q' = sn * p + cs * q. Computed in double (Rutishauser's formula,
+// the smaller angle).
+struct JacobiRotation { double cs, sn; };
+FM_HD JacobiRotation jacobi_rotation(double a, double b, double c) {
+  const double zeta = (b - a) / (2.0 * c);
+  const double t = (zeta >= 0.0 ? 1.0 : -1.0) / (fabs(zeta) + sqrt(1.0 + zeta * zeta));
+  const double cs = 1.0 / sqrt(1.0 + t * t);
+  return {cs, cs * t};
+}
+
+// Launcher-side checks: x is [batch, m, n] (any float dtype), u [batch, m, k], s [batch, k],
+// vh [batch, k, n], all contiguous, u/s/vh float32. Returns k.
+int64_t check_svd_inputs(const TensorView& x, const TensorView& u, const TensorView& s,
+                         const TensorView& vh);
+
+void batched_svd_cpu(const TensorView& x, const TensorView& u, const TensorView& s,
+                     const TensorView& vh);
+void batched_svd_cuda(const TensorView& x, const TensorView& u, const TensorView& s,
+                      const TensorView& vh, StreamHandle stream);
+
+}  // namespace fastmerge

@@ -1,0 +1,158 @@
+"""fastmerge.ops.batched_svd against torch.linalg.svd (LAPACK, float64 where it is the oracle)
+and against the defining properties of a thin SVD: reconstruction, orthonormal singular
+vectors, non-negative singular values in descending order."""
+import pytest
+import torch
+
+import fastmerge
+from fastmerge import ops
+from fastmerge.errors import InvalidArgumentError
+
+SHAPES = [(1, 1), (5, 3), (3, 5), (1, 7), (7, 1), (64, 64), (4, 100, 30), (2, 3, 30, 100),
+          (300, 40), (256, 256)]
+
+
+def random_matrix(shape, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def with_spectrum(m, n, singular_values, seed=0):
+    """A random m x n matrix with exactly these singular values (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    k = len(singular_values)
+    q1, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    return q1 @ torch.diag(torch.tensor(singular_values, dtype=torch.float64)) @ q2.T
+
+
+def check_svd(x, u, s, vh, tol=2e-5):
+    *batch, m, n = x.shape
+    k = min(m, n)
+    assert u.shape == (*batch, m, k) and s.shape == (*batch, k) and vh.shape == (*batch, k, n)
+    assert u.dtype == s.dtype == vh.dtype == torch.float32
+    x64 = x.double()
+    scale = max(float(torch.linalg.matrix_norm(x64, ord=2).max()) if x.numel() else 0.0, 1e-30)
+    rebuilt = (u.double() * s.double().unsqueeze(-2)) @ vh.double()
+    assert float((rebuilt - x64).abs().max()) <= tol * scale
+    eye = torch.eye(k, dtype=torch.float64)
+    assert float((u.double().mT @ u.double() - eye).abs().max()) <= tol
+    assert float((vh.double() @ vh.double().mT - eye).abs().max()) <= tol
+    assert bool((s >= 0).all())
+    assert bool((s[..., :-1] >= s[..., 1:]).all()), "singular values must descend"
+    expected = torch.linalg.svdvals(x64)
+    assert float((s.double() - expected).abs().max()) <= tol * scale
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_random_matrices_decompose(shape):
+    x = random_matrix(shape)
+    check_svd(x, *ops.batched_svd(x))
+
+
+@pytest.mark.parametrize("m,n", [(40, 12), (12, 40)])
+def test_singular_vectors_match_lapack_up_to_sign(m, n):
+    x = with_spectrum(m, n, [10.0 - i * 0.7 for i in range(min(m, n))], seed=1)
+    u, s, vh = ops.batched_svd(x.float())
+    u_ref, s_ref, vh_ref = torch.linalg.svd(x, full_matrices=False)
+    # Distinct, well separated singular values: each vector is unique up to its sign.
+    cos_u = (u.double() * u_ref).sum(0).abs()
+    cos_v = (vh.double() * vh_ref).sum(1).abs()
+    assert float((cos_u - 1).abs().max()) < 1e-5
+    assert float((cos_v - 1).abs().max()) < 1e-5
+    assert torch.allclose(s.double(), s_ref, rtol=0, atol=1e-5 * float(s_ref[0]))
+
+
+def test_rank_deficient_input_gets_orthonormal_completion():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(50, 5, generator=g) @ torch.randn(5, 40, generator=g)
+    u, s, vh = ops.batched_svd(x)
+    check_svd(x, u, s, vh)
+    assert float(s[5:].max()) <= 1e-5 * float(s[0])
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (4, 6), (3, 5, 5)])
+def test_zero_matrix(shape):
+    x = torch.zeros(shape)
+    u, s, vh = ops.batched_svd(x)
+    assert bool((s == 0).all())
+    check_svd(x, u, s, vh)
+
+
+def test_repeated_singular_values():
+    x = with_spectrum(30, 20, [3.0] * 8 + [1.0] * 8 + [0.5] * 4, seed=3).float()
+    u, s, vh = ops.batched_svd(x)
+    check_svd(x, u, s, vh)
+    expected = torch.tensor([3.0] * 8 + [1.0] * 8 + [0.5] * 4)
+    assert torch.allclose(s, expected, atol=1e-5)
+
+
+def test_ill_conditioned_matrix():
+    values = torch.logspace(0, -6, 24).tolist()
+    x = with_spectrum(48, 24, values, seed=4).float()
+    u, s, vh = ops.batched_svd(x)
+    check_svd(x, u, s, vh)
+    # Absolute accuracy relative to the largest singular value (what fp32 can promise).
+    assert torch.allclose(s.double(), torch.linalg.svdvals(x.double()), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_float_dtypes_are_decomposed_in_fp32(dtype):
+    x = random_matrix((3, 20, 12), seed=5, dtype=dtype)
+    u, s, vh = ops.batched_svd(x)
+    check_svd(x.float(), u, s, vh)
+
+
+def test_non_contiguous_input():
+    x = random_matrix((2, 30, 20), seed=6).transpose(-1, -2)  # [2, 20, 30], strided
+    assert not x.is_contiguous()
+    check_svd(x, *ops.batched_svd(x))
+
+
+def test_empty_batch_and_empty_matrices():
+    u, s, vh = ops.batched_svd(torch.zeros(0, 4, 3))
+    assert u.shape == (0, 4, 3) and s.shape == (0, 3) and vh.shape == (0, 3, 3)
+    u, s, vh = ops.batched_svd(torch.zeros(2, 0, 5))
+    assert u.shape == (2, 0, 0) and s.shape == (2, 0) and vh.shape == (2, 0, 5)
+
+
+def test_results_do_not_depend_on_thread_count():
+    from fastmerge import _native
+
+    x = random_matrix((9, 33, 17), seed=7)
+    before = _native.native().get_num_threads()
+    try:
+        _native.native().set_num_threads(1)
+        one = ops.batched_svd(x)
+        _native.native().set_num_threads(2)
+        two = ops.batched_svd(x)
+    finally:
+        _native.native().set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+def test_each_matrix_of_a_batch_is_decomposed_on_its_own():
+    x = random_matrix((5, 16, 9), seed=8)
+    u, s, vh = ops.batched_svd(x)
+    for i in range(5):
+        ui, si, vhi = ops.batched_svd(x[i])
+        assert torch.equal(u[i], ui) and torch.equal(s[i], si) and torch.equal(vh[i], vhi)
+
+
+def test_fallback_without_native_kernels(monkeypatch):
+    from fastmerge.ops import svd as svd_module
+
+    monkeypatch.setattr(svd_module, "use_native", lambda device: False)
+    x = random_matrix((2, 10, 7), seed=9)
+    check_svd(x, *ops.batched_svd(x))
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(5), torch.zeros(3, 3, dtype=torch.int32), "x"])
+def test_bad_input_is_refused(bad):
+    with pytest.raises(InvalidArgumentError):
+        ops.batched_svd(bad)
+
+
+def test_error_type_is_fastmerge_error():
+    assert issubclass(InvalidArgumentError, fastmerge.FastmergeError)
