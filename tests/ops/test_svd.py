@@ -156,3 +156,83 @@ def test_bad_input_is_refused(bad):
 
 def test_error_type_is_fastmerge_error():
     assert issubclass(InvalidArgumentError, fastmerge.FastmergeError)
+
+
+# ---- randomized_svd ----
+
+def decaying(m, n, seed=10, noise=1e-3):
+    """Fast spectral decay plus a noise floor: the shape of real task vectors."""
+    k = min(m, n)
+    values = (torch.exp(-torch.arange(k, dtype=torch.float64) / 6.0)).tolist()
+    g = torch.Generator().manual_seed(seed + 1)
+    return (with_spectrum(m, n, values, seed=seed)
+            + noise * torch.randn(m, n, generator=g, dtype=torch.float64) / (m * n) ** 0.25)
+
+
+@pytest.mark.parametrize("m,n", [(120, 80), (80, 120), (300, 64)])
+def test_randomized_svd_is_near_optimal_on_decaying_spectra(m, n):
+    x = decaying(m, n)
+    rank = 12
+    u, s, vh = ops.randomized_svd(x.float(), rank)
+    assert u.shape == (m, rank) and s.shape == (rank,) and vh.shape == (rank, n)
+    exact = torch.linalg.svdvals(x)
+    best = float(exact[rank:].square().sum().sqrt())  # Eckart-Young: the optimal error
+    err = float(torch.linalg.matrix_norm(x - (u.double() * s.double()) @ vh.double()))
+    assert err <= 1.05 * best + 1e-5
+    assert torch.allclose(s.double(), exact[:rank], rtol=1e-3, atol=1e-6)
+    eye = torch.eye(rank, dtype=torch.float64)
+    assert float((u.double().mT @ u.double() - eye).abs().max()) < 1e-5
+    assert float((vh.double() @ vh.double().mT - eye).abs().max()) < 1e-5
+
+
+def test_randomized_svd_batches_and_seeds():
+    x = torch.stack([decaying(60, 40, seed=s).float() for s in range(3)])
+    u, s, vh = ops.randomized_svd(x, 5, seed=3)
+    assert u.shape == (3, 60, 5)
+    again = ops.randomized_svd(x, 5, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip((u, s, vh), again))
+    for i in range(3):
+        assert torch.allclose(s[i].double(), torch.linalg.svdvals(x[i].double())[:5], rtol=1e-3)
+
+
+def test_randomized_svd_full_rank_is_exact():
+    x = random_matrix((30, 20), seed=11)
+    u, s, vh = ops.randomized_svd(x, 20, n_iter=0)
+    check_svd(x, u, s, vh, tol=5e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(rank=0), dict(rank=31), dict(rank=2.0),
+                                    dict(rank=3, oversample=-1), dict(rank=3, n_iter=True),
+                                    dict(rank=3, seed="a")])
+def test_randomized_svd_bad_arguments(kwargs):
+    with pytest.raises(InvalidArgumentError):
+        ops.randomized_svd(torch.zeros(30, 40), **kwargs)
+
+
+# ---- polar ----
+
+@pytest.mark.parametrize("shape", [(7, 4), (4, 7), (3, 50, 20), (600, 300), (300, 600),
+                                   (2, 400, 260)])
+def test_polar_is_u_vh_of_the_svd(shape):
+    x = random_matrix(shape, seed=12)
+    u, _, vh = torch.linalg.svd(x.double(), full_matrices=False)
+    p = ops.polar(x)
+    assert p.dtype == torch.float32 and p.shape == x.shape
+    assert float((p.double() - u @ vh).abs().max()) < 2e-5
+
+
+def test_polar_recovers_the_orthogonal_factor():
+    q = with_spectrum(500, 300, [1.0] * 300, seed=13)            # orthonormal columns
+    spd = with_spectrum(300, 300, torch.linspace(5, 0.1, 300).tolist(), seed=14)
+    spd = (spd + spd.T) / 2
+    lam, v = torch.linalg.eigh(spd)
+    h = v @ torch.diag(lam.abs()) @ v.T                          # symmetric positive definite
+    p = ops.polar((q @ h).float())
+    assert float((p.double() - q).abs().max()) < 2e-5
+
+
+def test_polar_of_a_rank_deficient_large_matrix_is_still_orthonormal():
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(400, 5, generator=g) @ torch.randn(5, 300, generator=g)
+    p = ops.polar(x).double()
+    assert float((p.mT @ p - torch.eye(300, dtype=torch.float64)).abs().max()) < 1e-4

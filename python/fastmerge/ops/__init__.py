@@ -14,7 +14,7 @@ from .gta import (
 )
 from .interp import model_stock, nearswap, slerp
 from .select import magnitude_mask
-from .svd import batched_svd
+from .svd import batched_svd, polar, randomized_svd
 
 __all__ = [
     "batched_svd",
@@ -30,6 +30,8 @@ __all__ = [
     "magnitude_mask",
     "model_stock",
     "nearswap",
+    "polar",
+    "randomized_svd",
     "slerp",
     "task_arithmetic",
     "ties",

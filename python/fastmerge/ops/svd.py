@@ -45,3 +45,88 @@ def batched_svd(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tens
                                      cuda_stream(x.device))
     return (u.reshape(*batch_shape, m, k), s.reshape(*batch_shape, k),
             vh.reshape(*batch_shape, k, n))
+
+
+def _check_matrix(x, name: str) -> torch.Tensor:
+    x = check_tensor(x, name)
+    if x.dim() < 2:
+        raise InvalidArgumentError(f"{name} must have at least 2 dims [..., m, n], got shape "
+                                   f"{tuple(x.shape)}")
+    return x
+
+
+def _orthonormal_basis(y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(y, mode="reduced").Q
+
+
+def randomized_svd(x: torch.Tensor, rank: int, *, oversample: int = 8, n_iter: int = 2,
+                   seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Truncated SVD of every matrix in x [..., m, n] by randomized range finding (Halko,
+    Martinsson and Tropp, 2011): U [..., m, rank], S [..., rank], Vh [..., rank, n].
+
+    A Gaussian sketch of rank + oversample columns (drawn on the CPU from `seed`, so every
+    device sees the same sketch) is refined by n_iter power iterations, each re-orthonormalised
+    by QR; the small projected matrix is decomposed by batched_svd. All GEMMs and QRs are
+    torch's (BLAS / cuBLAS) in fp32. The error is close to the best rank-`rank` error when the
+    spectrum decays; on flat spectra raise n_iter.
+    """
+    x = _check_matrix(x, "x")
+    *batch_shape, m, n = x.shape
+    k = min(m, n)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= k:
+        raise InvalidArgumentError(f"rank must be an int in [1, min(m, n) = {k}], got {rank!r}")
+    for name, value in (("oversample", oversample), ("n_iter", n_iter)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidArgumentError(f"{name} must be a non-negative int, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InvalidArgumentError(f"seed must be an int, got {seed!r}")
+    a = x.detach().to(torch.float32)
+    width = min(rank + oversample, k)
+    generator = torch.Generator().manual_seed(seed)
+    sketch = torch.randn((*batch_shape, n, width), generator=generator).to(a.device)
+    q = _orthonormal_basis(a @ sketch)
+    for _ in range(n_iter):
+        q = _orthonormal_basis(a @ _orthonormal_basis(a.mT @ q))
+    u_small, s, vh = batched_svd(q.mT @ a)
+    u = q @ u_small
+    return u[..., :rank], s[..., :rank], vh[..., :rank, :]
+
+
+# Largest min(m, n) decomposed by Jacobi inside polar(); larger matrices use the Gram matrix.
+_POLAR_JACOBI_LIMIT = 256
+# Smallest eigenvalue ratio of the Gram matrix (1 / condition number squared) for which the
+# float64 Gram route is accurate to fp32; below it, a full SVD.
+_POLAR_GRAM_MIN_RATIO = 1e-10
+
+
+def polar(x: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor of every matrix in x [..., m, n]: U @ Vh of its thin SVD,
+    the nearest matrix with orthonormal columns (m >= n) or rows (m < n) in Frobenius norm.
+
+    Small matrices (min(m, n) <= 256) go through batched_svd. Larger ones through the Gram
+    matrix in float64: G = X^T X = V diag(L) V^T (eigh), factor = X V diag(L^-1/2) V^T, which
+    costs two GEMMs and an eigh instead of an SVD; a matrix whose condition number exceeds 1e5
+    (where that route would lose accuracy, and where the factor of a rank-deficient matrix is
+    not unique) is decomposed by torch.linalg.svd instead. The result is fp32.
+    """
+    x = _check_matrix(x, "x")
+    *_, m, n = x.shape
+    a = x.detach().to(torch.float32)
+    if min(m, n) == 0:
+        return torch.zeros_like(a)
+    if min(m, n) <= _POLAR_JACOBI_LIMIT:
+        u, _, vh = batched_svd(a)
+        return u @ vh
+    return _gram_polar(a)
+
+
+def _gram_polar(a: torch.Tensor) -> torch.Tensor:
+    wide = a.shape[-2] < a.shape[-1]
+    y = (a.mT if wide else a).to(torch.float64)   # tall: X^T X is the smaller Gram matrix
+    eigenvalues, vectors = torch.linalg.eigh(y.mT @ y)
+    top = eigenvalues[..., -1:].clamp_min(1e-300)
+    if not bool((eigenvalues[..., :1] > _POLAR_GRAM_MIN_RATIO * top).all()):
+        u, _, vh = torch.linalg.svd(a, full_matrices=False)
+        return u @ vh
+    factor = (y @ (vectors * eigenvalues.rsqrt().unsqueeze(-2)) @ vectors.mT).to(torch.float32)
+    return factor.mT if wide else factor
