@@ -1,4 +1,5 @@
 """Public functional ops on torch tensors (CPU or CUDA, fp32/fp16/bf16, any shape)."""
+from .consensus import arcee_fusion, ram, ramplus_tl, sce
 from .gta import (
     breadcrumbs,
     breadcrumbs_ties,
@@ -16,6 +17,7 @@ from .interp import model_stock, nearswap, slerp
 from .select import magnitude_mask
 
 __all__ = [
+    "arcee_fusion",
     "breadcrumbs",
     "breadcrumbs_ties",
     "dare_drop",
@@ -28,6 +30,9 @@ __all__ = [
     "magnitude_mask",
     "model_stock",
     "nearswap",
+    "ram",
+    "ramplus_tl",
+    "sce",
     "slerp",
     "task_arithmetic",
     "ties",
