@@ -281,3 +281,42 @@ def test_cuda_batched_svd_bf16_input():
     g = torch.Generator().manual_seed(17)
     x = torch.randn(16, 48, 24, generator=g).to(torch.bfloat16)
     svd_properties(x.float(), *ops.batched_svd(x.cuda()))
+
+
+# ---- consensus family: ram, ramplus_tl, sce, arcee_fusion ----
+
+CONSENSUS = {
+    "ram": lambda b, e: ops.ram(b, e, epsilon=0.05),
+    "ramplus_tl": lambda b, e: ops.ramplus_tl(b, e, r=0.5, alpha=0.3, epsilon=0.05),
+    "sce": lambda b, e: ops.sce(b, e),
+    "sce_topk": lambda b, e: ops.sce(b, e, select_topk=0.3),
+    "sce_none": lambda b, e: ops.sce(b, e, select_topk=0.0),
+    "arcee_fusion": lambda b, e: ops.arcee_fusion(b, e[0]),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(700, 1000)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", sorted(CONSENSUS))
+def test_cuda_consensus_matches_cpu(method, dtype, shape):
+    """Same masks (counts, exact selections) and fp32 formulas; sce's weights and arcee's KL
+    are double sums in another order, which rounds to the same fp32 value or one ulp away."""
+    base, experts = group(shape, 3, dtype, seed=hash((method, str(dtype), shape)) % 1000)
+    cpu = CONSENSUS[method](base, experts)
+    gpu = CONSENSUS[method](base.cuda(), on_cuda(experts))
+    if method.startswith("sce") and method != "sce_none":
+        assert_same(gpu, cpu, exact=False)
+    elif method == "arcee_fusion":
+        # a KL one fp32 ulp apart may move an element across the threshold: a handful at most
+        assert int((gpu.cpu().float() != cpu.float()).sum()) <= max(1, cpu.numel() // 10000)
+    else:
+        assert_same(gpu, cpu, exact=True)
+
+
+@pytest.mark.parametrize("count", [1, 2, 5, 32])
+@pytest.mark.parametrize("method", ["ram", "ramplus_tl", "sce_topk"])
+def test_cuda_consensus_expert_counts(method, count):
+    base, experts = group((4097,), count, torch.float32, seed=count)
+    cpu = CONSENSUS[method](base, experts)
+    gpu = CONSENSUS[method](base.cuda(), on_cuda(experts))
+    assert_same(gpu, cpu, exact=method != "sce_topk")

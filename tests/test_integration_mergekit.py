@@ -28,7 +28,8 @@ def restore_registry():
 def kernel_calls(monkeypatch):
     """Counts calls into the fastmerge ops, to tell the kernels from mergekit's own code."""
     calls = []
-    for name in ("generalized_task_arithmetic", "linear", "slerp", "nearswap", "model_stock"):
+    for name in ("generalized_task_arithmetic", "linear", "slerp", "nearswap", "model_stock",
+                 "ram", "ramplus_tl", "sce", "arcee_fusion"):
         real = getattr(ops, name)
 
         def spy(*a, _real=real, _name=name, **k):
@@ -161,8 +162,8 @@ def test_patch_and_unpatch_swap_registry_entries():
     fmk.unpatch()
     assert registry._METHODS["ties"] is original and not fmk.is_patched("ties")
     assert "ties" in repr(handle)
-    with pytest.raises(fmk.FastmergeError, match="sce"):
-        fmk.patch(["sce"])
+    with pytest.raises(fmk.FastmergeError, match="passthrough"):
+        fmk.patch(["passthrough"])
 
 
 def test_unsupported_mergekit_version_is_refused(monkeypatch):
@@ -196,3 +197,36 @@ def test_mergekit_yaml_command_runs_patched(tmp_path, kernel_calls):
     assert sorted(ours) == sorted(theirs)
     for name in theirs:
         assert torch.allclose(ours[name], theirs[name], atol=1e-5), name
+
+
+CONSENSUS_CASES = {
+    "ram": {"epsilon": 0.05},
+    "ramplus_tl": {"r": 0.3, "alpha": 0.5, "epsilon": 0.05},
+    "sce": {"select_topk": 0.4},
+}
+
+
+@pytest.mark.parametrize("method", list(CONSENSUS_CASES))
+def test_consensus_methods_match_mergekit_fp32(method, kernel_calls):
+    base, experts = group()
+    inputs = [base] + experts
+    params = CONSENSUS_CASES[method]
+    want = merge_tensors(inputs, method, parameters=params, base_index=0, name="w")
+    assert kernel_calls == []
+    with fmk.patch([method]):
+        got = merge_tensors(inputs, method, parameters=params, base_index=0, name="w")
+        only_base = merge_tensors([base], method, parameters=params, base_index=0, name="w")
+    assert kernel_calls == [method]
+    assert torch.equal(only_base, base)
+    scale = float((want - base).abs().max())
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6 * scale)
+
+
+def test_arcee_fusion_matches_mergekit_fp32(kernel_calls):
+    base, (other,) = group(experts=1)
+    other = base + 5 * (other - base)  # well-separated importances: no threshold flips
+    want = merge_tensors([base, other], "arcee_fusion", parameters={}, base_index=0, name="w")
+    with fmk.patch(["arcee_fusion"]):
+        got = merge_tensors([base, other], "arcee_fusion", parameters={}, base_index=0, name="w")
+    assert kernel_calls == ["arcee_fusion"]
+    assert int((got != want).sum()) <= 2

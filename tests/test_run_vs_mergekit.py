@@ -65,6 +65,12 @@ def config_for(method: str, family, dtype: str) -> str:
                 f"parameters:\n  t: [0.0005, 0.003]\ndtype: {dtype}\n")
     if method == "model_stock":
         return f"merge_method: model_stock\n{base}{models_block(family, {})}\ndtype: {dtype}\n"
+    if method == "arcee_fusion":
+        return (f"merge_method: arcee_fusion\n{base}models:\n  - model: {family.base}\n"
+                f"  - model: {family.experts[2]}\ndtype: {dtype}\n")
+    if method in CONSENSUS_PARAMS:
+        return (f"merge_method: {method}\n{base}{models_block(family, {})}\n"
+                f"parameters:\n{CONSENSUS_PARAMS[method]}dtype: {dtype}\n")
     if method == "linear":
         return (f"merge_method: linear\n{models_block(family, {'weight': WEIGHTS})}\n"
                 f"dtype: {dtype}\n")
@@ -87,8 +93,14 @@ def family32(tmp_path_factory):
                                   dtype=torch.float32, seed=3)
 
 
+# shared parameters of the consensus methods (epsilon near the deltas' size: mixed counts)
+CONSENSUS_PARAMS = {
+    "ram": "  epsilon: [0.001, 0.003]\n",
+    "ramplus_tl": "  epsilon: 0.002\n  r: 0.5\n  alpha: [0.1, 0.6]\n",
+    "sce": "  select_topk: [{filter: mlp, value: 0.3}, {value: 1.0}]\n  int8_mask: true\n",
+}
 DETERMINISTIC = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "linear",
-                 "slerp", "nearswap", "model_stock"]
+                 "slerp", "nearswap", "model_stock", "ram", "ramplus_tl", "sce", "arcee_fusion"]
 RANDOM = ["dare_ties", "dare_linear", "della", "della_linear"]
 
 
@@ -117,6 +129,11 @@ def test_deterministic_methods_match_mergekit_fp32(method, family32, tmp_path):
         mismatch = (a - b).abs() > 1e-5 * scale + 1e-6 * b.abs()
         if method in ("ties", "breadcrumbs", "breadcrumbs_ties"):
             assert float(mismatch.float().mean()) < 1e-3, (name, err, scale)
+        elif method == "arcee_fusion":
+            # mergekit's fp32 KL of close models carries rounding noise (up to ~2% relative
+            # here; ours is fp64): elements whose importance sits that close to the threshold
+            # may flip (tests/ops/test_consensus.py checks that only those do)
+            assert float(mismatch.float().mean()) < 1e-2, (name, err, scale)
         else:
             assert err <= 1e-5 * scale + 1e-6 * float(b.abs().max()), (name, err, scale)
     _assert_loads_and_runs(tmp_path / "ours")

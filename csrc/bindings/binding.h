@@ -59,5 +59,6 @@ void bind_select(py::module_& m);
 void bind_gta(py::module_& m);
 void bind_interp(py::module_& m);
 void bind_svd(py::module_& m);
+void bind_consensus(py::module_& m);
 
 }  // namespace fastmerge::bindings

@@ -101,4 +101,5 @@ PYBIND11_MODULE(_C, m) {
   bind_gta(m);
   bind_interp(m);
   bind_svd(m);
+  bind_consensus(m);
 }

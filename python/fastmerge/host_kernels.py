@@ -150,3 +150,42 @@ def count_non_finite(x) -> int:
     import torch
 
     return int((~torch.isfinite(x)).sum()) if x.is_floating_point() else 0
+
+
+def _with_experts(kernel: str, base: HostArray, experts: List[HostArray], out_dtype: DType,
+                  *scalars: float) -> HostArray:
+    out = HostArray.empty(base.shape, out_dtype)
+    if out.data.size:
+        hb, ho = _Borrowed(base), _Borrowed(out)
+        held = [_Borrowed(e) for e in experts]
+        getattr(_native.native(), kernel)(hb.capsule, [h.capsule for h in held], ho.capsule,
+                                          *scalars, 0)
+    return out
+
+
+def ram(base: HostArray, experts: List[HostArray], epsilon: float, out_dtype: DType) -> HostArray:
+    """mergekit's ram (as fastmerge.ops.ram)."""
+    return _with_experts("ram", base, experts, out_dtype, check_scalar(epsilon, "epsilon"))
+
+
+def ramplus_tl(base: HostArray, experts: List[HostArray], r: float, alpha: float, epsilon: float,
+               out_dtype: DType) -> HostArray:
+    """mergekit's ramplus_tl (as fastmerge.ops.ramplus_tl)."""
+    return _with_experts("ramplus_tl", base, experts, out_dtype, check_scalar(r, "r"),
+                         check_scalar(alpha, "alpha"), check_scalar(epsilon, "epsilon"))
+
+
+def sce(base: HostArray, experts: List[HostArray], select_topk: float,
+        out_dtype: DType) -> HostArray:
+    """mergekit's sce (as fastmerge.ops.sce)."""
+    return _with_experts("sce", base, experts, out_dtype, check_scalar(select_topk, "select_topk"))
+
+
+def arcee_fusion(base: HostArray, other: HostArray, out_dtype: DType) -> HostArray:
+    """mergekit's arcee_fusion with exact quantiles (as fastmerge.ops.arcee_fusion)."""
+    out = HostArray.empty(base.shape, out_dtype)
+    if out.data.size:
+        hb, hp, ho = _Borrowed(base), _Borrowed(other), _Borrowed(out)
+        row_len = base.shape[-1] if base.shape else 1
+        _native.native().arcee_fusion(hb.capsule, hp.capsule, ho.capsule, row_len, 0)
+    return out

@@ -26,7 +26,8 @@ from ..errors import FastmergeError
 SUPPORTED_VERSIONS = ("0.1.5",)
 GTA_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
                "breadcrumbs_ties", "della", "della_linear")
-METHODS = GTA_METHODS + ("linear", "slerp", "nearswap", "model_stock")
+CONSENSUS_METHODS = ("ram", "ramplus_tl", "sce", "arcee_fusion")
+METHODS = GTA_METHODS + ("linear", "slerp", "nearswap", "model_stock") + CONSENSUS_METHODS
 
 
 class MergekitVersionError(FastmergeError):
@@ -142,6 +143,27 @@ def _model_stock(group, parameters):
                            filter_wise=parameters["filter_wise"])
 
 
+def _consensus_kernel(name: str, keys) -> Callable:
+    """ram, ramplus_tl, sce: the base and any number of experts, shared scalar parameters."""
+
+    def merge(group, parameters):
+        from .. import ops
+
+        if not group.non_base:
+            return group.base.tensor
+        return getattr(ops, name)(group.base.tensor, [e.tensor for e in group.non_base],
+                                  **{k: parameters[k] for k in keys})
+
+    return merge
+
+
+def _arcee_fusion(group, parameters):
+    from .. import ops
+
+    (other,) = group.non_base
+    return ops.arcee_fusion(group.base.tensor, other.tensor)
+
+
 def _wrapper_class():
     from mergekit.merge_methods.base import GroupMergeMethod
 
@@ -198,7 +220,11 @@ def patch(methods: Iterable[str] = METHODS) -> _Patched:
             kernel = _gta_kernel(original)
         else:
             kernel = {"linear": _linear, "slerp": _slerp, "nearswap": _nearswap,
-                      "model_stock": _model_stock}[name]
+                      "model_stock": _model_stock,
+                      "ram": _consensus_kernel("ram", ("epsilon",)),
+                      "ramplus_tl": _consensus_kernel("ramplus_tl", ("r", "alpha", "epsilon")),
+                      "sce": _consensus_kernel("sce", ("select_topk",)),
+                      "arcee_fusion": _arcee_fusion}[name]
         _originals[name] = original
         registry._METHODS[name] = accelerated(original, kernel)
     return _Patched(sorted(_originals))

@@ -128,3 +128,45 @@ def _passthrough(call: MergeCall):
 register(MethodSpec("passthrough", (ParamSpec("scale", "optional_float", INPUT, None),),
                     _passthrough, uses_base=False, max_inputs=1,
                     description="copy one model's tensors (layer stacking with slices)"))
+
+
+def _with_experts(kernel: str, params, description: str, **spec) -> MethodSpec:
+    """A method of the base and any number of experts with shared scalar parameters (the
+    consensus family: ram, ramplus_tl, sce); mergekit returns the base when no expert has the
+    tensor."""
+    names = [p.name for p in params if p.name != "int8_mask"]
+
+    def merge(call: MergeCall):
+        if not call.inputs:
+            return _cast(call, call.base)
+        values = [call.shared[n] for n in names]
+        if call.host:
+            return getattr(host_kernels, kernel)(call.base, call.inputs, *values, call.out_dtype)
+        return getattr(_ops(), kernel)(call.base, call.inputs, out_dtype=call.out_dtype.torch,
+                                       **dict(zip(names, values)))
+
+    return register(MethodSpec(kernel, tuple(params), merge, uses_base=True,
+                               description=description, **spec))
+
+
+_with_experts("ram", (ParamSpec("epsilon", "float", SHARED, 1e-5),),
+              "Reinforced Agent Merging: unique deltas kept, shared deltas averaged")
+_with_experts("ramplus_tl", (ParamSpec("r", "float", SHARED, 0.1),
+                             ParamSpec("alpha", "float", SHARED, 0.2),
+                             ParamSpec("epsilon", "float", SHARED, 1e-5)),
+              "RAM+ (tensor-local): ram with unique deltas rescaled by the overlap ratio")
+_with_experts("sce", (ParamSpec("int8_mask", "bool", SHARED, False),  # mask dtype; no effect here
+                      ParamSpec("select_topk", "float", SHARED, 1.0)),
+              "select by variance, sign election, weights by mean squared delta")
+
+
+def _arcee_fusion(call: MergeCall):
+    other = call.inputs[0]
+    if call.host:
+        return host_kernels.arcee_fusion(call.base, other, call.out_dtype)
+    return _ops().arcee_fusion(call.base, other, out_dtype=call.out_dtype.torch)
+
+
+register(MethodSpec("arcee_fusion", (), _arcee_fusion, uses_base=True, min_inputs=2, max_inputs=2,
+                    description="take the other model's values where their KL-weighted change "
+                                "is an outlier"))

@@ -1,4 +1,5 @@
 """Public functional ops on torch tensors (CPU or CUDA, fp32/fp16/bf16, any shape)."""
+from .consensus import arcee_fusion, ram, ramplus_tl, sce
 from .gta import (
     breadcrumbs,
     breadcrumbs_ties,
@@ -17,6 +18,7 @@ from .select import magnitude_mask
 from .svd import batched_svd, polar, randomized_svd
 
 __all__ = [
+    "arcee_fusion",
     "batched_svd",
     "breadcrumbs",
     "breadcrumbs_ties",
@@ -32,6 +34,9 @@ __all__ = [
     "nearswap",
     "polar",
     "randomized_svd",
+    "ram",
+    "ramplus_tl",
+    "sce",
     "slerp",
     "task_arithmetic",
     "ties",
