@@ -8,7 +8,7 @@ mergekit 0.1.5's.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -36,17 +36,26 @@ def generalized_task_arithmetic(
     density: PerExpert = 1.0,
     sparsification: Optional[str] = None,
     consensus: Optional[str] = None,
-    rescale: bool = False,
-    normalize: bool = False,
+    rescale: Union[bool, str] = False,
+    normalize: Union[bool, str] = False,
     lambda_: float = 1.0,
     gamma: PerExpert = 0.01,
     epsilon: PerExpert = 0.15,
     seed: int = 0,
     name: str = "",
     out_dtype: Optional[torch.dtype] = None,
+    sign_from: str = "weighted",
+    min_keep: int = 1,
 ) -> torch.Tensor:
     """The general form behind every task-vector op. base=None merges the experts themselves
-    (deltas against zero), as linear merging and standalone sparsification do."""
+    (deltas against zero), as linear merging and standalone sparsification do.
+
+    Defaults are mergekit's conventions; PEFT's merge_utils conventions are options:
+    rescale="density" (kept values / density; True or "l1" is mergekit's L1 rescale),
+    normalize="count" (divide by the number of agreeing experts, or of all experts without
+    consensus; True or "weights" divides by their weights' sum), sign_from="unweighted" (the
+    sign election votes and agrees on the sparsified deltas before weights) and min_keep=0
+    (magnitude keeps int(density * numel) elements, possibly none; mergekit keeps at least 1)."""
     experts = check_experts(experts)
     if base is not None:
         base = check_tensor(base, "base")
@@ -59,7 +68,7 @@ def generalized_task_arithmetic(
     args = gta_arguments(len(experts), reference.shape, weight=weight, density=density,
                          sparsification=sparsification, consensus=consensus, rescale=rescale,
                          normalize=normalize, lambda_=lambda_, gamma=gamma, epsilon=epsilon,
-                         seed=seed, name=name)
+                         seed=seed, name=name, sign_from=sign_from, min_keep=min_keep)
     kernel_args = args.pop("kernel")
     dtype = resolve_out_dtype(out_dtype, reference.dtype)
 
