@@ -43,9 +43,32 @@ void gta_merge(const std::optional<py::capsule>& base_cap, const std::vector<py:
            [&] { gta_merge_cpu(base_ptr, experts, out, p); });
 }
 
+void gta_sign_mask(const py::capsule& stacked_cap, const py::capsule& mask_cap, int method,
+                   uintptr_t cuda_stream) {
+  const TensorView stacked = view_of(stacked_cap), mask = view_of(mask_cap);
+  FM_CHECK(method == int(Consensus::sum) || method == int(Consensus::count),
+           "sign mask method must be 1 (sum) or 2 (count), got ", method);
+  const Consensus c = Consensus(method);
+  py::gil_scoped_release release;
+  dispatch(mask, FM_CUDA_LAUNCH(gta_sign_mask_cuda(stacked, mask, c, cuda_stream)),
+           [&] { gta_sign_mask_cpu(stacked, mask, c); });
+}
+
+void gta_disjoint_merge(const py::capsule& stacked_cap, const py::capsule& mask_cap,
+                        const py::capsule& out_cap, uintptr_t cuda_stream) {
+  const TensorView stacked = view_of(stacked_cap), mask = view_of(mask_cap), out = view_of(out_cap);
+  py::gil_scoped_release release;
+  dispatch(out, FM_CUDA_LAUNCH(gta_disjoint_merge_cuda(stacked, mask, out, cuda_stream)),
+           [&] { gta_disjoint_merge_cpu(stacked, mask, out); });
+}
+
 }  // namespace
 
 void bind_gta(py::module_& m) {
+  m.def("gta_sign_mask", &gta_sign_mask, py::arg("stacked"), py::arg("mask"), py::arg("method"),
+        py::arg("cuda_stream"));
+  m.def("gta_disjoint_merge", &gta_disjoint_merge, py::arg("stacked"), py::arg("mask"),
+        py::arg("out"), py::arg("cuda_stream"));
   m.def("gta_merge", &gta_merge, py::arg("base"), py::arg("experts"), py::arg("out"),
         py::arg("sparsify"), py::arg("consensus"), py::arg("rescale"), py::arg("normalize"),
         py::arg("lambda_"), py::arg("seed"), py::arg("stream_hash"), py::arg("weights"),

@@ -54,4 +54,17 @@ void gta_merge_cpu(const TensorView* base, const std::vector<TensorView>& expert
 void gta_merge_cuda(const TensorView* base, const std::vector<TensorView>& experts,
                     const TensorView& out, const GtaParams& params, StreamHandle stream);
 
+// The two steps of PEFT's TIES on T stacked tensors (flat storage (T, n), T = shape[0]):
+// sign mask: mask[t, j] = sign(x[t, j]) == majority_j (a bool per element), majority_j = +1
+// when vote_j >= 0 else -1, vote_j = sum_t x[t, j] (Consensus::sum) or sum_t sign(x[t, j])
+// (count), in fp32 in t order (NaN votes elect -1; zeros and NaNs never agree).
+void gta_sign_mask_cpu(const TensorView& stacked, const TensorView& mask, Consensus method);
+void gta_sign_mask_cuda(const TensorView& stacked, const TensorView& mask, Consensus method,
+                        StreamHandle stream);
+// disjoint merge: out[j] = (sum_t x[t, j] * mask[t, j]) / max(1, sum_t mask[t, j]), fp32 in t
+// order (x * 0 as PEFT multiplies: inf or NaN under a false mask gives NaN), rounded once.
+void gta_disjoint_merge_cpu(const TensorView& stacked, const TensorView& mask, const TensorView& out);
+void gta_disjoint_merge_cuda(const TensorView& stacked, const TensorView& mask, const TensorView& out,
+                             StreamHandle stream);
+
 }  // namespace fastmerge

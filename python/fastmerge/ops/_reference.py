@@ -429,8 +429,37 @@ def model_stock(base: torch.Tensor, experts: Sequence[torch.Tensor], *,
     return out.reshape(shape)
 
 
+# ---------------------------------------------------------------------------------------------
+# Sign election and disjoint merge on stacked tensors (PEFT's merge_utils, in fp32)
+# ---------------------------------------------------------------------------------------------
+
+def majority_sign_mask(stacked: torch.Tensor, method: str = "sum") -> torch.Tensor:
+    """Bool mask (stacked's shape): sign(x_t) == majority, the majority +1 where the vote
+    (sum_t x_t for "sum", sum_t sign(x_t) for "count", fp32 in t order) is >= 0, else -1."""
+    rows = [_f32(r) for r in stacked.unbind(0)]
+    if method == "sum":
+        vote = _sequential_sum(rows)
+    elif method == "count":
+        vote = _sequential_sum([torch.sign(r) for r in rows])
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    positive = vote >= 0
+    return torch.stack([torch.where(positive, r > 0, r < 0) for r in rows]).reshape(stacked.shape)
+
+
+def disjoint_merge(stacked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum_t x_t * mask_t / max(1, sum_t mask_t), fp32 in t order, stacked.shape[1:]."""
+    rows = [_f32(r) for r in stacked.unbind(0)]
+    on = [m.reshape(-1).to(torch.float32) for m in mask.unbind(0)]
+    mixed = _sequential_sum([r * m for r, m in zip(rows, on)])
+    kept = _sequential_sum(on)
+    return (mixed / torch.clamp(kept, min=1.0)).reshape(stacked.shape[1:])
+
+
 __all__ = [
     "combine",
+    "disjoint_merge",
+    "majority_sign_mask",
     "della_rank_norm",
     "generalized_task_arithmetic",
     "magnitude_keep_count",
