@@ -35,6 +35,7 @@ import functools
 import inspect
 import math
 import sys
+import threading
 import warnings
 from importlib import metadata
 from numbers import Real
@@ -57,6 +58,7 @@ class PeftVersionError(FastmergeError):
 _originals: Dict[str, Callable] = {}
 _bindings: List[Tuple[object, str, Callable]] = []
 _warned: set = set()
+_inside_peft = threading.local()  # depth of PEFT's own functions running as a fallback
 
 
 class _Fallback:
@@ -353,18 +355,30 @@ def _say_once(function: str, reason: str) -> None:
 def _wrapper(name: str, original: Callable) -> Callable:
     signature = inspect.signature(original)
 
+    def peft_serves(args, kwargs):
+        # PEFT's merge functions call its other ones (prune, calculate_majority_sign_mask,
+        # disjoint_merge) through merge_utils' globals, which are patched: inside PEFT's own
+        # code they stay PEFT's, without further warnings.
+        _inside_peft.depth = getattr(_inside_peft, "depth", 0) + 1
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _inside_peft.depth -= 1
+
     @functools.wraps(original)
     def accelerated(*args, **kwargs):
+        if getattr(_inside_peft, "depth", 0):
+            return original(*args, **kwargs)
         try:
             bound = signature.bind(*args, **kwargs)
         except TypeError:
-            return original(*args, **kwargs)  # PEFT's own error
+            return peft_serves(args, kwargs)  # PEFT's own error
         bound.apply_defaults()
         result = _KERNELS[name](**bound.arguments)
         if isinstance(result, _Fallback):
             if result.reason:
                 _say_once(name, result.reason)
-            return original(*args, **kwargs)
+            return peft_serves(args, kwargs)
         return result
 
     accelerated.__fastmerge_original__ = original

@@ -436,6 +436,8 @@ def model_stock(base: torch.Tensor, experts: Sequence[torch.Tensor], *,
 def majority_sign_mask(stacked: torch.Tensor, method: str = "sum") -> torch.Tensor:
     """Bool mask (stacked's shape): sign(x_t) == majority, the majority +1 where the vote
     (sum_t x_t for "sum", sum_t sign(x_t) for "count", fp32 in t order) is >= 0, else -1."""
+    if stacked.shape[0] == 0:
+        return torch.zeros(stacked.shape, dtype=torch.bool, device=stacked.device)
     rows = [_f32(r) for r in stacked.unbind(0)]
     if method == "sum":
         vote = _sequential_sum(rows)
@@ -449,6 +451,8 @@ def majority_sign_mask(stacked: torch.Tensor, method: str = "sum") -> torch.Tens
 
 def disjoint_merge(stacked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """sum_t x_t * mask_t / max(1, sum_t mask_t), fp32 in t order, stacked.shape[1:]."""
+    if stacked.shape[0] == 0:
+        return torch.zeros(stacked.shape[1:], dtype=torch.float32, device=stacked.device)
     rows = [_f32(r) for r in stacked.unbind(0)]
     on = [m.reshape(-1).to(torch.float32) for m in mask.unbind(0)]
     mixed = _sequential_sum([r * m for r, m in zip(rows, on)])
