@@ -320,3 +320,43 @@ def test_cuda_consensus_expert_counts(method, count):
     cpu = CONSENSUS[method](base, experts)
     gpu = CONSENSUS[method](base.cuda(), on_cuda(experts))
     assert_same(gpu, cpu, exact=method != "sce_topk")
+
+
+# ---- PEFT's merge_utils conventions (no base, unweighted votes, count divisor, 1/density) ----
+
+PEFT_OPTIONS = {
+    "peft_ties": dict(density=0.3, sparsification="magnitude", consensus="sum",
+                      sign_from="unweighted", normalize="count", min_keep=0),
+    "peft_ties_frequency": dict(density=0.3, sparsification="magnitude", consensus="count",
+                                sign_from="unweighted", normalize="count", min_keep=0),
+    "peft_magnitude_prune": dict(density=0.01, sparsification="magnitude", min_keep=0),
+    "peft_dare_ties": dict(density=0.5, sparsification="random", consensus="sum",
+                           sign_from="unweighted", normalize="count", rescale="density", seed=7),
+    "peft_dare_linear": dict(density=0.5, sparsification="random", rescale="density", seed=8),
+    "peft_task_arithmetic": dict(),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(PEFT_OPTIONS))
+def test_cuda_peft_options_match_cpu_exactly(case, dtype, shape):
+    _, experts = group(shape, 3, dtype, seed=21)
+    weight = [0.7, -0.4, 0.0]
+    for count in (1, 3):  # one expert and several (vectorised and generic merge kernels)
+        kw = PEFT_OPTIONS[case]
+        cpu = ops.generalized_task_arithmetic(None, experts[:count], weight[:count], **kw)
+        gpu = ops.generalized_task_arithmetic(None, on_cuda(experts[:count]), weight[:count], **kw)
+        assert_same(gpu, cpu, exact=True)
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 4097), (4, 64, 300), (0, 5), (2, 0)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_sign_mask_and_disjoint_merge_match_cpu(shape, dtype):
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(shape, generator=g).to(dtype)
+    mask = torch.randn(shape, generator=g) > 0.2
+    for method in ("sum", "count"):
+        assert torch.equal(ops.majority_sign_mask(x.cuda(), method).cpu(),
+                           ops.majority_sign_mask(x, method))
+    assert_same(ops.disjoint_merge(x.cuda(), mask.cuda()), ops.disjoint_merge(x, mask), exact=True)

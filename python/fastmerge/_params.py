@@ -11,6 +11,19 @@ from .errors import InvalidArgumentError
 
 SPARSIFICATION = {None: 0, "magnitude": 1, "random": 2, "magnitude_outliers": 3, "della_magprune": 4}
 CONSENSUS = {None: 0, "sum": 1, "count": 2}
+RESCALE = {False: 0, "l1": 1, "density": 2}  # True means "l1" (mergekit's rescale)
+NORMALIZE = {False: 0, "weights": 1, "count": 2}  # True means "weights" (mergekit's normalize)
+SIGN_FROM = ("weighted", "unweighted")
+
+
+def _mode(value, table: dict, name: str, alias_true: str):
+    """A truth value or one of the table's strings -> the canonical key (False or a string)."""
+    if isinstance(value, str):
+        if value in table:
+            return value
+        choices = ", ".join(repr(k) for k in table if k)
+        raise InvalidArgumentError(f"{name} must be True, False, {choices}; got {value!r}")
+    return alias_true if bool(value) else False
 
 
 def della_rank_axis(shape: Sequence[int]):
@@ -85,11 +98,14 @@ def check_seed(seed) -> int:
 
 def gta_arguments(count: int, shape: Sequence[int], *, weight, density=1.0,
                   sparsification: Optional[str] = None, consensus: Optional[str] = None,
-                  rescale: bool = False, normalize: bool = False, lambda_: float = 1.0,
-                  gamma=0.01, epsilon=0.15, seed: int = 0, name: str = "") -> dict:
+                  rescale=False, normalize=False, lambda_: float = 1.0,
+                  gamma=0.01, epsilon=0.15, seed: int = 0, name: str = "",
+                  sign_from: str = "weighted", min_keep: int = 1) -> dict:
     """Checks the parameters of a merge of `count` experts of this shape; returns them as the
     reference implementation takes them (keys) plus `kernel`: the tuple _C.gta_merge takes
-    after the tensors."""
+    after the tensors. rescale: False, True/"l1" (mergekit) or "density" (PEFT); normalize:
+    False, True/"weights" (mergekit) or "count" (PEFT); sign_from: "weighted" (mergekit) or
+    "unweighted" (PEFT); min_keep: magnitude top-k floor (mergekit 1, PEFT 0)."""
     if sparsification not in SPARSIFICATION:
         raise InvalidArgumentError(
             f"sparsification must be one of {sorted(k for k in SPARSIFICATION if k)} or None, "
@@ -106,17 +122,25 @@ def gta_arguments(count: int, shape: Sequence[int], *, weight, density=1.0,
                 raise InvalidArgumentError(
                     f"della needs density +/- epsilon inside (0, 1): expert {i} has "
                     f"density={d}, epsilon={e}")
+    rescale = _mode(rescale, RESCALE, "rescale", "l1")
+    normalize = _mode(normalize, NORMALIZE, "normalize", "weights")
+    if sign_from not in SIGN_FROM:
+        raise InvalidArgumentError(f"sign_from must be 'weighted' or 'unweighted', got {sign_from!r}")
+    if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
+        raise InvalidArgumentError(f"min_keep must be an integer >= 0, got {min_keep!r}")
     lam = check_scalar(lambda_, "lambda_")
     seed = check_seed(seed)
     if not isinstance(name, str):
         raise InvalidArgumentError(f"name must be a string, got {name!r}")
     outer, length, inner = della_rank_axis(shape)
-    kernel = (SPARSIFICATION[sparsification], CONSENSUS[consensus], bool(rescale),
+    kernel = (SPARSIFICATION[sparsification], CONSENSUS[consensus], RESCALE[rescale],
               bool(normalize), lam, seed, stream_hash(name), weights, densities, gammas,
-              epsilons, outer, length, inner)
+              epsilons, outer, length, inner, normalize == "count", sign_from == "unweighted",
+              min_keep)
     return dict(weights=weights, densities=densities, gammas=gammas, epsilons=epsilons,
-                sparsification=sparsification, consensus=consensus, rescale=bool(rescale),
-                normalize=bool(normalize), lambda_=lam, seed=seed, name=name, kernel=kernel)
+                sparsification=sparsification, consensus=consensus, rescale=rescale,
+                normalize=normalize, lambda_=lam, seed=seed, name=name, sign_from=sign_from,
+                min_keep=min_keep, kernel=kernel)
 
 
 def model_stock_rows(shape: Sequence[int], filter_wise: bool) -> int:

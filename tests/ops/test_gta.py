@@ -700,3 +700,185 @@ def test_property_dare_matches_reference(shape, experts, data, dtype, linear, se
     expected = ref_gta(base, ex, weight, density=density, sparsification="random",
                        consensus=None if linear else "sum", rescale=True, seed=seed, name=name)
     check_against_reference(out, expected, base, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT's merge_utils conventions (options; defaults stay mergekit's)
+# ---------------------------------------------------------------------------------------------
+
+def ref_options(base, experts, weight, **kw):
+    """The reference with every option, through the same argument checks as the op."""
+    from fastmerge._params import gta_arguments
+
+    args = gta_arguments(len(experts), (base if base is not None else experts[0]).shape,
+                         weight=weight, **kw)
+    args.pop("kernel")
+    return R.generalized_task_arithmetic(base, list(experts), **args)
+
+
+@pytest.mark.parametrize("with_base", [False, True], ids=["no_base", "base"])
+@pytest.mark.parametrize("rescale", [False, "density"])
+@pytest.mark.parametrize("normalize", ["count", "weights"])
+@pytest.mark.parametrize("sign_from", ["weighted", "unweighted"])
+@pytest.mark.parametrize("consensus", [None, "sum", "count"])
+@pytest.mark.parametrize("sparsification", [None, "magnitude", "random"])
+def test_peft_options_match_reference(sparsification, consensus, sign_from, normalize, rescale,
+                                      with_base):
+    base, experts = make_group((13, 29, 3), 3, seed=41)
+    base = base if with_base else None
+    weight = [0.9, -0.4, 0.0]  # negative and zero weights: weighted and unweighted votes differ
+    kw = dict(density=[0.25, 0.6, 0.45], sparsification=sparsification, consensus=consensus,
+              sign_from=sign_from, normalize=normalize, rescale=rescale, min_keep=0, seed=5,
+              name="peft")
+    out = F.generalized_task_arithmetic(base, experts, weight, **kw)
+    expected = ref_options(base, experts, weight, **kw)
+    check_against_reference(out, expected, base, False)
+
+
+@pytest.mark.parametrize("shape", ODD_SHAPES + [(64, 1000)], ids=str)
+def test_peft_ties_options_match_reference_in_every_dtype(shape, dtype):
+    _, experts = make_group(shape, 4, seed=42, dtype=dtype)
+    for sparsification, rescale in (("magnitude", False), ("random", "density")):
+        kw = dict(density=0.3, sparsification=sparsification, consensus="sum",
+                  sign_from="unweighted", normalize="count", rescale=rescale, min_keep=0, seed=9)
+        out = F.generalized_task_arithmetic(None, experts, [0.7, 1.2, -0.3, 0.5], **kw)
+        expected = ref_options(None, experts, [0.7, 1.2, -0.3, 0.5], **kw)
+        check_against_reference(out, expected, None, False, msg=sparsification)
+
+
+def test_min_keep_is_the_top_k_floor():
+    x = torch.arange(1, 51, dtype=torch.float32)  # |x| distinct: the top k are the last k
+    for density, min_keep, kept in ((0.01, 1, 1), (0.01, 0, 0), (0.05, 0, 2), (0.05, 5, 5),
+                                    (0.5, 0, 25), (0.5, 60, 50)):
+        out = F.generalized_task_arithmetic(None, [x], 1.0, density=density,
+                                            sparsification="magnitude", min_keep=min_keep)
+        assert int((out != 0).sum()) == kept, (density, min_keep)
+        assert torch.equal(out[50 - kept:], x[50 - kept:])
+
+
+def test_unweighted_sign_election_and_count_divisor_by_hand():
+    s = [torch.tensor([1.0, 1.0, 1.0]), torch.tensor([-0.6, 1.0, 2.0]), torch.tensor([0.0, 0.0, -0.5])]
+    w = [0.2, -1.0, 3.0]
+    def merge(**kw):
+        return F.generalized_task_arithmetic(None, s, w, consensus="sum", **kw).tolist()
+    # weighted votes (mergekit): v = [0.2, 0.6, 0] / [0.2, -1, 0] / [0.2, -2, -1.5] elect
+    # + / - / -, and the divisor is the agreeing weights' signed sum
+    assert merge(normalize=True) == pytest.approx([0.8 / (0.2 - 1.0), -1.0 / -1.0, -3.5 / 2.0])
+    # unweighted votes (PEFT): s sums [0.4, 2, 2.5] all elect +; agreeing s > 0, summed as s * w
+    assert merge(sign_from="unweighted", normalize="count") == pytest.approx(
+        [0.2 / 1, (0.2 - 1.0) / 2, (0.2 - 2.0) / 2])
+    assert merge(sign_from="unweighted", normalize=True) == pytest.approx(
+        [0.2 / 0.2, (0.2 - 1.0) / (0.2 - 1.0), (0.2 - 2.0) / (0.2 - 1.0)])
+    # count divisor with weighted votes: divide by how many agree, not by their weights
+    assert merge(normalize="count") == pytest.approx([0.8 / 2, -1.0 / 1, -3.5 / 2])
+    # without consensus, "count" divides by the number of experts
+    out = F.generalized_task_arithmetic(None, s, w, normalize="count")
+    assert out.tolist() == pytest.approx([(0.2 + 0.6) / 3, (0.2 - 1.0) / 3, (0.2 - 2.0 - 1.5) / 3])
+
+
+def test_density_rescale_divides_kept_values_by_density():
+    x = randn((100, 37), seed=43)
+    out = F.generalized_task_arithmetic(None, [x], 1.0, density=0.3, sparsification="random",
+                                        rescale="density", seed=11)
+    kept = out != 0
+    assert torch.equal(out[kept], x[kept] * torch.tensor(1.0 / 0.3, dtype=torch.float32))
+    plain = F.generalized_task_arithmetic(None, [x], 1.0, density=0.3, sparsification="random",
+                                          seed=11)
+    assert torch.equal(kept, plain != 0)  # the same mask: only the scale differs
+    # magnitude top-k scales too; no mask (density 1) means no rescale
+    top = F.generalized_task_arithmetic(None, [x], 1.0, density=0.3, sparsification="magnitude",
+                                        rescale="density")
+    assert torch.equal(top[top != 0], x[top != 0] * torch.tensor(1.0 / 0.3))
+    assert torch.equal(F.generalized_task_arithmetic(None, [x], 1.0, density=1.0,
+                                                     sparsification="random", rescale="density"), x)
+
+
+@pytest.mark.parametrize("sparsification", ["magnitude", "random"])
+def test_peft_options_same_result_for_1_and_2_threads(sparsification, restore_threads):
+    _, experts = make_group((300, 1000), 3, seed=44)
+    def merge():
+        return F.generalized_task_arithmetic(
+            None, experts, [0.5, -0.2, 1.0], density=0.2, sparsification=sparsification,
+            consensus="count", sign_from="unweighted", normalize="count", min_keep=0,
+            rescale="density" if sparsification == "random" else False, seed=3)
+    restore_threads(1)
+    one = merge()
+    restore_threads(2)
+    assert torch.equal(one, merge())
+
+
+@pytest.mark.parametrize("kw", [dict(sign_from="both"), dict(normalize="mean"),
+                                dict(rescale="l2"), dict(min_keep=-1), dict(min_keep=0.5)],
+                         ids=str)
+def test_peft_option_values_are_checked(kw):
+    with pytest.raises(fastmerge.InvalidArgumentError):
+        F.generalized_task_arithmetic(None, [torch.ones(3)], 1.0, **kw)
+
+
+# ---- majority_sign_mask and disjoint_merge on stacked tensors ----
+
+STACKED_SHAPES = [(1,), (3,), (2, 4097), (4, 5, 7), (3, 1, 1), (0, 5), (2, 0)]
+
+
+@pytest.mark.parametrize("shape", STACKED_SHAPES, ids=str)
+@pytest.mark.parametrize("method", ["sum", "count"])
+def test_majority_sign_mask_matches_reference(shape, method, dtype):
+    x = randn(shape, seed=45, dtype=dtype)
+    if x.numel() > 3:
+        x.view(-1)[:3] = 0.0  # zeros never agree
+    mask = F.majority_sign_mask(x, method)
+    assert mask.dtype == torch.bool and mask.shape == x.shape
+    assert torch.equal(mask, R.majority_sign_mask(x, method))
+
+
+@pytest.mark.parametrize("shape", STACKED_SHAPES, ids=str)
+def test_disjoint_merge_matches_reference(shape, dtype):
+    x = randn(shape, seed=46, dtype=dtype)
+    mask = randn(shape, seed=47) > 0.3
+    out = F.disjoint_merge(x, mask)
+    assert out.dtype == dtype and out.shape == x.shape[1:]
+    assert torch.equal(out, R.disjoint_merge(x, mask).to(dtype))
+    assert torch.equal(F.disjoint_merge(x, mask, out_dtype=torch.float32), R.disjoint_merge(x, mask))
+
+
+def test_sign_mask_and_disjoint_merge_by_hand_and_non_finite():
+    x = torch.tensor([[1.0, -2.0, 0.0, float("nan"), float("inf")],
+                      [-3.0, 1.0, 0.0, 1.0, 1.0],
+                      [1.0, 0.5, -1.0, 1.0, float("-inf")]])
+    total = F.majority_sign_mask(x, "sum")
+    # votes: -1 (-), -0.5 (-), -1 (-), NaN (-), NaN (-)
+    assert total.tolist() == [[False, True, False, False, False],
+                              [True, False, False, False, False],
+                              [False, False, True, False, True]]
+    frequency = F.majority_sign_mask(x, "count")
+    # sign counts: 1 (+), 0 (+), -1 (-); torch.sign(NaN) is NaN, so the vote of column 3 is NaN
+    assert frequency[:, :3].tolist() == [[True, False, False], [False, True, False],
+                                         [True, True, True]]
+    assert frequency.tolist() == R.majority_sign_mask(x, "count").tolist()
+    merged = F.disjoint_merge(x, total)
+    # masked-out NaN and inf times 0 are NaN, as PEFT's x * mask gives
+    assert merged[:3].tolist() == [-3.0, -2.0, -1.0]
+    assert math.isnan(merged[3]) and math.isnan(merged[4])
+
+
+def test_stacked_ops_non_contiguous_and_threads(restore_threads):
+    x = randn((700, 3, 300), seed=48).transpose(0, 1)  # (3, 700, 300), non-contiguous
+    mask = randn((3, 700, 300), seed=49) > 0
+    restore_threads(1)
+    one = (F.majority_sign_mask(x, "sum"), F.disjoint_merge(x, mask))
+    restore_threads(2)
+    two = (F.majority_sign_mask(x, "sum"), F.disjoint_merge(x, mask))
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    assert torch.equal(one[0], R.majority_sign_mask(x, "sum"))
+    assert torch.equal(one[1], R.disjoint_merge(x, mask))
+
+
+def test_stacked_ops_check_arguments():
+    with pytest.raises(fastmerge.InvalidArgumentError):
+        F.majority_sign_mask(torch.tensor(1.0))
+    with pytest.raises(fastmerge.InvalidArgumentError):
+        F.majority_sign_mask(torch.ones(2, 3), "total")
+    with pytest.raises(fastmerge.InvalidArgumentError):
+        F.disjoint_merge(torch.ones(2, 3), torch.ones(2, 3))
+    with pytest.raises(fastmerge.InvalidArgumentError):
+        F.disjoint_merge(torch.ones(2, 3), torch.ones(3, dtype=torch.bool))

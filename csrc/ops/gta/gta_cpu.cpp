@@ -337,8 +337,6 @@ void merge_pass(const MergeInputs& in, const GtaPlan& plan, const TensorView& ou
   const GtaParams& p = *in.params;
   const int T = int(plan.experts.size());
   const Ranges ranges = make_ranges(plan, p, in.n);
-  std::vector<float> weights(static_cast<size_t>(T));
-  for (int t = 0; t < T; ++t) weights[size_t(t)] = plan.experts[size_t(t)].weight;
   CombineParams cp;
   cp.consensus = p.consensus;
   cp.normalize = p.normalize;
@@ -383,7 +381,7 @@ void merge_pass(const MergeInputs& in, const GtaPlan& plan, const TensorView& ou
         K.contribution(BlockSource{e.data, e.dtype, b}, s.base.data(), len, x, s.u.data(), prob,
                        s.v.data() + size_t(t) * kBlock);
       }
-      K.combine(s.v.data(), kBlock, T, weights.data(), cp, s.base.data(), len, s.delta.data());
+      K.combine(s.v.data(), kBlock, T, plan.experts.data(), cp, s.base.data(), len, s.delta.data());
       K.store(out.data, out.dtype, b, len, s.delta.data());
     }
   });

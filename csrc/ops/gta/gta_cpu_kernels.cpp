@@ -338,11 +338,13 @@ void contribution(BlockSource src, const float* base, int64_t len, const ExpertP
 
 // The merged value of one element from its T contributions x (sign election or plain sum,
 // normalisation, lambda, plus base): the operation order of combine_any below. x / 1 and
-// x * 1 are exact, so divisor 1 and lambda 1 stand in for "no normalize" and "no lambda".
+// x * 1 are exact, so divisor 1, lambda 1 and mix weight 1 stand in for "no normalize", "no
+// lambda" and "x is already weighted". mw: mix weights (an agreeing x enters the sum as
+// x * mw), dw: divisor weights (what an agreeing expert adds to the divisor).
 template <int T, Consensus C>
-__attribute__((always_inline)) inline float combine_element(const float (&x)[T], const float (&w)[T],
-                                                           bool normalize, float fixed_divisor,
-                                                           float lambda, float base) {
+__attribute__((always_inline)) inline float combine_element(const float (&x)[T], const float (&mw)[T],
+                                                           const float (&dw)[T], bool normalize,
+                                                           float fixed_divisor, float lambda, float base) {
   float mixed, divisor;
   if (C == Consensus::none) {
     mixed = x[0];
@@ -357,8 +359,8 @@ __attribute__((always_inline)) inline float combine_element(const float (&x)[T],
     float agreeing = 0.0f;
     for (int t = 0; t < T; ++t) {
       const bool agree = x[t] * majority > 0.0f;
-      mixed += agree ? x[t] : 0.0f;
-      agreeing += agree ? w[t] : 0.0f;
+      mixed += agree ? x[t] * mw[t] : 0.0f;
+      agreeing += agree ? dw[t] : 0.0f;
     }
     divisor = normalize && agreeing != 0.0f ? agreeing : 1.0f;
   }
@@ -368,26 +370,29 @@ __attribute__((always_inline)) inline float combine_element(const float (&x)[T],
 // combine for a compile-time expert count and consensus: one branch-free pass over the block
 // with every expert's contribution in registers.
 template <int T, Consensus C>
-void combine_fixed(const float* __restrict v, int64_t stride, const float* weights,
+void combine_fixed(const float* __restrict v, int64_t stride, const ExpertPlan* plans,
                    const CombineParams& p, const float* __restrict base, int64_t len,
                    float* __restrict out) {
   const float fixed_divisor = p.normalize ? p.divisor : 1.0f;
-  float w[T];
-  for (int t = 0; t < T; ++t) w[t] = weights[t];
+  float mw[T], dw[T];
+  for (int t = 0; t < T; ++t) {
+    mw[t] = plans[t].mix_weight;
+    dw[t] = plans[t].divisor_weight;
+  }
   for (int64_t j = 0; j < len; ++j) {
     float x[T];
     for (int t = 0; t < T; ++t) x[t] = v[t * stride + j];
-    out[j] = combine_element<T, C>(x, w, p.normalize, fixed_divisor, p.lambda, base[j]);
+    out[j] = combine_element<T, C>(x, mw, dw, p.normalize, fixed_divisor, p.lambda, base[j]);
   }
 }
 
 template <int T>
-void combine_experts(const float* v, int64_t stride, const float* weights, const CombineParams& p,
+void combine_experts(const float* v, int64_t stride, const ExpertPlan* plans, const CombineParams& p,
                      const float* base, int64_t len, float* out) {
   switch (p.consensus) {
-    case Consensus::none: return combine_fixed<T, Consensus::none>(v, stride, weights, p, base, len, out);
-    case Consensus::sum: return combine_fixed<T, Consensus::sum>(v, stride, weights, p, base, len, out);
-    case Consensus::count: return combine_fixed<T, Consensus::count>(v, stride, weights, p, base, len, out);
+    case Consensus::none: return combine_fixed<T, Consensus::none>(v, stride, plans, p, base, len, out);
+    case Consensus::sum: return combine_fixed<T, Consensus::sum>(v, stride, plans, p, base, len, out);
+    case Consensus::count: return combine_fixed<T, Consensus::count>(v, stride, plans, p, base, len, out);
   }
 }
 
@@ -401,7 +406,7 @@ void merge_ranges_fixed(const BlockSource* experts, const ExpertPlan* plans, con
   const int64_t first = experts[0].offset;
   const S* e[T];
   BlockBoundary from[T], to[T];
-  float scale[T], w[T];
+  float scale[T], w[T], mw[T], dw[T];
   for (int t = 0; t < T; ++t) {
     e[t] = static_cast<const S*>(experts[t].data) + first;
     prefetch_ahead(e[t], len * int64_t(sizeof(S)));
@@ -410,6 +415,8 @@ void merge_ranges_fixed(const BlockSource* experts, const ExpertPlan* plans, con
     to[t] = block_boundary(x.drop_from, first);
     scale[t] = x.scale;
     w[t] = x.weight;
+    mw[t] = x.mix_weight;
+    dw[t] = x.divisor_weight;
   }
   const float fixed_divisor = p.normalize ? p.divisor : 1.0f;
   for (int32_t j = 0; j < int32_t(len); ++j) {
@@ -421,7 +428,7 @@ void merge_ranges_fixed(const BlockSource* experts, const ExpertPlan* plans, con
       const bool in_drop = kDrop && ((key > to[t].key) | ((key == to[t].key) & (j <= to[t].last)));
       x[t] = (in_keep & !in_drop) ? (d * scale[t]) * w[t] : 0.0f;
     }
-    out[j] = combine_element<T, C>(x, w, p.normalize, fixed_divisor, p.lambda, base[j]);
+    out[j] = combine_element<T, C>(x, mw, dw, p.normalize, fixed_divisor, p.lambda, base[j]);
   }
 }
 
@@ -470,25 +477,25 @@ bool merge_ranges(const BlockSource* experts, int count, const ExpertPlan* plans
   }
 }
 
-void combine_any(const float* v, int64_t stride, int experts, const float* weights,
+void combine_any(const float* v, int64_t stride, int experts, const ExpertPlan* plans,
                  const CombineParams& p, const float* base, int64_t len, float* out);
 
-void combine(const float* v, int64_t stride, int experts, const float* weights,
+void combine(const float* v, int64_t stride, int experts, const ExpertPlan* plans,
              const CombineParams& p, const float* base, int64_t len, float* out) {
   switch (experts) {
-    case 1: return combine_experts<1>(v, stride, weights, p, base, len, out);
-    case 2: return combine_experts<2>(v, stride, weights, p, base, len, out);
-    case 3: return combine_experts<3>(v, stride, weights, p, base, len, out);
-    case 4: return combine_experts<4>(v, stride, weights, p, base, len, out);
-    case 5: return combine_experts<5>(v, stride, weights, p, base, len, out);
-    case 6: return combine_experts<6>(v, stride, weights, p, base, len, out);
-    case 7: return combine_experts<7>(v, stride, weights, p, base, len, out);
-    case 8: return combine_experts<8>(v, stride, weights, p, base, len, out);
-    default: return combine_any(v, stride, experts, weights, p, base, len, out);
+    case 1: return combine_experts<1>(v, stride, plans, p, base, len, out);
+    case 2: return combine_experts<2>(v, stride, plans, p, base, len, out);
+    case 3: return combine_experts<3>(v, stride, plans, p, base, len, out);
+    case 4: return combine_experts<4>(v, stride, plans, p, base, len, out);
+    case 5: return combine_experts<5>(v, stride, plans, p, base, len, out);
+    case 6: return combine_experts<6>(v, stride, plans, p, base, len, out);
+    case 7: return combine_experts<7>(v, stride, plans, p, base, len, out);
+    case 8: return combine_experts<8>(v, stride, plans, p, base, len, out);
+    default: return combine_any(v, stride, experts, plans, p, base, len, out);
   }
 }
 
-void combine_any(const float* v, int64_t stride, int experts, const float* weights,
+void combine_any(const float* v, int64_t stride, int experts, const ExpertPlan* plans,
                  const CombineParams& p, const float* base, int64_t len, float* out) {
   float mixed[kBlock];
   if (p.consensus == Consensus::none) {
@@ -517,12 +524,12 @@ void combine_any(const float* v, int64_t stride, int experts, const float* weigh
       mixed[j] = divisor[j] = 0.0f;
     }
     for (int t = 0; t < experts; ++t) {
-      const float w = weights[t];
+      const float mw = plans[t].mix_weight, dw = plans[t].divisor_weight;
       for (int64_t j = 0; j < len; ++j) {
         const float x = v[t * stride + j];
         const bool agree = x * vote[j] > 0.0f;
-        mixed[j] += agree ? x : 0.0f;
-        divisor[j] += agree ? w : 0.0f;
+        mixed[j] += agree ? x * mw : 0.0f;
+        divisor[j] += agree ? dw : 0.0f;
       }
     }
     if (p.normalize)

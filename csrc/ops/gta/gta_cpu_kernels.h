@@ -55,8 +55,8 @@ struct GtaBlockKernels {
   void (*contribution)(BlockSource expert, const float* base, int64_t len, const ExpertPlan& plan,
                        const float* u, const float* keep_prob, float* v);
   // out[j] = base[j] + merged delta of the T contribution rows v[t * stride + j] (base is
-  // zeros without a base: 0 + x is x exactly)
-  void (*combine)(const float* v, int64_t stride, int experts, const float* weights,
+  // zeros without a base: 0 + x is x exactly); plans give the consensus mix and divisor weights
+  void (*combine)(const float* v, int64_t stride, int experts, const ExpertPlan* plans,
                   const CombineParams& params, const float* base, int64_t len, float* out);
   // contribution + combine fused, for up to kMaxFusedExperts experts sharing one dtype whose
   // masks are keep_all, drop_all or topk_range; returns false (nothing done) otherwise.

@@ -283,8 +283,8 @@ __device__ __forceinline__ float combine_at(const float (&v)[kMaxExperts][W], in
     for (int t = 0; t < kMaxExperts; ++t) {
       if (t >= m.experts) break;
       const bool agree = v[t][w] * majority > 0.0f;
-      mixed += agree ? v[t][w] : 0.0f;
-      agreeing += agree ? experts[t].weight : 0.0f;
+      mixed += agree ? v[t][w] * experts[t].mix_weight : 0.0f;
+      agreeing += agree ? experts[t].divisor_weight : 0.0f;
     }
     divisor = m.normalize && agreeing != 0.0f ? agreeing : 1.0f;
   }
@@ -341,9 +341,14 @@ __global__ void merge_vec_kernel(GtaMergeArgs m, const GtaExpertDev* experts_glo
     const int64_t i0 = q * V;
     S raw[V];
     float b[V];
-    *reinterpret_cast<uint4*>(raw) = *reinterpret_cast<const uint4*>(static_cast<const S*>(m.base) + i0);
+    if (m.base != nullptr) {
+      *reinterpret_cast<uint4*>(raw) = *reinterpret_cast<const uint4*>(static_cast<const S*>(m.base) + i0);
 #pragma unroll
-    for (int w = 0; w < V; ++w) b[w] = to_float(raw[w]);
+      for (int w = 0; w < V; ++w) b[w] = to_float(raw[w]);
+    } else {
+#pragma unroll
+      for (int w = 0; w < V; ++w) b[w] = 0.0f;  // no base: the deltas are the experts
+    }
     float v[kMaxExperts][V];
 #pragma unroll
     for (int t = 0; t < kMaxExperts; ++t) {
@@ -648,6 +653,8 @@ void gta_merge_cuda(const TensorView* base, const std::vector<TensorView>& exper
     d.drop_from = x.drop_from;
     d.keep_prob = x.keep_prob;
     d.weight = x.weight;
+    d.mix_weight = x.mix_weight;
+    d.divisor_weight = x.divisor_weight;
     d.scale = x.scale;
     d.prob = x.kind == MaskKind::della ? prepared.della_probs[size_t(t)].as<float>() : nullptr;
   }
@@ -666,10 +673,11 @@ void gta_merge_cuda(const TensorView* base, const std::vector<TensorView>& exper
   m.divisor = plan.divisor;
   m.seed = params.seed;
   m.stream = params.stream;
-  // Fast path: one storage type throughout, 16-byte aligned, whole vectors, <= 8 experts.
-  bool uniform = base != nullptr && base->dtype == out.dtype && n % 8 == 0 &&
-                 reinterpret_cast<uintptr_t>(base->data) % 16 == 0 &&
-                 reinterpret_cast<uintptr_t>(out.data) % 16 == 0;
+  // Fast path: one storage type throughout, 16-byte aligned, whole vectors, <= 8 experts
+  // (with or without a base).
+  bool uniform = (base == nullptr || (base->dtype == out.dtype &&
+                                      reinterpret_cast<uintptr_t>(base->data) % 16 == 0)) &&
+                 n % 8 == 0 && reinterpret_cast<uintptr_t>(out.data) % 16 == 0;
   for (const TensorView& e : experts)
     uniform = uniform && e.dtype == out.dtype && reinterpret_cast<uintptr_t>(e.data) % 16 == 0;
   bool launched = false;

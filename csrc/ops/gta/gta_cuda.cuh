@@ -14,6 +14,7 @@ struct GtaExpertDev {
   int kind;  // MaskKind
   unsigned long long keep_from, drop_from;
   float keep_prob, weight, scale;
+  float mix_weight, divisor_weight;  // consensus: agreeing x enters the sum as x * mix_weight
   const float* prob;  // DELLA keep probabilities (device), else null
 };
 

@@ -1,5 +1,6 @@
 #include "gta_plan.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace fastmerge {
@@ -20,14 +21,33 @@ int64_t check_gta_inputs(const TensorView* base, const std::vector<TensorView>& 
   return n;
 }
 
+namespace {
+
+// Elements a magnitude top-k keeps: all for density >= 1, none for density <= 0, else
+// max(min_keep, int(density * n)) (mergekit: min_keep 1; PEFT: 0), at most n.
+int64_t keep_count(double density, int64_t n, int64_t min_keep) {
+  if (n <= 0 || density <= 0.0) return 0;
+  if (density >= 1.0) return n;
+  return std::min(n, std::max(min_keep, int64_t(density * double(n))));
+}
+
+}  // namespace
+
 GtaPlan make_gta_plan(const GtaParams& params, int64_t n) {
   FM_CHECK(!params.experts.empty(), "at least one expert is required");
+  FM_CHECK(params.min_keep >= 0, "min_keep must be >= 0, got ", params.min_keep);
   GtaPlan plan;
+  const bool l1 = params.rescale == Rescale::l1;
+  // Unweighted election: contributions stay s_t and the weight joins in the disjoint sum.
+  const bool unweighted = params.elect_unweighted && params.consensus != Consensus::none;
   float weight_sum = 0.0f;  // mergekit sums the weights in the tensors' float type
   for (const GtaExpertParams& e : params.experts) {
     ExpertPlan x;
-    x.weight = float(e.weight);
-    weight_sum += x.weight;
+    const float w = float(e.weight);
+    x.weight = unweighted ? 1.0f : w;
+    x.mix_weight = unweighted ? w : 1.0f;
+    x.divisor_weight = params.count_divisor ? 1.0f : w;
+    weight_sum += w;
     const double d = e.density;
     switch (params.sparsify) {
       case Sparsify::none:
@@ -35,12 +55,12 @@ GtaPlan make_gta_plan(const GtaParams& params, int64_t n) {
         break;
       case Sparsify::magnitude: {
         if (d >= 1.0) break;
-        const int64_t k = magnitude_keep_count(d, n);
+        const int64_t k = keep_count(d, n, params.min_keep);
         if (k == 0) { x.kind = MaskKind::drop_all; break; }
         x.kind = MaskKind::topk_range;
         x.k_keep = k;
         x.k_drop = 0;
-        x.rescale = params.rescale;
+        x.rescale = l1;
         break;
       }
       case Sparsify::magnitude_outliers: {
@@ -52,7 +72,7 @@ GtaPlan make_gta_plan(const GtaParams& params, int64_t n) {
         x.kind = MaskKind::topk_range;
         x.k_keep = n - n_bot;
         x.k_drop = n - n_bot - target_n;
-        x.rescale = params.rescale;
+        x.rescale = l1;
         break;
       }
       case Sparsify::random:
@@ -60,7 +80,7 @@ GtaPlan make_gta_plan(const GtaParams& params, int64_t n) {
         if (d <= 0.0) { x.kind = MaskKind::drop_all; break; }
         x.kind = MaskKind::bernoulli;
         x.keep_prob = float(d);
-        x.rescale = params.rescale;
+        x.rescale = l1;
         break;
       case Sparsify::della_magprune:
         if (d >= 1.0) break;
@@ -71,20 +91,26 @@ GtaPlan make_gta_plan(const GtaParams& params, int64_t n) {
         x.kind = MaskKind::della;
         x.prob_base = float(d - e.epsilon);
         x.prob_span = float(e.epsilon);
-        x.rescale = params.rescale;
+        x.rescale = l1;
         plan.has_della = true;
         break;
     }
+    // Density rescale: every masked expert's kept values are divided by its density.
+    if (params.rescale == Rescale::density && x.kind != MaskKind::keep_all && d > 0.0)
+      x.fixed_scale = float(1.0 / d);
     plan.needs_stats_pass |= x.kind == MaskKind::topk_range || x.rescale;
     plan.experts.push_back(x);
   }
-  plan.divisor = std::fabs(weight_sum) < 1e-8f ? 1.0f : weight_sum;
+  if (params.count_divisor)
+    plan.divisor = float(params.experts.size());
+  else
+    plan.divisor = std::fabs(weight_sum) < 1e-8f ? 1.0f : weight_sum;
   return plan;
 }
 
 void finish_gta_plan(GtaPlan& plan) {
   for (ExpertPlan& x : plan.experts) {
-    x.scale = 1.0f;
+    x.scale = x.fixed_scale;
     if (!x.rescale) continue;
     const float before = float(x.l1_before), after = float(x.l1_after);
     if (before < 1e-7f || after < 1e-7f) continue;

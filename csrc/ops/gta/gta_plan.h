@@ -27,8 +27,11 @@ struct ExpertPlan {
   float prob_base = 0.0f, prob_span = 0.0f;        // della: density - epsilon, epsilon
   bool rescale = false;                            // L1 rescale applies to this expert
   double l1_before = 0.0, l1_after = 0.0;          // filled by the stats pass when rescale
-  float weight = 1.0f;
-  float scale = 1.0f;                              // L1 rescale factor, from finish_plan
+  float weight = 1.0f;                             // multiplies s_t into the contribution
+  float mix_weight = 1.0f;     // consensus: multiplies an agreeing contribution into the sum
+  float divisor_weight = 1.0f; // consensus + normalize: what an agreeing expert adds to the divisor
+  float fixed_scale = 1.0f;    // density rescale: 1 / density
+  float scale = 1.0f;          // rescale factor (L1 or fixed), from finish_plan
 };
 
 struct GtaPlan {
@@ -36,6 +39,7 @@ struct GtaPlan {
   bool needs_stats_pass = false;  // any selection or L1 statistic to gather first
   bool has_della = false;
   float divisor = 1.0f;           // no-consensus normalize divisor: sum of weights (|.|<1e-8 -> 1)
+                                  // or, counting, the number of experts
 };
 
 // Launcher-side checks shared by CPU and CUDA: flat same-size tensors, one parameter set per

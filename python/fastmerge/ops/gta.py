@@ -8,13 +8,14 @@ mergekit 0.1.5's.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
 from .. import _native
 from . import _reference
 from .._params import CONSENSUS, SPARSIFICATION, della_rank_axis, gta_arguments  # noqa: F401
+from ..errors import InvalidArgumentError
 from ._validate import (
     PerExpert,
     capsule,
@@ -36,17 +37,26 @@ def generalized_task_arithmetic(
     density: PerExpert = 1.0,
     sparsification: Optional[str] = None,
     consensus: Optional[str] = None,
-    rescale: bool = False,
-    normalize: bool = False,
+    rescale: Union[bool, str] = False,
+    normalize: Union[bool, str] = False,
     lambda_: float = 1.0,
     gamma: PerExpert = 0.01,
     epsilon: PerExpert = 0.15,
     seed: int = 0,
     name: str = "",
     out_dtype: Optional[torch.dtype] = None,
+    sign_from: str = "weighted",
+    min_keep: int = 1,
 ) -> torch.Tensor:
     """The general form behind every task-vector op. base=None merges the experts themselves
-    (deltas against zero), as linear merging and standalone sparsification do."""
+    (deltas against zero), as linear merging and standalone sparsification do.
+
+    Defaults are mergekit's conventions; PEFT's merge_utils conventions are options:
+    rescale="density" (kept values / density; True or "l1" is mergekit's L1 rescale),
+    normalize="count" (divide by the number of agreeing experts, or of all experts without
+    consensus; True or "weights" divides by their weights' sum), sign_from="unweighted" (the
+    sign election votes and agrees on the sparsified deltas before weights) and min_keep=0
+    (magnitude keeps int(density * numel) elements, possibly none; mergekit keeps at least 1)."""
     experts = check_experts(experts)
     if base is not None:
         base = check_tensor(base, "base")
@@ -59,7 +69,7 @@ def generalized_task_arithmetic(
     args = gta_arguments(len(experts), reference.shape, weight=weight, density=density,
                          sparsification=sparsification, consensus=consensus, rescale=rescale,
                          normalize=normalize, lambda_=lambda_, gamma=gamma, epsilon=epsilon,
-                         seed=seed, name=name)
+                         seed=seed, name=name, sign_from=sign_from, min_keep=min_keep)
     kernel_args = args.pop("kernel")
     dtype = resolve_out_dtype(out_dtype, reference.dtype)
 
@@ -160,3 +170,52 @@ def dare_drop(x, density, *, seed=0, name="", rescale=True, out_dtype=None):
     (seed, name, expert 0)), rescaled to the original L1 norm when rescale."""
     return generalized_task_arithmetic(None, [x], 1.0, density=density, sparsification="random",
                                        rescale=rescale, seed=seed, name=name, out_dtype=out_dtype)
+
+
+# ---- PEFT's TIES steps on stacked tensors ----
+
+
+def _check_stacked(stacked, name: str = "stacked") -> torch.Tensor:
+    stacked = check_tensor(stacked, name)
+    if stacked.dim() < 1:
+        raise InvalidArgumentError(f"{name} needs a leading task dimension, got a 0-d tensor")
+    return stacked
+
+
+def majority_sign_mask(stacked: torch.Tensor, method: str = "sum") -> torch.Tensor:
+    """TIES sign election on tensors stacked along dim 0: a bool mask of stacked's shape,
+    True where sign(x_t) equals the majority sign (vote = sum_t x_t for "sum", the count of
+    signs for "count"; a vote >= 0 elects +; zeros never agree). PEFT's
+    calculate_majority_sign_mask ("total" = "sum", "frequency" = "count")."""
+    stacked = _check_stacked(stacked)
+    if method not in ("sum", "count"):
+        raise InvalidArgumentError(f"method must be 'sum' or 'count', got {method!r}")
+    if not use_native(stacked.device):
+        return _reference.majority_sign_mask(stacked, method)
+    x = kernel_input(stacked)
+    mask = torch.empty(stacked.shape, dtype=torch.bool, device=stacked.device)
+    _native.native().gta_sign_mask(capsule(x), capsule(mask), CONSENSUS[method],
+                                   cuda_stream(stacked.device))
+    return mask
+
+
+def disjoint_merge(stacked: torch.Tensor, mask: torch.Tensor, *,
+                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Mean of the tensors stacked along dim 0 where mask (bool, stacked's shape) is True:
+    sum_t x_t * mask_t / max(1, sum_t mask_t), in fp32, rounded once to out_dtype (default
+    stacked's dtype). PEFT's disjoint_merge."""
+    stacked = _check_stacked(stacked)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise InvalidArgumentError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask))}")
+    if mask.shape != stacked.shape or mask.device != stacked.device:
+        raise InvalidArgumentError(
+            f"mask has shape {tuple(mask.shape)} on {mask.device}, stacked {tuple(stacked.shape)} "
+            f"on {stacked.device}")
+    dtype = resolve_out_dtype(out_dtype, stacked.dtype)
+    if not use_native(stacked.device):
+        return _reference.disjoint_merge(stacked, mask).to(dtype)
+    x = kernel_input(stacked)
+    out = kernel_output(stacked.shape[1:], dtype, stacked.device)
+    _native.native().gta_disjoint_merge(capsule(x), capsule(mask.contiguous()), capsule(out),
+                                        cuda_stream(stacked.device))
+    return out.to(dtype) if out.dtype != dtype else out
