@@ -58,5 +58,6 @@ void dispatch(const TensorView& t, CudaFn&& cuda, CpuFn&& cpu) {
 void bind_select(py::module_& m);
 void bind_gta(py::module_& m);
 void bind_interp(py::module_& m);
+void bind_sphere(py::module_& m);
 
 }  // namespace fastmerge::bindings

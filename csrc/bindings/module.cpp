@@ -100,4 +100,5 @@ PYBIND11_MODULE(_C, m) {
   bind_select(m);
   bind_gta(m);
   bind_interp(m);
+  bind_sphere(m);
 }

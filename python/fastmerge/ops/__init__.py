@@ -32,3 +32,7 @@ __all__ = [
     "task_arithmetic",
     "ties",
 ]
+
+from .sphere import karcher, multislerp, nuslerp  # noqa: E402
+
+__all__ += ["karcher", "multislerp", "nuslerp"]
