@@ -179,7 +179,7 @@ def sphere_arguments(count: int, *, weights=None, normalize_weights=None, alphas
     if tol is not None:
         out["tol"] = check_scalar(tol, "tol", low=0.0)
     if max_iter is not None:
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or not 0 <= max_iter < 2**31:
-            raise InvalidArgumentError(f"max_iter must be a non-negative int, got {max_iter!r}")
-        out["max_iter"] = max_iter
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int):
+            raise InvalidArgumentError(f"max_iter must be an int, got {max_iter!r}")
+        out["max_iter"] = min(max(max_iter, 0), 2**31 - 1)  # range(max_iter), as mergekit
     return out

@@ -91,7 +91,9 @@ bool multislerp_coefficients(const double* g, int n, const std::vector<double>& 
   for (int i = 0; i < n; ++i) tangent[size_t(i)] = m[size_t(i)] - along * mh[size_t(i)];
   const double tangent_norm = norm_of(g, n, tangent) + eps;
   // exp map back to the sphere, times the weighted mean norm.
-  const double cos_t = std::cos(tangent_norm), sinc_t = std::sin(tangent_norm) / tangent_norm;
+  // (eps = 0 with an exactly vanishing tangent: sin(x)/x -> 1, where mergekit's 0/0 is NaN)
+  const double cos_t = std::cos(tangent_norm);
+  const double sinc_t = tangent_norm == 0.0 ? 1.0 : std::sin(tangent_norm) / tangent_norm;
   double avg_norm = 0.0;
   for (int i = 0; i < n; ++i) avg_norm += norm[size_t(i)] * w[size_t(i)];
   for (int i = 0; i < n; ++i)
@@ -147,7 +149,7 @@ std::vector<float> karcher_coefficients(const double* g, int n, const std::vecto
       for (int b = 0; b < k; ++b) tangent[size_t(b)] -= f * dots[size_t(a)] * c[size_t(b)];
     }
     const double tangent_norm = norm_of(gu.data(), k, tangent);
-    if (tangent_norm < tol) break;
+    if (tangent_norm < tol || tangent_norm == 0.0) break;  // tol = 0: no 0/0 step (NaN)
     const double cs = std::cos(tangent_norm), sn = std::sin(tangent_norm) / tangent_norm;
     for (int b = 0; b < k; ++b) c[size_t(b)] = cs * c[size_t(b)] + sn * tangent[size_t(b)];
     const double unit_norm = norm_of(gu.data(), k, c);

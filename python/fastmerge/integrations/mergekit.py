@@ -27,6 +27,7 @@ SUPPORTED_VERSIONS = ("0.1.5",)
 GTA_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
                "breadcrumbs_ties", "della", "della_linear")
 METHODS = GTA_METHODS + ("linear", "slerp", "nearswap", "model_stock")
+METHODS += ("nuslerp", "multislerp", "karcher")
 
 
 class MergekitVersionError(FastmergeError):
@@ -142,6 +143,36 @@ def _model_stock(group, parameters):
                            filter_wise=parameters["filter_wise"])
 
 
+def _nuslerp(group, parameters):
+    from .. import ops
+    from .._params import nuslerp_t
+
+    v0, v1 = group.non_base
+    t = nuslerp_t([parameters["weight"][e.id] for e in (v0, v1)])
+    return ops.nuslerp(t, v0.tensor, v1.tensor, base=group.base.tensor if group.base else None,
+                       dim=0 if parameters["nuslerp_row_wise"] else -1,
+                       flatten=parameters["nuslerp_flatten"])
+
+
+def _multislerp(group, parameters):
+    from .. import ops
+
+    entries = group.non_base
+    weights = [parameters["weight"][e.id] for e in entries]
+    if len(entries) > 1 and parameters["normalize_weights"] and sum(weights) == 0:
+        return None  # mergekit divides by zero; let it
+    return ops.multislerp([e.tensor for e in entries], weights,
+                          base=group.base.tensor if group.base else None,
+                          normalize_weights=parameters["normalize_weights"], eps=parameters["eps"])
+
+
+def _karcher(group, parameters):
+    from .. import ops
+
+    return ops.karcher([e.tensor for e in group.entries], max_iter=parameters["max_iter"],
+                       tol=parameters["tol"])
+
+
 def _wrapper_class():
     from mergekit.merge_methods.base import GroupMergeMethod
 
@@ -198,7 +229,8 @@ def patch(methods: Iterable[str] = METHODS) -> _Patched:
             kernel = _gta_kernel(original)
         else:
             kernel = {"linear": _linear, "slerp": _slerp, "nearswap": _nearswap,
-                      "model_stock": _model_stock}[name]
+                      "model_stock": _model_stock, "nuslerp": _nuslerp,
+                      "multislerp": _multislerp, "karcher": _karcher}[name]
         _originals[name] = original
         registry._METHODS[name] = accelerated(original, kernel)
     return _Patched(sorted(_originals))

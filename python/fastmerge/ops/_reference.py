@@ -524,7 +524,8 @@ def multislerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], *,
     tangent = [m[i] - along * mh[i] for i in range(n)]
     tn = _norm_of(g, tangent) + eps
     avg_norm = sum(norm[i] * w[i] for i in range(n))
-    coefs = [avg_norm * (mh[i] * math.cos(tn) + tangent[i] * (math.sin(tn) / tn)) for i in range(n)]
+    sinc = 1.0 if tn == 0 else math.sin(tn) / tn
+    coefs = [avg_norm * (mh[i] * math.cos(tn) + tangent[i] * sinc) for i in range(n)]
     dev = deltas[0].device
     return _sphere_combine(deltas, [_scalar(c, dev) for c in coefs], b, shape)
 
@@ -568,7 +569,7 @@ def karcher(tensors: Sequence[torch.Tensor], alphas: Sequence[float], *, max_ite
                 for b in range(k):
                     tangent[b] -= f * dots[a] * c[b]
             tn = _norm_of(gu, tangent)
-            if tn < tol:
+            if tn < tol or tn == 0:
                 break
             c = [math.cos(tn) * c[b] + (math.sin(tn) / tn) * tangent[b] for b in range(k)]
             un = _norm_of(gu, c)
