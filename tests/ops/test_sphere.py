@@ -460,3 +460,25 @@ def test_host_kernels_match_torch_ops():
 
 def test_exported():
     assert {"nuslerp", "multislerp", "karcher"} <= set(fastmerge.ops.__all__)
+
+
+def test_methods_registered_with_mergekit_parameters():
+    from fastmerge.methods.registry import get_method
+
+    nus = get_method("nuslerp")
+    assert nus.optional_base and not nus.uses_base and (nus.min_non_base, nus.max_non_base) == (2, 2)
+    assert nus.parameter("weight").required and nus.parameter("nuslerp_flatten").default is True
+    assert nus.parameter("nuslerp_row_wise").default is False
+    ms = get_method("multislerp")
+    assert ms.optional_base and ms.min_non_base == 1 and ms.parameter("eps").default == 1e-8
+    assert ms.parameter("normalize_weights").default is True
+    k = get_method("karcher")
+    assert not k.uses_base and not k.optional_base
+    max_iter = k.parameter("max_iter")
+    assert max_iter.default == 10 and k.parameter("tol").default == 1e-5
+    # ints as mergekit's pydantic validation takes them
+    for value, want in ((3, 3), (3.0, 3), ("4", 4), (" 5.0 ", 5), (True, 1), (-2, -2)):
+        assert max_iter.coerce(value) == want
+    for bad in (2.5, "2.5", "three", None, float("inf")):
+        with pytest.raises(ValueError):
+            max_iter.coerce(bad)
