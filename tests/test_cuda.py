@@ -360,3 +360,45 @@ def test_cuda_sign_mask_and_disjoint_merge_match_cpu(shape, dtype):
         assert torch.equal(ops.majority_sign_mask(x.cuda(), method).cpu(),
                            ops.majority_sign_mask(x, method))
     assert_same(ops.disjoint_merge(x.cuda(), mask.cuda()), ops.disjoint_merge(x, mask), exact=True)
+
+
+# ---- sphere family: the same host coefficients from fp64 Gram statistics summed in another
+# order, then the CPU's fp32 output operations ----
+
+@pytest.mark.parametrize("shape", [(), (5,), (64, 300), (3, 5, 7), (1024, 1100), (70000, 3)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_nuslerp(shape, dtype):
+    base, (a, b) = group(shape, 2, dtype, seed=30)
+    dims = [(-1, True), (-1, False), (0, False)] + ([(1, False)] if len(shape) == 3 else [])
+    for dim, flatten in dims:
+        for w0 in (None, base):
+            cpu = ops.nuslerp(0.3, a, b, base=w0, dim=dim, flatten=flatten)
+            gpu = ops.nuslerp(0.3, a.cuda(), b.cuda(), base=None if w0 is None else w0.cuda(),
+                              dim=dim, flatten=flatten)
+            assert_same(gpu, cpu, exact=False)
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (64, 300), (1024, 1100)], ids=str)
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 9])
+def test_cuda_multislerp_and_karcher(shape, count):
+    base, experts = group(shape, count, torch.float32, seed=31)
+    weights = [0.1 * (i + 1) for i in range(count)]
+    for w0 in (None, base):
+        cpu = ops.multislerp(experts, weights, base=w0)
+        gpu = ops.multislerp(on_cuda(experts), weights, base=None if w0 is None else w0.cuda())
+        assert_same(gpu, cpu, exact=False)
+    assert_same(ops.karcher(on_cuda(experts), max_iter=6), ops.karcher(experts, max_iter=6), exact=False)
+
+
+def test_cuda_sphere_bf16_and_edge_cases():
+    base, experts = group((300, 500), 3, torch.bfloat16, seed=32)
+    assert_same(ops.multislerp(on_cuda(experts), [0.2, 0.3, 0.5], base=base.cuda()),
+                ops.multislerp(experts, [0.2, 0.3, 0.5], base=base), exact=False)
+    assert_same(ops.karcher(on_cuda(experts)), ops.karcher(experts), exact=False)
+    x = experts[0].float()
+    z = torch.zeros_like(x)
+    assert torch.equal(ops.karcher([z.cuda(), z.cuda()]).cpu(), z)
+    assert_same(ops.karcher([x.cuda(), z.cuda()]), ops.karcher([x, z]), exact=False)
+    with pytest.raises(fastmerge.InvalidArgumentError, match="antipodal"):
+        ops.multislerp([x.cuda(), -x.cuda(), z.cuda() + 1], [1.0, 1.0, 0.0])
+    assert_same(ops.nuslerp(0.3, x.cuda(), -x.cuda(), dim=0), ops.nuslerp(0.3, x, -x, dim=0), exact=False)

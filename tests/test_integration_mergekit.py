@@ -230,3 +230,80 @@ def test_arcee_fusion_matches_mergekit_fp32(kernel_calls):
         got = merge_tensors([base, other], "arcee_fusion", parameters={}, base_index=0, name="w")
     assert kernel_calls == ["arcee_fusion"]
     assert int((got != want).sum()) <= 2
+
+
+# ---- sphere family: nuslerp, multislerp, karcher ----
+
+@pytest.fixture
+def sphere_calls(monkeypatch):
+    calls = []
+    for name in ("nuslerp", "multislerp", "karcher"):
+        real = getattr(ops, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls.append(_name)
+            return _real(*a, **k)
+        monkeypatch.setattr(ops, name, spy)
+    return calls
+
+
+SPHERE_CASES = {  # method, parameters, with a base model, experts
+    "nuslerp_base": ("nuslerp", {"weight": [0.3, 0.7]}, True, 2),
+    "nuslerp_rows": ("nuslerp", {"weight": [0.3, 0.7], "nuslerp_flatten": False}, False, 2),
+    "nuslerp_row_wise": ("nuslerp", {"weight": [1.0, 0.5], "nuslerp_flatten": False,
+                                     "nuslerp_row_wise": True}, True, 2),
+    "multislerp_base": ("multislerp", {"weight": WEIGHTS}, True, 3),
+    "multislerp": ("multislerp", {"weight": WEIGHTS, "normalize_weights": False, "eps": 1e-6},
+                   False, 3),
+    "multislerp_one": ("multislerp", {"weight": [0.4]}, True, 1),
+    "karcher": ("karcher", {"max_iter": 5, "tol": 1e-6}, True, 3),  # the base is an input
+    "karcher_two": ("karcher", {}, False, 2),
+}
+
+
+@pytest.mark.parametrize("case", list(SPHERE_CASES))
+def test_sphere_methods_match_mergekit_fp32(case, sphere_calls):
+    method, params, with_base, count = SPHERE_CASES[case]
+    base, experts = group(experts=count)
+    inputs = ([base] if with_base else []) + experts
+    base_index = 0 if with_base else None
+    want = merge_tensors(inputs, method, parameters=params, base_index=base_index, name="w")
+    assert sphere_calls == []
+    with fmk.patch():
+        got = merge_tensors(inputs, method, parameters=params, base_index=base_index, name="w")
+    assert sphere_calls == [method]
+    ref = base if with_base and method != "karcher" else torch.zeros_like(base)
+    scale = float((want - ref).abs().max())
+    assert got.dtype == want.dtype
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-5 * scale)
+
+
+def test_sphere_patched_errors_and_fallbacks(sphere_calls):
+    base, (x, y) = group(experts=2)
+    # more than two inputs whose unit mean vanishes: mergekit's ValueError either way
+    inputs, params = [x, -x, y], {"weight": [1.0, 1.0, 0.0]}
+    with pytest.raises(ValueError, match="antipodal"):
+        merge_tensors(inputs, "multislerp", parameters=params, base_index=None)
+    with fmk.patch():
+        with pytest.raises(ValueError, match="antipodal"):
+            merge_tensors(inputs, "multislerp", parameters=params, base_index=None)
+        # weights summing to zero: mergekit divides by zero; its own code serves that
+        with pytest.warns(RuntimeWarning, match="multislerp"):
+            merge_tensors([x, y], "multislerp", parameters={"weight": [1.0, -1.0]},
+                          base_index=None)
+    assert sphere_calls == ["multislerp"]
+
+
+def test_sphere_bf16_patched_is_closer_to_the_fp32_merge():
+    base, experts = group(dtype=torch.bfloat16, experts=2)
+    for method, params in (("nuslerp", {"weight": [0.3, 0.7]}), ("multislerp", {"weight": [0.5, 0.5]}),
+                           ("karcher", {})):
+        inputs = [base] + experts
+        exact = merge_tensors([t.float() for t in inputs], method, parameters=params, base_index=0)
+        theirs = merge_tensors(inputs, method, parameters=params, base_index=0)
+        with fmk.patch([method]):
+            ours = merge_tensors(inputs, method, parameters=params, base_index=0)
+        assert ours.dtype == torch.bfloat16
+        ref = base.float() if method != "karcher" else 0
+        delta = (exact - ref).norm()
+        assert (ours.float() - exact).norm() / delta <= (theirs.float() - exact).norm() / delta, method

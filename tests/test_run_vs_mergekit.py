@@ -199,3 +199,54 @@ def test_tied_embeddings_handled_as_mergekit_does(family32, tmp_path):
         for name in theirs:
             assert torch.allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-6), (label, name)
         _assert_loads_and_runs(tmp_path / f"ours-{label}")
+
+
+# ---- sphere family: nuslerp, multislerp, karcher ----
+
+from types import SimpleNamespace  # noqa: E402
+
+
+def sphere_config(case: str, family, dtype: str = "float32") -> str:
+    base = f"base_model: {family.base}\n"
+    two = {"weight": [0.35, 0.9]}
+    experts2 = SimpleNamespace(experts=family.experts[:2])
+    if case == "nuslerp_base":  # task vectors, flattened (mergekit's default)
+        return f"merge_method: nuslerp\n{base}{models_block(experts2, two)}\ndtype: {dtype}\n"
+    if case == "nuslerp_rows":  # no base, per row of the last dim
+        return (f"merge_method: nuslerp\n{models_block(experts2, two)}\n"
+                f"parameters:\n  nuslerp_flatten: false\ndtype: {dtype}\n")
+    if case == "nuslerp_row_wise":  # task vectors, per column (dim 0)
+        return (f"merge_method: nuslerp\n{base}{models_block(experts2, two)}\n"
+                f"parameters:\n  nuslerp_flatten: false\n  nuslerp_row_wise: true\n"
+                f"dtype: {dtype}\n")
+    if case == "multislerp_base":
+        return (f"merge_method: multislerp\n{base}{models_block(family, {'weight': WEIGHTS})}\n"
+                f"dtype: {dtype}\n")
+    if case == "multislerp":
+        return (f"merge_method: multislerp\n{models_block(family, {'weight': WEIGHTS})}\n"
+                f"parameters:\n  normalize_weights: false\n  eps: 1e-7\ndtype: {dtype}\n")
+    if case == "karcher":  # the base model is one more input (mergekit ignores base roles)
+        return (f"merge_method: karcher\n{base}{models_block(family, {})}\n"
+                f"parameters:\n  max_iter: 5\n  tol: 1e-6\ndtype: {dtype}\n")
+    raise KeyError(case)
+
+
+SPHERE_CASES = ["nuslerp_base", "nuslerp_rows", "nuslerp_row_wise", "multislerp_base",
+                "multislerp", "karcher"]
+
+
+@pytest.mark.parametrize("case", SPHERE_CASES)
+def test_sphere_methods_match_mergekit_fp32(case, family32, tmp_path):
+    ours, theirs = merge_both(sphere_config(case, family32), tmp_path)
+    base = load_weights(family32.base)
+    with_base = case.endswith("_base") or case == "nuslerp_row_wise"
+    for name in theirs:
+        a, b = ours[name], theirs[name]
+        assert a.shape == b.shape and a.dtype == b.dtype == torch.float32, name
+        ref = base[name].double() if with_base and name in base else torch.zeros_like(b.double())
+        # the scale of what was merged: the merged delta with a base, the result without one
+        scale = float((b.double() - ref).abs().max()) + 1e-30
+        err = float((a.double() - b.double()).abs().max())
+        # fp32 on both sides (mergekit's elementwise sums vs our fp64 Gram statistics)
+        assert err <= 1e-5 * scale + 1e-6 * float(b.abs().max()), (name, err, scale)
+    _assert_loads_and_runs(tmp_path / "ours")

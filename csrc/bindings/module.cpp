@@ -102,4 +102,5 @@ PYBIND11_MODULE(_C, m) {
   bind_interp(m);
   bind_svd(m);
   bind_consensus(m);
+  bind_sphere(m);
 }

@@ -149,3 +149,61 @@ def model_stock_rows(shape: Sequence[int], filter_wise: bool) -> int:
     if filter_wise and len(shape) >= 2 and shape[-1]:
         return math.prod(shape) // shape[-1]
     return 1
+
+
+# ---- sphere family (nuslerp, multislerp, karcher) ----
+
+MULTISLERP_ANTIPODAL = (
+    "multislerp: the weighted sum of the input tensors is zero. This occurs when antipodal "
+    "vectors or sets of vectors have weights that exactly balance out (e.g., vectors a,-a with "
+    "equal weights). Try using different weights if you have antipodal vectors.")
+
+
+def sphere_layout(shape: Sequence[int], dim=-1, flatten: bool = False):
+    """(outer, len, inner) of the vectors nuslerp normalises: one vector of every element when
+    flatten, else the vectors along dim (vector (o, i) holds elements o*len*inner + l*inner + i).
+    A 0-d tensor is one vector of one element (dim 0 or -1), as in mergekit."""
+    if not isinstance(flatten, bool):
+        raise InvalidArgumentError(f"flatten must be a bool, got {flatten!r}")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise InvalidArgumentError(f"dim must be an int, got {dim!r}")
+    shape = [int(s) for s in shape]
+    ndim = max(len(shape), 1)
+    if not flatten and not -ndim <= dim < ndim:
+        raise InvalidArgumentError(f"dim {dim} is out of range for a tensor of shape {tuple(shape)}")
+    if flatten or not shape:
+        return 1, math.prod(shape), 1
+    d = dim % ndim
+    return math.prod(shape[:d]), shape[d], math.prod(shape[d + 1:])
+
+
+def nuslerp_t(weights: Sequence[float]) -> float:
+    """mergekit's nuslerp interpolation factor: weights[1] / sum (0.5 when |sum| < 1e-6)."""
+    total = sum(weights)
+    return 0.5 if abs(total) < 1e-6 else weights[1] / total
+
+
+def sphere_arguments(count: int, *, weights=None, normalize_weights=None, alphas=None, eps=None,
+                     max_iter=None, tol=None):
+    """Checked arguments of multislerp (weights, normalize_weights, eps) and karcher (alphas,
+    max_iter, tol)."""
+    out = {}
+    if weights is not None:
+        out["weights"] = per_expert(weights, count, "weights")
+        if normalize_weights and sum(out["weights"]) == 0:
+            raise InvalidArgumentError(
+                f"multislerp: the weights {out['weights']} sum to zero and normalize_weights "
+                "divides by their sum")
+    if normalize_weights is not None and not isinstance(normalize_weights, bool):
+        raise InvalidArgumentError(f"normalize_weights must be a bool, got {normalize_weights!r}")
+    if alphas is not None:
+        out["alphas"] = per_expert(alphas, count, "alphas")
+    if eps is not None:
+        out["eps"] = check_scalar(eps, "eps", low=0.0)
+    if tol is not None:
+        out["tol"] = check_scalar(tol, "tol", low=0.0)
+    if max_iter is not None:
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int):
+            raise InvalidArgumentError(f"max_iter must be an int, got {max_iter!r}")
+        out["max_iter"] = min(max(max_iter, 0), 2**31 - 1)  # range(max_iter), as mergekit
+    return out

@@ -189,3 +189,53 @@ def arcee_fusion(base: HostArray, other: HostArray, out_dtype: DType) -> HostArr
         row_len = base.shape[-1] if base.shape else 1
         _native.native().arcee_fusion(hb.capsule, hp.capsule, ho.capsule, row_len, 0)
     return out
+
+
+# ---- sphere family (as fastmerge.ops.nuslerp / multislerp / karcher) ----
+
+def nuslerp(base: Optional[HostArray], v0: HostArray, v1: HostArray, t: float, out_dtype: DType,
+            *, dim: int = -1, flatten: bool = False, eps: float = 1e-8) -> HostArray:
+    from ._params import sphere_layout
+
+    layout = sphere_layout(v0.shape, dim, flatten)
+    out = HostArray.empty(v0.shape, out_dtype)
+    if out.data.size:
+        held = [_Borrowed(x) for x in (v0, v1, out)]
+        hb = _Borrowed(base) if base is not None else None
+        _native.native().nuslerp(hb.capsule if hb else None, held[0].capsule, held[1].capsule,
+                                 held[2].capsule, *layout, check_scalar(t, "t"),
+                                 check_scalar(eps, "eps", low=0.0), 0)
+    return out
+
+
+def multislerp(base: Optional[HostArray], inputs: List[HostArray], weights, out_dtype: DType, *,
+               normalize_weights: bool = True, eps: float = 1e-8) -> HostArray:
+    from ._params import MULTISLERP_ANTIPODAL, sphere_arguments
+    from .errors import InvalidArgumentError
+
+    args = sphere_arguments(len(inputs), weights=weights, normalize_weights=normalize_weights,
+                            eps=eps)
+    out = HostArray.empty(inputs[0].shape, out_dtype)
+    if out.data.size:
+        held = [_Borrowed(x) for x in inputs]
+        hb, ho = (_Borrowed(base) if base is not None else None), _Borrowed(out)
+        if not _native.native().multislerp(hb.capsule if hb else None, [h.capsule for h in held],
+                                           ho.capsule, args["weights"], normalize_weights,
+                                           args["eps"], 0):
+            raise InvalidArgumentError(MULTISLERP_ANTIPODAL)
+    return out
+
+
+def karcher(inputs: List[HostArray], out_dtype: DType, *, max_iter: int = 10,
+            tol: float = 1e-5) -> HostArray:
+    from ._params import sphere_arguments
+
+    n = len(inputs)
+    args = sphere_arguments(n, alphas=[1.0 / n] * n, max_iter=max_iter, tol=tol)
+    out = HostArray.empty(inputs[0].shape, out_dtype)
+    if out.data.size:
+        held = [_Borrowed(x) for x in inputs]
+        ho = _Borrowed(out)
+        _native.native().karcher([h.capsule for h in held], ho.capsule, args["alphas"],
+                                 args["max_iter"], args["tol"], 0)
+    return out

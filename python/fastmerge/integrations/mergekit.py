@@ -27,7 +27,9 @@ SUPPORTED_VERSIONS = ("0.1.5",)
 GTA_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
                "breadcrumbs_ties", "della", "della_linear")
 CONSENSUS_METHODS = ("ram", "ramplus_tl", "sce", "arcee_fusion")
-METHODS = GTA_METHODS + ("linear", "slerp", "nearswap", "model_stock") + CONSENSUS_METHODS
+SPHERE_METHODS = ("nuslerp", "multislerp", "karcher")
+METHODS = (GTA_METHODS + ("linear", "slerp", "nearswap", "model_stock") + CONSENSUS_METHODS
+           + SPHERE_METHODS)
 
 
 class MergekitVersionError(FastmergeError):
@@ -164,6 +166,36 @@ def _arcee_fusion(group, parameters):
     return ops.arcee_fusion(group.base.tensor, other.tensor)
 
 
+def _nuslerp(group, parameters):
+    from .. import ops
+    from .._params import nuslerp_t
+
+    v0, v1 = group.non_base
+    t = nuslerp_t([parameters["weight"][e.id] for e in (v0, v1)])
+    return ops.nuslerp(t, v0.tensor, v1.tensor, base=group.base.tensor if group.base else None,
+                       dim=0 if parameters["nuslerp_row_wise"] else -1,
+                       flatten=parameters["nuslerp_flatten"])
+
+
+def _multislerp(group, parameters):
+    from .. import ops
+
+    entries = group.non_base
+    weights = [parameters["weight"][e.id] for e in entries]
+    if len(entries) > 1 and parameters["normalize_weights"] and sum(weights) == 0:
+        return None  # mergekit divides by zero; let it
+    return ops.multislerp([e.tensor for e in entries], weights,
+                          base=group.base.tensor if group.base else None,
+                          normalize_weights=parameters["normalize_weights"], eps=parameters["eps"])
+
+
+def _karcher(group, parameters):
+    from .. import ops
+
+    return ops.karcher([e.tensor for e in group.entries], max_iter=parameters["max_iter"],
+                       tol=parameters["tol"])
+
+
 def _wrapper_class():
     from mergekit.merge_methods.base import GroupMergeMethod
 
@@ -224,7 +256,8 @@ def patch(methods: Iterable[str] = METHODS) -> _Patched:
                       "ram": _consensus_kernel("ram", ("epsilon",)),
                       "ramplus_tl": _consensus_kernel("ramplus_tl", ("r", "alpha", "epsilon")),
                       "sce": _consensus_kernel("sce", ("select_topk",)),
-                      "arcee_fusion": _arcee_fusion}[name]
+                      "arcee_fusion": _arcee_fusion, "nuslerp": _nuslerp,
+                      "multislerp": _multislerp, "karcher": _karcher}[name]
         _originals[name] = original
         registry._METHODS[name] = accelerated(original, kernel)
     return _Patched(sorted(_originals))

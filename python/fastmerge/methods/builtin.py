@@ -170,3 +170,57 @@ def _arcee_fusion(call: MergeCall):
 register(MethodSpec("arcee_fusion", (), _arcee_fusion, uses_base=True, min_inputs=2, max_inputs=2,
                     description="take the other model's values where their KL-weighted change "
                                 "is an outlier"))
+
+
+# ---- sphere family: nuslerp, multislerp, karcher ----
+
+def _nuslerp(call: MergeCall):
+    from .._params import nuslerp_t
+
+    t = nuslerp_t(call.values("weight"))
+    dim = 0 if call.shared["nuslerp_row_wise"] else -1
+    flatten = call.shared["nuslerp_flatten"]
+    v0, v1 = call.inputs
+    if call.host:
+        return host_kernels.nuslerp(call.base, v0, v1, t, call.out_dtype, dim=dim, flatten=flatten)
+    return _ops().nuslerp(t, v0, v1, base=call.base, dim=dim, flatten=flatten,
+                          out_dtype=call.out_dtype.torch)
+
+
+register(MethodSpec("nuslerp", (ParamSpec("weight", "float", NON_BASE),
+                                ParamSpec("nuslerp_row_wise", "bool", SHARED, False),
+                                ParamSpec("nuslerp_flatten", "bool", SHARED, True)),
+                    _nuslerp, uses_base=False, optional_base=True, min_non_base=2,
+                    max_non_base=2,
+                    description="spherical interpolation of two models (or their task vectors)"))
+
+
+def _multislerp(call: MergeCall):
+    weights, shared = call.values("weight"), call.shared
+    if call.host:
+        return host_kernels.multislerp(call.base, call.inputs, weights, call.out_dtype,
+                                       normalize_weights=shared["normalize_weights"],
+                                       eps=shared["eps"])
+    return _ops().multislerp(call.inputs, weights, base=call.base,
+                             normalize_weights=shared["normalize_weights"], eps=shared["eps"],
+                             out_dtype=call.out_dtype.torch)
+
+
+register(MethodSpec("multislerp", (ParamSpec("weight", "float", NON_BASE),
+                                   ParamSpec("normalize_weights", "bool", SHARED, True),
+                                   ParamSpec("eps", "float", SHARED, 1e-8)),
+                    _multislerp, uses_base=False, optional_base=True, min_non_base=1,
+                    description="barycentric interpolation of models on the hypersphere"))
+
+
+def _karcher(call: MergeCall):
+    max_iter, tol = call.shared["max_iter"], call.shared["tol"]
+    if call.host:
+        return host_kernels.karcher(call.inputs, call.out_dtype, max_iter=max_iter, tol=tol)
+    return _ops().karcher(call.inputs, max_iter=max_iter, tol=tol, out_dtype=call.out_dtype.torch)
+
+
+register(MethodSpec("karcher", (ParamSpec("max_iter", "int", SHARED, 10),
+                                ParamSpec("tol", "float", SHARED, 1e-5)),
+                    _karcher, uses_base=False,
+                    description="Karcher (Riemannian) mean of the models' directions"))

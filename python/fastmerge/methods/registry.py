@@ -1,6 +1,8 @@
 """What a merge method declares, and the table of methods by name."""
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -21,13 +23,31 @@ def _coerce_optional_float(value: Any) -> Optional[float]:
     return None if value is None else coerce_float(value)
 
 
-COERCE = {"float": coerce_float, "bool": coerce_bool, "optional_float": _coerce_optional_float}
+_INT_TEXT = re.compile(r"^[+-]?[0-9]+(\.0*)?$")
+
+
+def _coerce_int(value: Any) -> int:
+    """An int as mergekit's pydantic validation takes one: ints, bools, integral floats and
+    strings of an integer (e.g. "3" or "3.0")."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and _INT_TEXT.match(value.strip()):
+        return int(value.strip().split(".")[0])
+    raise ValueError(f"expected an integer, got {value!r}")
+
+
+COERCE = {"float": coerce_float, "bool": coerce_bool, "optional_float": _coerce_optional_float,
+          "int": _coerce_int}
 
 
 @dataclass(frozen=True)
 class ParamSpec:
     name: str
-    kind: str            # float | bool | optional_float
+    kind: str            # float | bool | optional_float | int
     scope: str           # SHARED | INPUT | NON_BASE
     default: Any = MISSING
 

@@ -17,6 +17,7 @@ from .gta import (
 )
 from .interp import model_stock, nearswap, slerp
 from .select import magnitude_mask
+from .sphere import karcher, multislerp, nuslerp
 from .svd import batched_svd, polar, randomized_svd
 
 __all__ = [
@@ -31,11 +32,14 @@ __all__ = [
     "della_linear",
     "disjoint_merge",
     "generalized_task_arithmetic",
+    "karcher",
     "linear",
     "magnitude_mask",
     "majority_sign_mask",
     "model_stock",
+    "multislerp",
     "nearswap",
+    "nuslerp",
     "polar",
     "randomized_svd",
     "ram",
