@@ -101,7 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                     max_shard_size="500MB", reuse=True)
     say(f"mergekit-yaml unpatched vs patched (fastmerge mergekit-yaml), "
         f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}")
-    say(f"machine: {bench.describe(bench.machine_description())}")
+    say(bench.describe(bench.machine_description()))
     say("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
     say(f"family: preset {args.preset}, base + {args.experts} experts, bf16 "
         f"({family.nbytes() / 1e9:.2f} GB each), ready in {time.perf_counter() - started:.0f} s; "
