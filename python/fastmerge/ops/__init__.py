@@ -18,6 +18,7 @@ from .gta import (
 from .interp import model_stock, nearswap, slerp
 from .select import magnitude_mask
 from .sphere import karcher, multislerp, nuslerp
+from .subspace import iso_c, iso_cts, tsv
 from .svd import batched_svd, polar, randomized_svd
 
 __all__ = [
@@ -32,6 +33,8 @@ __all__ = [
     "della_linear",
     "disjoint_merge",
     "generalized_task_arithmetic",
+    "iso_c",
+    "iso_cts",
     "karcher",
     "linear",
     "magnitude_mask",
@@ -48,4 +51,5 @@ __all__ = [
     "slerp",
     "task_arithmetic",
     "ties",
+    "tsv",
 ]

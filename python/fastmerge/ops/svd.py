@@ -97,6 +97,8 @@ _POLAR_JACOBI_LIMIT = 256
 # Smallest eigenvalue ratio of the Gram matrix (1 / condition number squared) for which the
 # float64 Gram route is accurate to fp32; below it, a full SVD.
 _POLAR_GRAM_MIN_RATIO = 1e-10
+# Above this eigenvalue ratio (condition number below 100), the factor is applied in fp32.
+_POLAR_FP32_MIN_RATIO = 1e-4
 
 
 def polar(x: torch.Tensor) -> torch.Tensor:
@@ -122,11 +124,19 @@ def polar(x: torch.Tensor) -> torch.Tensor:
 
 def _gram_polar(a: torch.Tensor) -> torch.Tensor:
     wide = a.shape[-2] < a.shape[-1]
-    y = (a.mT if wide else a).to(torch.float64)   # tall: X^T X is the smaller Gram matrix
-    eigenvalues, vectors = torch.linalg.eigh(y.mT @ y)
+    y = a.mT if wide else a                       # tall: X^T X is the smaller Gram matrix
+    y64 = y.to(torch.float64)
+    eigenvalues, vectors = torch.linalg.eigh(y64.mT @ y64)
     top = eigenvalues[..., -1:].clamp_min(1e-300)
-    if not bool((eigenvalues[..., :1] > _POLAR_GRAM_MIN_RATIO * top).all()):
+    ratio = float((eigenvalues[..., :1] / top).min())
+    if not ratio > _POLAR_GRAM_MIN_RATIO:
         u, _, vh = torch.linalg.svd(a, full_matrices=False)
         return u @ vh
-    factor = (y @ (vectors * eigenvalues.rsqrt().unsqueeze(-2)) @ vectors.mT).to(torch.float32)
+    # factor = X G^(-1/2): the small k x k inverse square root first, then one big GEMM, in
+    # fp32 when X is well conditioned (its error is then ~eps32 * cond(X)), else in float64.
+    inv_sqrt = (vectors * eigenvalues.rsqrt().unsqueeze(-2)) @ vectors.mT
+    if ratio > _POLAR_FP32_MIN_RATIO:
+        factor = y.to(torch.float32) @ inv_sqrt.to(torch.float32)
+    else:
+        factor = (y64 @ inv_sqrt).to(torch.float32)
     return factor.mT if wide else factor

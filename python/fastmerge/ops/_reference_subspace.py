@@ -1,0 +1,91 @@
+"""Pure-torch references of the subspace merges, written step by step from the papers'
+algorithms with full SVDs (torch.linalg.svd), as their authors' code runs them:
+
+* TSV-M (Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model
+  Merging", CVPR 2025): each task vector keeps its top int(k / T) singular triplets; the
+  concatenated left and right singular vectors are orthogonalised (U V^T of their SVDs);
+  merged = U_orth diag(S_cat) V_orth.
+* Iso-C (Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
+  Task-Specific Subspaces", ICML 2025): the sum of the task vectors with its singular values
+  replaced by their mean.
+* Iso-CTS (same paper): the top singular vectors of the sum (the common subspace) plus, per
+  task, the top singular vectors of the task vector projected off the common subspace; both
+  sets orthogonalised, all singular values replaced by their mean.
+
+Tensors that are not 2-D get the mean task vector. Every function returns the merged task
+vector (fp32); callers add alpha times it to the base.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+
+def _mean(deltas: List[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(deltas).mean(0)
+
+
+def _orthogonalise(x: torch.Tensor) -> torch.Tensor:
+    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return u @ vh
+
+
+def tsv(deltas: List[torch.Tensor]) -> torch.Tensor:
+    deltas = [d.float() for d in deltas]
+    if deltas[0].dim() != 2:
+        return _mean(deltas)
+    m, n = deltas[0].shape
+    k = min(m, n)
+    per_task = int(k / len(deltas))
+    sum_u = torch.zeros(m, k)
+    sum_s = torch.zeros(k)
+    sum_v = torch.zeros(k, n)
+    for i, d in enumerate(deltas):
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        sum_u[:, i * per_task:(i + 1) * per_task] = u[:, :per_task]
+        sum_s[i * per_task:(i + 1) * per_task] = s[:per_task]
+        sum_v[i * per_task:(i + 1) * per_task, :] = vh[:per_task, :]
+    return _orthogonalise(sum_u) @ torch.diag(sum_s) @ _orthogonalise(sum_v)
+
+
+def iso_c(deltas: List[torch.Tensor]) -> torch.Tensor:
+    deltas = [d.float() for d in deltas]
+    if deltas[0].dim() != 2:
+        return _mean(deltas)
+    u, s, vh = torch.linalg.svd(sum(deltas), full_matrices=False)
+    return u @ torch.diag(torch.full_like(s, float(s.mean()))) @ vh
+
+
+def iso_cts_split(k: int, tasks: int, common_space_fraction: float):
+    """(common dims, dims per task): the task-specific part rounded to a multiple of T."""
+    common = int(k * common_space_fraction)
+    specific_total = round((k - common) / tasks) * tasks
+    common = k - specific_total
+    return common, int((k - common) / tasks)
+
+
+def iso_cts(deltas: List[torch.Tensor], common_space_fraction: float = 0.8) -> torch.Tensor:
+    deltas = [d.float() for d in deltas]
+    if deltas[0].dim() != 2:
+        return _mean(deltas)
+    m, n = deltas[0].shape
+    k = min(m, n)
+    tasks = len(deltas)
+    common, per_task = iso_cts_split(k, tasks, common_space_fraction)
+    u, s, vh = torch.linalg.svd(sum(deltas), full_matrices=False)
+    u_c, s_c, v_c = u[:, :common], s[:common], vh[:common, :]
+    comb_u = torch.zeros(m, k)
+    comb_s = torch.zeros(k)
+    comb_v = torch.zeros(k, n)
+    for i, d in enumerate(deltas):
+        u_t, s_t, vh_t = torch.linalg.svd(d - u_c @ (u_c.T @ d), full_matrices=False)
+        comb_u[:, i * per_task:(i + 1) * per_task] = u_t[:, :per_task]
+        comb_s[i * per_task:(i + 1) * per_task] = s_t[:per_task]
+        comb_v[i * per_task:(i + 1) * per_task, :] = vh_t[:per_task, :]
+    start = tasks * per_task
+    comb_u[:, start:start + common] = u_c
+    comb_s[start:start + common] = s_c
+    comb_v[start:start + common, :] = v_c
+    iso = torch.full_like(comb_s, float(comb_s.mean()))
+    return _orthogonalise(comb_u) @ torch.diag(iso) @ _orthogonalise(comb_v)

@@ -1,0 +1,219 @@
+"""Subspace merges of task vectors: TSV-M, Iso-C and Iso-CTS.
+
+Each op takes base + experts, merges the task vectors d_t = expert_t - base and returns
+base + alpha * merged, rounded once to the output dtype. 2-D tensors use the subspace method;
+every other tensor (biases, norms, 1-D or 3-D+) gets the mean task vector, as FusionBench and the
+papers' code do. ops/_reference_subspace.py states each algorithm step by step.
+
+`exact=True` runs the algorithm as written, with full SVDs. The default fast mode computes the
+same quantities without them: the top singular triplets of each task vector from the eigh of
+its smaller Gram matrix in float64 (a GEMM plus an eigh, a fraction of an SVD's cost, exact to
+fp32 while the kept singular values stay above 1e-6 of the largest; an SVD otherwise); for
+Iso-CTS, the task-specific SVDs shrink to (k - common)-row problems in the complement basis
+the common eigh already gives; polar factors come from ops.polar (Jacobi for small, Gram for
+large matrices); Iso-C's mean singular value is trace(P^T M) / k from the polar factor P.
+Fast and exact mode agree to ~1e-5 relative (tests/ops/test_subspace.py), well inside the 1e-2
+the issue allows; benchmarks/bench_subspace.py times both.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from ._validate import (
+    check_experts,
+    check_same_layout,
+    check_scalar,
+    check_tensor,
+    resolve_out_dtype,
+)
+from .svd import polar
+from ._reference_subspace import iso_cts_split
+from ..errors import InvalidArgumentError
+
+# The fast mode takes singular triplets from the eigh of a Gram matrix, whose eigenvalues are
+# the squared singular values: accurate to fp32 while the kept eigenvalues are above these
+# fractions of the largest (fp32 Gram, float64 Gram); below both, an SVD.
+_FP32_GRAM_MIN_RATIO = 1e-4
+_FP64_GRAM_MIN_RATIO = 1e-12
+
+
+def _deltas(base, experts, alpha, out_dtype) -> Tuple[torch.Tensor, torch.Tensor, float,
+                                                      torch.dtype]:
+    base = check_tensor(base, "base")
+    experts = check_experts(experts)
+    check_same_layout(base, "base", experts, [f"experts[{i}]" for i in range(len(experts))])
+    alpha = check_scalar(alpha, "alpha")
+    dtype = resolve_out_dtype(out_dtype, base.dtype)
+    b = base.detach().float()
+    deltas = torch.stack([e.detach().float() - b for e in experts])
+    return b, deltas, alpha, dtype
+
+
+def _finish(base: torch.Tensor, merged: torch.Tensor, alpha: float, dtype) -> torch.Tensor:
+    return (base + alpha * merged).to(dtype)
+
+
+def _exact_polar(x: torch.Tensor) -> torch.Tensor:
+    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return u @ vh
+
+
+def _svd_top(x: torch.Tensor, count: int):
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    return u[..., :count], s[..., :count], vh[..., :count, :]
+
+
+def _gram_eig(x: torch.Tensor, dtype=torch.float64):
+    """Eigenpairs (descending) of the smaller Gram matrix of every matrix in x, computed in
+    dtype: (x in dtype, tall, eigenvalues, eigenvectors); tall means the eigenvectors are right
+    singular vectors."""
+    t = x.to(dtype)
+    tall = t.shape[-2] > t.shape[-1]
+    eigenvalues, vectors = torch.linalg.eigh(t.mT @ t if tall else t @ t.mT)
+    return t, tall, eigenvalues.flip(-1).clamp_min(0), vectors.flip(-1)
+
+
+def _triplets_from_gram(t, tall, eigenvalues, vectors, count: int):
+    s = eigenvalues[..., :count].sqrt()
+    vectors = vectors[..., :count]
+    if tall:
+        u, vh = (t @ vectors) / s.unsqueeze(-2), vectors.mT
+    else:
+        u, vh = vectors, (vectors.mT @ t) / s.unsqueeze(-1)
+    return u.float(), s.float(), vh.float()
+
+
+def _kept_ratio(eigenvalues, count: int) -> float:
+    """Smallest kept eigenvalue over the largest, over the batch (1 when nothing is kept)."""
+    if count == 0:
+        return 1.0
+    top = eigenvalues[..., :1].clamp_min(1e-300)
+    return float((eigenvalues[..., count - 1:count] / top).min())
+
+
+def _top_triplets(d: torch.Tensor, count: int, exact: bool):
+    """Top `count` singular triplets of every matrix in d [..., m, n]: full SVDs in exact mode;
+    otherwise from the eigh of the smaller Gram matrix: in fp32 when the kept eigenvalues stand
+    well above fp32 roundoff, in float64 when they are smaller, and by SVD when even float64
+    would lose them."""
+    if not exact:
+        for dtype, min_ratio in ((torch.float32, _FP32_GRAM_MIN_RATIO),
+                                 (torch.float64, _FP64_GRAM_MIN_RATIO)):
+            t, tall, eigenvalues, vectors = _gram_eig(d, dtype)
+            if _kept_ratio(eigenvalues, count) >= min_ratio:
+                return _triplets_from_gram(t, tall, eigenvalues, vectors, count)
+    return _svd_top(d, count)
+
+
+def _tsv_matrix(d: torch.Tensor, exact: bool) -> torch.Tensor:
+    tasks, m, n = d.shape
+    rank = int(min(m, n) / tasks)
+    if rank == 0:  # more tasks than dimensions: nothing is kept (as the reference)
+        return torch.zeros(m, n, device=d.device)
+    u, s, vh = _top_triplets(d, rank, exact)
+    u_cat = u.permute(1, 0, 2).reshape(m, tasks * rank)
+    v_cat = vh.reshape(tasks * rank, n)
+    orthogonal = _exact_polar if exact else polar
+    return (orthogonal(u_cat) * s.reshape(-1)) @ orthogonal(v_cat)
+
+
+def _iso_c_matrix(d: torch.Tensor, exact: bool) -> torch.Tensor:
+    total = d.sum(0)
+    k = min(total.shape)
+    if exact:
+        u, s, vh = torch.linalg.svd(total, full_matrices=False)
+        return (u * s.mean()) @ vh
+    p = polar(total)
+    nuclear = (p * total).sum()  # trace(P^T M) = sum of the singular values
+    return p * (nuclear / k)
+
+
+def _iso_cts_fast_parts(d: torch.Tensor, common: int, per_task: int):
+    """Iso-CTS's common and task-specific triplets from Gram matrices; None when a kept
+    singular value is too small for that route."""
+    tasks, m, n = d.shape
+    t, tall, eigenvalues, vectors = _gram_eig(d.sum(0))
+    if _kept_ratio(eigenvalues, common) < _FP64_GRAM_MIN_RATIO:
+        return None
+    u_c, s_c, v_c = _triplets_from_gram(t, tall, eigenvalues, vectors, common)
+    if per_task == 0:
+        return u_c, s_c, v_c, None
+    if not tall:
+        # Every left singular vector of the sum is known: the part of d_t off the common
+        # subspace is U_perp (U_perp^T d_t), so its SVD is that of the small U_perp^T d_t.
+        complement = vectors[:, common:].float()
+        u_t, s_t, vh_t = _top_triplets(complement.mT @ d, per_task, exact=False)
+        u_t = complement @ u_t
+    else:
+        u_t, s_t, vh_t = _top_triplets(d - u_c @ (u_c.mT @ d), per_task, exact=False)
+    return u_c, s_c, v_c, (u_t, s_t, vh_t)
+
+
+def _iso_cts_matrix(d: torch.Tensor, common_space_fraction: float, exact: bool) -> torch.Tensor:
+    tasks, m, n = d.shape
+    k = min(m, n)
+    common, per_task = iso_cts_split(k, tasks, common_space_fraction)
+    parts = None if exact else _iso_cts_fast_parts(d, common, per_task)
+    if parts is None:
+        u_c, s_c, v_c = _svd_top(d.sum(0), common)
+        specific = (_svd_top(d - u_c @ (u_c.mT @ d), per_task) if per_task else None)
+    else:
+        u_c, s_c, v_c, specific = parts
+    pieces_u, pieces_s, pieces_v = [], [], []
+    if specific is not None:
+        u_t, s_t, vh_t = specific
+        pieces_u.append(u_t.permute(1, 0, 2).reshape(m, tasks * per_task))
+        pieces_s.append(s_t.reshape(-1))
+        pieces_v.append(vh_t.reshape(tasks * per_task, n))
+    comb_u = torch.cat(pieces_u + [u_c], dim=1)
+    comb_s = torch.cat(pieces_s + [s_c])
+    comb_v = torch.cat(pieces_v + [v_c], dim=0)
+    orthogonal = _exact_polar if exact else polar
+    return (orthogonal(comb_u) * comb_s.mean()) @ orthogonal(comb_v)
+
+
+def _check_exact(exact) -> bool:
+    if not isinstance(exact, bool):
+        raise InvalidArgumentError(f"exact must be a bool, got {exact!r}")
+    return exact
+
+
+def tsv(base: torch.Tensor, experts: Sequence[torch.Tensor], *, alpha: float = 1.0,
+        exact: bool = False, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """TSV-M (Task Singular Vectors merge): each task keeps its top int(k / T) singular triplets,
+    the concatenated singular vectors are orthogonalised (decorrelating the tasks), and the
+    task vector is rebuilt from them; base + alpha * that."""
+    exact = _check_exact(exact)
+    b, d, alpha, dtype = _deltas(base, experts, alpha, out_dtype)
+    merged = _tsv_matrix(d, exact) if d.dim() == 3 else d.mean(0)
+    return _finish(b, merged, alpha, dtype)
+
+
+def iso_c(base: torch.Tensor, experts: Sequence[torch.Tensor], *, alpha: float = 1.0,
+          exact: bool = False, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Iso-C: the sum of the task vectors with a flat spectrum (every singular value replaced by
+    their mean); base + alpha * that."""
+    exact = _check_exact(exact)
+    b, d, alpha, dtype = _deltas(base, experts, alpha, out_dtype)
+    merged = _iso_c_matrix(d, exact) if d.dim() == 3 else d.mean(0)
+    return _finish(b, merged, alpha, dtype)
+
+
+def iso_cts(base: torch.Tensor, experts: Sequence[torch.Tensor], *, alpha: float = 1.0,
+            common_space_fraction: float = 0.8, exact: bool = False,
+            out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Iso-CTS: the top common_space_fraction of the summed task vector's singular directions,
+    plus each task's top directions off that common subspace, orthogonalised, with a flat
+    spectrum; base + alpha * that."""
+    exact = _check_exact(exact)
+    fraction = check_scalar(common_space_fraction, "common_space_fraction")
+    if not 0.0 <= fraction <= 1.0:
+        raise InvalidArgumentError(f"common_space_fraction must be in [0, 1], got {fraction}")
+    b, d, alpha, dtype = _deltas(base, experts, alpha, out_dtype)
+    merged = _iso_cts_matrix(d, fraction, exact) if d.dim() == 3 else d.mean(0)
+    return _finish(b, merged, alpha, dtype)
+
+
+__all__: List[str] = ["iso_c", "iso_cts", "tsv"]
