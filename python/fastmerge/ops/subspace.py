@@ -6,14 +6,18 @@ every other tensor (biases, norms, 1-D or 3-D+) gets the mean task vector, as Fu
 papers' code do. ops/_reference_subspace.py states each algorithm step by step.
 
 `exact=True` runs the algorithm as written, with full SVDs. The default fast mode computes the
-same quantities without them: the top singular triplets of each task vector from the eigh of
-its smaller Gram matrix in float64 (a GEMM plus an eigh, a fraction of an SVD's cost, exact to
-fp32 while the kept singular values stay above 1e-6 of the largest; an SVD otherwise); for
-Iso-CTS, the task-specific SVDs shrink to (k - common)-row problems in the complement basis
-the common eigh already gives; polar factors come from ops.polar (Jacobi for small, Gram for
-large matrices); Iso-C's mean singular value is trace(P^T M) / k from the polar factor P.
-Fast and exact mode agree to ~1e-5 relative (tests/ops/test_subspace.py), well inside the 1e-2
-the issue allows; benchmarks/bench_subspace.py times both.
+same quantities without them:
+* the top singular triplets of each task vector from the eigh of its smaller Gram matrix (a
+  GEMM plus an eigh, a fraction of an SVD's cost): in fp32 while the kept eigenvalues stay
+  above 1e-4 of the largest, in float64 down to 1e-12, by SVD below that;
+* Iso-CTS's task-specific SVDs shrink to (k - common)-row problems in the complement basis the
+  common eigh already gives;
+* orthogonal polar factors by ops.polar (Jacobi for small matrices, the float64 Gram matrix for
+  larger ones, an SVD for condition numbers above 1e5, which TSV-M's concatenated bases reach
+  when tasks share directions);
+* Iso-C's mean singular value is trace(P^T M) / k from the polar factor P of the sum M.
+Fast and exact mode agree to ~1e-5 relative on realistic task vectors and within 1e-2 on
+strongly overlapping ones (tests/ops/test_subspace.py); benchmarks/bench_subspace.py times both.
 """
 from __future__ import annotations
 
