@@ -117,11 +117,12 @@ class _Prefetcher:
     _DONE = object()
 
     def __init__(self, jobs: Sequence[TensorJob], readers: Dict[str, CheckpointReader],
-                 check_finite: bool, device: str):
+                 check_finite: bool, device: str, host_kernels_merge: bool = True):
         self._jobs = jobs
         self._readers = readers
         self._check_finite = check_finite
         self._cuda = device != "cpu"
+        self._host_merge = host_kernels_merge  # the method merges HostArrays
         self._queue: "queue.Queue" = queue.Queue()
         self._bytes_ahead = 0
         self._lock = threading.Condition()
@@ -132,8 +133,8 @@ class _Prefetcher:
     def _load(self, job: TensorJob) -> list:
         """The job's inputs: HostArrays mapped from the page cache when the host kernels can
         merge them (no torch), else torch tensors (CUDA: pinned copies for fast transfer)."""
-        host = not self._cuda and (job.copy_only or host_kernels.supports(
-            [x.dtype for x in job.inputs] + [job.out_dtype]))
+        host = not self._cuda and (job.copy_only or (self._host_merge and host_kernels.supports(
+            [x.dtype for x in job.inputs] + [job.out_dtype])))
         tensors = []
         for x in job.inputs:
             reader = self._readers[x.model]
@@ -309,7 +310,8 @@ def run_merge(config: Union[MergeConfig, str, os.PathLike], out_dir: Union[str, 
         done = writer.written()  # durable from an interrupted earlier run of the same merge
         todo = [j for j in plan.jobs if j.name not in done]
         bar = _progress(sum(j.nbytes_in for j in todo), options.quiet)
-        prefetch = _Prefetcher(todo, readers, options.check_finite, options.device)
+        prefetch = _Prefetcher(todo, readers, options.check_finite, options.device,
+                               get_method(config.merge_method).host_kernels)
         write_behind = _WriteBehind(writer, staging)
         try:
             for count, (job, tensors) in enumerate(prefetch, 1):

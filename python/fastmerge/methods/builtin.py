@@ -224,3 +224,29 @@ register(MethodSpec("karcher", (ParamSpec("max_iter", "int", SHARED, 10),
                                 ParamSpec("tol", "float", SHARED, 1e-5)),
                     _karcher, uses_base=False,
                     description="Karcher (Riemannian) mean of the models' directions"))
+
+
+# ---- subspace merges (torch: LAPACK / cuBLAS decompositions) ----
+
+def _subspace(name: str, extra, description: str) -> MethodSpec:
+    """TSV-M / Iso-C / Iso-CTS over the base and the experts: 2-D tensors merged in their
+    singular subspaces, every other tensor by the mean task vector; base + alpha * merged."""
+    params = (ParamSpec("alpha", "float", SHARED, 1.0),
+              ParamSpec("exact", "bool", SHARED, False)) + tuple(extra)
+
+    def merge(call: MergeCall):
+        if not call.inputs:
+            return _cast(call, call.base)
+        kwargs = {p.name: call.shared[p.name] for p in params}
+        return getattr(_ops(), name)(call.base, call.inputs, out_dtype=call.out_dtype.torch,
+                                     **kwargs)
+
+    return register(MethodSpec(name, params, merge, uses_base=True, host_kernels=False,
+                               description=description))
+
+
+_subspace("tsv", (), "Task Singular Vectors (TSV-M): each task's top singular vectors, "
+                     "decorrelated")
+_subspace("iso_c", (), "Iso-C: the summed task vectors with a flat singular spectrum")
+_subspace("iso_cts", (ParamSpec("common_space_fraction", "float", SHARED, 0.8),),
+          "Iso-CTS: common and task-specific singular subspaces, flat spectrum")

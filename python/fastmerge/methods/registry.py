@@ -95,6 +95,9 @@ class MethodSpec:
     # mergekit's BasePolicy.OPTIONAL: merged against the base when the config names one, as
     # plain inputs otherwise (uses_base must then be False).
     optional_base: bool = False
+    # False: the method merges torch tensors only (LAPACK/cuBLAS decompositions), so the CPU
+    # streaming path hands it torch tensors instead of HostArrays.
+    host_kernels: bool = True
     min_non_base: Optional[int] = None
     max_non_base: Optional[int] = None
 
