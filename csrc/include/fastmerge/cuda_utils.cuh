@@ -72,6 +72,24 @@ __device__ __forceinline__ void store_element(void* p, int dtype, int64_t i, flo
   }
 }
 
+// Fixed-shape tree reduction of kCount doubles per thread over a block of kThreads threads,
+// one statistic at a time through one shared buffer; every thread gets the sums. The order of
+// the additions depends only on kThreads, never on scheduling.
+template <int kThreads, int kCount>
+__device__ void block_reduce(double (&v)[kCount]) {
+  __shared__ double shared[kThreads];
+  for (int c = 0; c < kCount; ++c) {
+    shared[threadIdx.x] = v[c];
+    __syncthreads();
+    for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
+      if (int(threadIdx.x) < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
+      __syncthreads();
+    }
+    v[c] = shared[0];
+    __syncthreads();
+  }
+}
+
 // Multiprocessors of the current device.
 inline int sm_count() {
   int device = 0, count = 0;

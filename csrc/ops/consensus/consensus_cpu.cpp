@@ -14,11 +14,6 @@ namespace fastmerge {
 
 namespace {
 
-template <typename Fn>
-void for_each_block(int64_t begin, int64_t end, Fn&& fn) {
-  for (int64_t b = begin; b < end; b += kBlock) fn(b, std::min(kBlock, end - b));
-}
-
 // Per-thread fp32 blocks: the base, one delta row per expert, and scratch rows.
 struct Blocks {
   std::vector<float> base, deltas, a, b, c;

@@ -2,6 +2,7 @@
 // once per instruction set (gta_cpu_kernels.cpp) and chosen at run time. The orchestration in
 // gta_cpu.cpp owns threads, chunking and all standard-library work.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 #include "fastmerge/numeric.h"
@@ -12,6 +13,12 @@ namespace fastmerge {
 
 constexpr int64_t kBlock = 256;
 constexpr int kMaxFusedExperts = 8;  // elements per block; a multiple of 4 (Philox quads)
+
+// Calls fn(block_start, block_len) for the kBlock-sized blocks of [begin, end).
+template <typename Fn>
+void for_each_block(int64_t begin, int64_t end, Fn&& fn) {
+  for (int64_t b = begin; b < end; b += kBlock) fn(b, std::min(kBlock, end - b));
+}
 
 struct TopkScanResult {
   int64_t above = 0;      // composites above the window

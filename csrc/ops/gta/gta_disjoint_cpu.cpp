@@ -56,7 +56,7 @@ void with_float_type(DType dtype, Fn&& fn) {
 
 // Calls fn(j0, len) for every block of columns, chunks in parallel.
 template <typename Fn>
-void for_each_block(int64_t n, Fn&& fn) {
+void for_each_column_block(int64_t n, Fn&& fn) {
   for_each_chunk(n, [&](int64_t, int64_t begin, int64_t end) {
     for (int64_t j0 = begin; j0 < end; j0 += kCols) fn(j0, std::min(kCols, end - j0));
   });
@@ -73,7 +73,9 @@ void gta_sign_mask_cpu(const TensorView& stacked, const TensorView& mask, Consen
     using S = decltype(tag);
     const S* x = stacked.ptr<const S>();
     uint8_t* m = mask.ptr<uint8_t>();
-    for_each_block(s.n, [&](int64_t j0, int64_t len) { sign_mask_block(x, s.tasks, s.n, j0, len, count, m); });
+    for_each_column_block(s.n, [&](int64_t j0, int64_t len) {
+      sign_mask_block(x, s.tasks, s.n, j0, len, count, m);
+    });
   });
 }
 
@@ -87,7 +89,9 @@ void gta_disjoint_merge_cpu(const TensorView& stacked, const TensorView& mask, c
       using O = decltype(out_tag);
       const S* x = stacked.ptr<const S>();
       O* o = out.ptr<O>();
-      for_each_block(s.n, [&](int64_t j0, int64_t len) { disjoint_block(x, m, s.tasks, s.n, j0, len, o); });
+      for_each_column_block(s.n, [&](int64_t j0, int64_t len) {
+        disjoint_block(x, m, s.tasks, s.n, j0, len, o);
+      });
     });
   });
 }

@@ -12,12 +12,6 @@ namespace fastmerge {
 
 namespace {
 
-// Calls fn(block_start, block_len) for the kBlock-sized blocks of [begin, end).
-template <typename Fn>
-void for_each_block(int64_t begin, int64_t end, Fn&& fn) {
-  for (int64_t b = begin; b < end; b += kBlock) fn(b, std::min(kBlock, end - b));
-}
-
 // Per-thread float blocks: base, output and one per expert.
 struct Blocks {
   std::vector<float> base, out, experts;

@@ -12,22 +12,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMaxStockExperts = 16;  // Gram statistics kept per thread
 
-// Fixed-shape tree reduction of `count` doubles per thread over the block, one statistic at a
-// time through one shared buffer; every thread gets the sums.
-template <int kCount>
-__device__ void block_reduce(double (&v)[kCount]) {
-  __shared__ double shared[kThreads];
-  for (int c = 0; c < kCount; ++c) {
-    shared[threadIdx.x] = v[c];
-    __syncthreads();
-    for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
-      if (int(threadIdx.x) < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
-      __syncthreads();
-    }
-    v[c] = shared[0];
-    __syncthreads();
-  }
-}
 
 __global__ void slerp_stats_kernel(const void* a, int a_dtype, const void* b, int b_dtype, int64_t n,
                                    double* partial) {
@@ -39,7 +23,7 @@ __global__ void slerp_stats_kernel(const void* a, int a_dtype, const void* b, in
     v[1] += y * y;
     v[2] += x * y;
   }
-  block_reduce(v);
+  block_reduce<kThreads>(v);
   if (threadIdx.x == 0)
     for (int c = 0; c < 3; ++c) partial[blockIdx.x * 3 + c] = v[c];
 }
@@ -85,7 +69,7 @@ __global__ void stock_gram_kernel(StockInputs in, int64_t rows, int64_t row_len,
     for (int x = 0; x < T; ++x)
       for (int y = x; y < T; ++y) g[c++] += o[x] * o[y];
   }
-  block_reduce(g);
+  block_reduce<kThreads>(g);
   if (threadIdx.x == 0) {
     double* out = gram + blockIdx.x * T * T;
     int c = 0;

@@ -31,21 +31,6 @@ struct CombineInputs {
   int dtype[kMaxCombineInputs];
 };
 
-// Fixed-shape tree reduction of kCount doubles per thread over the block; thread 0 gets the sums.
-template <int kCount>
-__device__ void block_reduce(double (&v)[kCount]) {
-  __shared__ double shared[kThreads];
-  for (int c = 0; c < kCount; ++c) {
-    shared[threadIdx.x] = v[c];
-    __syncthreads();
-    for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
-      if (int(threadIdx.x) < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
-      __syncthreads();
-    }
-    v[c] = shared[0];
-    __syncthreads();
-  }
-}
 
 // The fp32 deltas x_e - base of element i, as doubles.
 template <int T>
@@ -73,7 +58,7 @@ __global__ void row_gram_kernel(GramInputs in, int64_t len, int64_t parts, doubl
     for (int x = 0; x < T; ++x)
       for (int y = x; y < T; ++y) g[c++] += d[x] * d[y];
   }
-  block_reduce(g);
+  block_reduce<kThreads>(g);
   if (threadIdx.x == 0)
     for (int c = 0; c < kPairs; ++c) partial[size_t(blockIdx.x) * kPairs + c] = g[c];
 }
