@@ -11,7 +11,8 @@ from fastmerge.executor import MergeOptions, run_merge
 from fastmerge.ops import _reference_subspace as reference
 from helpers import load_weights
 
-REFERENCES = {"tsv": reference.tsv, "iso_c": reference.iso_c, "iso_cts": reference.iso_cts}
+REFERENCES = {"tsv": reference.tsv, "iso_c": reference.iso_c, "iso_cts": reference.iso_cts,
+              "dc_merge": reference.dc_merge}
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +38,14 @@ def config(method: str, family, parameters: str) -> str:
     ("tsv", "  alpha: 0.8\n"),
     ("iso_c", "  alpha: 1.3\n  exact: true\n"),
     ("iso_cts", "  alpha: 1.0\n  common_space_fraction: 0.6\n"),
+    ("dc_merge", "  alpha: 0.5\n  keep_fraction: 0.02\n"),
 ])
 def test_run_matches_the_reference_per_tensor(method, parameters, family, tmp_path):
     ours = merge(config(method, family, parameters), tmp_path)
     base = load_weights(family.base)
     experts = [load_weights(p) for p in family.experts]
     alpha = float(parameters.split("alpha: ")[1].split("\n")[0])
-    fraction = 0.6 if method == "iso_cts" else None
+    fraction = {"iso_cts": 0.6, "dc_merge": 0.02}.get(method)
     assert sorted(ours) == sorted(base)
     checked_2d = 0
     for name, b in base.items():

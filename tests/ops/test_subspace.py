@@ -9,7 +9,7 @@ from fastmerge.errors import InvalidArgumentError
 from fastmerge.ops import _reference_subspace as ref
 
 METHODS = {"tsv": (ops.tsv, ref.tsv), "iso_c": (ops.iso_c, ref.iso_c),
-           "iso_cts": (ops.iso_cts, ref.iso_cts)}
+           "iso_cts": (ops.iso_cts, ref.iso_cts), "dc_merge": (ops.dc_merge, ref.dc_merge)}
 
 
 def task_vectors(shape, tasks, seed=0, decay=0.05, noise=0.01, shared=0.3):
@@ -139,6 +139,28 @@ def test_bad_arguments(kwargs):
     base, experts, _ = family((8, 8), 2)
     with pytest.raises(InvalidArgumentError):
         ops.iso_cts(base, experts, **kwargs)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.5, "x"])
+def test_dc_merge_refuses_bad_keep_fraction(fraction):
+    base, experts, _ = family((8, 8), 2)
+    with pytest.raises(InvalidArgumentError):
+        ops.dc_merge(base, experts, keep_fraction=fraction)
+
+
+def test_dc_merge_keeps_only_each_task_block_in_the_cover_basis():
+    _, _, deltas = family((64, 64), 4, seed=8)
+    merged = ops.dc_merge(torch.zeros(64, 64), deltas, keep_fraction=0.05, exact=True).double()
+    # Rebuild the cover basis independently and check the merged matrix is block diagonal in it.
+    u_cat = torch.cat([torch.linalg.svd(d.double())[0][:, :16] for d in deltas], dim=1)
+    v_cat = torch.cat([torch.linalg.svd(d.double())[2][:16, :] for d in deltas], dim=0)
+    pu = torch.linalg.svd(u_cat)[0] @ torch.linalg.svd(u_cat)[2]
+    pv = torch.linalg.svd(v_cat)[0] @ torch.linalg.svd(v_cat)[2]
+    inner = pu.T @ merged @ pv.T
+    blocks = torch.block_diag(*[torch.ones(16, 16, dtype=torch.float64)] * 4)
+    # fp32 merge vs a float64 basis: roundoff only (without the mask it is ~1e-2 of the max)
+    assert float((inner * (1 - blocks)).abs().max()) < 1e-4 * float(inner.abs().max())
+    assert int((inner * blocks != 0).sum()) > 0
 
 
 def test_mismatched_shapes_are_refused():

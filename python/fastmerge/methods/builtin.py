@@ -250,3 +250,5 @@ _subspace("tsv", (), "Task Singular Vectors (TSV-M): each task's top singular ve
 _subspace("iso_c", (), "Iso-C: the summed task vectors with a flat singular spectrum")
 _subspace("iso_cts", (ParamSpec("common_space_fraction", "float", SHARED, 0.8),),
           "Iso-CTS: common and task-specific singular subspaces, flat spectrum")
+_subspace("dc_merge", (ParamSpec("keep_fraction", "float", SHARED, 1e-3),),
+          "DC-Merge: task vectors merged by sign election in TSV-M's decorrelated basis")

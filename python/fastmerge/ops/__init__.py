@@ -18,7 +18,7 @@ from .gta import (
 from .interp import model_stock, nearswap, slerp
 from .select import magnitude_mask
 from .sphere import karcher, multislerp, nuslerp
-from .subspace import iso_c, iso_cts, tsv
+from .subspace import dc_merge, iso_c, iso_cts, tsv
 from .svd import batched_svd, polar, randomized_svd
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "dare_drop",
     "dare_linear",
     "dare_ties",
+    "dc_merge",
     "della",
     "della_linear",
     "disjoint_merge",

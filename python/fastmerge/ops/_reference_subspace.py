@@ -11,6 +11,9 @@ algorithms with full SVDs (torch.linalg.svd), as their authors' code runs them:
 * Iso-CTS (same paper): the top singular vectors of the sum (the common subspace) plus, per
   task, the top singular vectors of the task vector projected off the common subspace; both
   sets orthogonalised, all singular values replaced by their mean.
+* DC-Merge (Zhang et al., CVPR 2026): TSV-M's truncation and orthogonalised basis, then the
+  task vectors merged inside that basis by sparsification, sign election and a block-diagonal
+  restriction.
 
 Tensors that are not 2-D get the mean task vector. Every function returns the merged task
 vector (fp32); callers add alpha times it to the base.
@@ -89,3 +92,54 @@ def iso_cts(deltas: List[torch.Tensor], common_space_fraction: float = 0.8) -> t
     comb_v[start:start + common, :] = v_c
     iso = torch.full_like(comb_s, float(comb_s.mean()))
     return _orthogonalise(comb_u) @ torch.diag(iso) @ _orthogonalise(comb_v)
+
+
+def _keep_top_fraction(x: torch.Tensor, fraction: float) -> torch.Tensor:
+    """x with all but its top max(1, int(fraction * numel)) magnitudes zeroed (ties at the
+    threshold kept)."""
+    flat = x.abs().reshape(-1)
+    k = max(1, int(fraction * flat.numel()))
+    threshold = torch.topk(flat, k).values.min()
+    return x * (x.abs() >= threshold)
+
+
+def _sign_elected_mean(stacked: torch.Tensor) -> torch.Tensor:
+    """TIES' disjoint mean: per element, the mean of the entries whose sign is the sign of
+    their sum (zero where the sum is zero)."""
+    total = stacked.sum(0)
+    agree = torch.sign(stacked) == torch.sign(total).unsqueeze(0)
+    mean = (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+    return torch.where(total == 0, torch.zeros_like(mean), mean)
+
+
+def dc_merge(deltas: List[torch.Tensor], keep_fraction: float = 1e-3) -> torch.Tensor:
+    """DC-Merge (Zhang et al., "DC-Merge: Improving Model Merging with Directional
+    Consistency", CVPR 2026), as its released code runs it: each task vector truncated to its
+    top int(k / T) singular triplets; the concatenated singular vectors orthogonalised into a
+    shared "cover" basis; each truncated task vector expressed in that basis (a k x k matrix),
+    sparsified to its top keep_fraction entries, the T matrices merged by TIES' sign election
+    and disjoint mean, restricted to the block diagonal (task t's own block of the basis) and
+    mapped back."""
+    deltas = [d.float() for d in deltas]
+    if deltas[0].dim() != 2:
+        return _mean(deltas)
+    m, n = deltas[0].shape
+    k = min(m, n)
+    tasks = len(deltas)
+    per_task = int(k / tasks)
+    sum_u = torch.zeros(m, k)
+    sum_v = torch.zeros(k, n)
+    truncated = []
+    for i, d in enumerate(deltas):
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        sum_u[:, i * per_task:(i + 1) * per_task] = u[:, :per_task]
+        sum_v[i * per_task:(i + 1) * per_task, :] = vh[:per_task, :]
+        truncated.append(u[:, :per_task] @ torch.diag(s[:per_task]) @ vh[:per_task, :])
+    cover_u, cover_v = _orthogonalise(sum_u), _orthogonalise(sum_v)
+    inner = [_keep_top_fraction(cover_u.T @ t @ cover_v.T, keep_fraction) for t in truncated]
+    merged = _sign_elected_mean(torch.stack(inner))
+    block = k // tasks
+    mask = torch.zeros_like(merged)
+    for i in range(tasks):
+        mask[i * block:(i + 1) * block, i * block:(i + 1) * block] = 1
+    return cover_u @ (merged * mask) @ cover_v

@@ -33,7 +33,7 @@ from ._validate import (
     resolve_out_dtype,
 )
 from .svd import polar
-from ._reference_subspace import iso_cts_split
+from ._reference_subspace import _keep_top_fraction, _sign_elected_mean, iso_cts_split
 from ..errors import InvalidArgumentError
 
 # The fast mode takes singular triplets from the eigh of a Gram matrix, whose eigenvalues are
@@ -178,6 +178,28 @@ def _iso_cts_matrix(d: torch.Tensor, common_space_fraction: float, exact: bool) 
     return (orthogonal(comb_u) * comb_s.mean()) @ orthogonal(comb_v)
 
 
+def _dc_merge_matrix(d: torch.Tensor, keep_fraction: float, exact: bool) -> torch.Tensor:
+    tasks, m, n = d.shape
+    k = min(m, n)
+    rank = int(k / tasks)
+    if rank == 0:
+        return torch.zeros(m, n, device=d.device)
+    u, s, vh = _top_triplets(d, rank, exact)
+    orthogonal = _exact_polar if exact else polar
+    cover_u = orthogonal(u.permute(1, 0, 2).reshape(m, tasks * rank))
+    cover_v = orthogonal(vh.reshape(tasks * rank, n))
+    # Each truncated task vector in the cover basis, (U_c^T U_t) S_t (V_t V_c^T), without
+    # forming U_t S_t V_t. The reference pads the basis to k columns; the padding is orthogonal
+    # to every task's singular vectors, so those rows and columns are zero and only the count
+    # kept by the sparsification (a fraction of k^2) depends on it.
+    inner = ((cover_u.mT @ u) * s.unsqueeze(-2)) @ (vh @ cover_v.mT)
+    keep = max(1, int(keep_fraction * k * k)) / inner[0].numel()
+    inner = torch.stack([_keep_top_fraction(x, keep) for x in inner])
+    merged = _sign_elected_mean(inner)
+    blocks = torch.block_diag(*[torch.ones(rank, rank, device=d.device)] * tasks)
+    return cover_u @ (merged * blocks) @ cover_v
+
+
 def _check_exact(exact) -> bool:
     if not isinstance(exact, bool):
         raise InvalidArgumentError(f"exact must be a bool, got {exact!r}")
@@ -220,4 +242,19 @@ def iso_cts(base: torch.Tensor, experts: Sequence[torch.Tensor], *, alpha: float
     return _finish(b, merged, alpha, dtype)
 
 
-__all__: List[str] = ["iso_c", "iso_cts", "tsv"]
+def dc_merge(base: torch.Tensor, experts: Sequence[torch.Tensor], *, alpha: float = 1.0,
+             keep_fraction: float = 1e-3, exact: bool = False,
+             out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """DC-Merge: TSV-M's per-task truncation and decorrelated basis, with the task vectors
+    merged inside that basis (each sparsified to its top keep_fraction entries, sign-elected,
+    restricted to its own block); base + alpha * that."""
+    exact = _check_exact(exact)
+    fraction = check_scalar(keep_fraction, "keep_fraction")
+    if not 0.0 < fraction <= 1.0:
+        raise InvalidArgumentError(f"keep_fraction must be in (0, 1], got {fraction}")
+    b, d, alpha, dtype = _deltas(base, experts, alpha, out_dtype)
+    merged = _dc_merge_matrix(d, fraction, exact) if d.dim() == 3 else d.mean(0)
+    return _finish(b, merged, alpha, dtype)
+
+
+__all__: List[str] = ["dc_merge", "iso_c", "iso_cts", "tsv"]
