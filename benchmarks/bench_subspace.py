@@ -80,7 +80,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     cases = [((768, 768), 8), ((768, 3072), 8)] + ([((4096, 4096), 4)] if args.llama else [])
     methods = {"tsv": (ops.tsv, reference.tsv), "iso_cts": (ops.iso_cts, reference.iso_cts),
                "iso_c": (ops.iso_c, reference.iso_c),
-               "dc_merge": (ops.dc_merge, reference.dc_merge)}
+               "dc_merge": (ops.dc_merge, reference.dc_merge),
+               "cart": (ops.cart, reference.cart)}
     say(f"{'method':<8} {'shape':>10} {'tasks':>5} | {'reference':>10} {'fastmerge':>10} "
         f"{'speed-up':>8} | rel. error")
     for shape, tasks in cases:

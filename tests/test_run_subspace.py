@@ -12,7 +12,8 @@ from fastmerge.ops import _reference_subspace as reference
 from helpers import load_weights
 
 REFERENCES = {"tsv": reference.tsv, "iso_c": reference.iso_c, "iso_cts": reference.iso_cts,
-              "dc_merge": reference.dc_merge}
+              "dc_merge": reference.dc_merge, "cart": reference.cart}
+EXTRA = {"iso_cts": (0.6,), "dc_merge": (0.02,), "cart": (0.2, 0.7)}
 
 
 @pytest.fixture(scope="module")
@@ -39,19 +40,18 @@ def config(method: str, family, parameters: str) -> str:
     ("iso_c", "  alpha: 1.3\n  exact: true\n"),
     ("iso_cts", "  alpha: 1.0\n  common_space_fraction: 0.6\n"),
     ("dc_merge", "  alpha: 0.5\n  keep_fraction: 0.02\n"),
+    ("cart", "  alpha: 1.0\n  rank_ratio: 0.2\n  lambda: 0.7\n"),
 ])
 def test_run_matches_the_reference_per_tensor(method, parameters, family, tmp_path):
     ours = merge(config(method, family, parameters), tmp_path)
     base = load_weights(family.base)
     experts = [load_weights(p) for p in family.experts]
     alpha = float(parameters.split("alpha: ")[1].split("\n")[0])
-    fraction = {"iso_cts": 0.6, "dc_merge": 0.02}.get(method)
     assert sorted(ours) == sorted(base)
     checked_2d = 0
     for name, b in base.items():
         deltas = [e[name].float() - b.float() for e in experts]
-        merged = (REFERENCES[method](deltas, fraction) if fraction is not None
-                  else REFERENCES[method](deltas))
+        merged = REFERENCES[method](deltas, *EXTRA.get(method, ()))
         expected = b.float() + alpha * merged
         scale = float(merged.abs().max()) * alpha + 1e-12
         assert float((ours[name].float() - expected).abs().max()) <= 1e-3 * scale, name

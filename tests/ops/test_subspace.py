@@ -9,7 +9,8 @@ from fastmerge.errors import InvalidArgumentError
 from fastmerge.ops import _reference_subspace as ref
 
 METHODS = {"tsv": (ops.tsv, ref.tsv), "iso_c": (ops.iso_c, ref.iso_c),
-           "iso_cts": (ops.iso_cts, ref.iso_cts), "dc_merge": (ops.dc_merge, ref.dc_merge)}
+           "iso_cts": (ops.iso_cts, ref.iso_cts), "dc_merge": (ops.dc_merge, ref.dc_merge),
+           "cart": (ops.cart, ref.cart)}
 
 
 def task_vectors(shape, tasks, seed=0, decay=0.05, noise=0.01, shared=0.3):
@@ -139,6 +140,18 @@ def test_bad_arguments(kwargs):
     base, experts, _ = family((8, 8), 2)
     with pytest.raises(InvalidArgumentError):
         ops.iso_cts(base, experts, **kwargs)
+
+
+def test_cart_is_the_average_plus_low_rank_centred_parts():
+    _, _, deltas = family((40, 60), 3, seed=9)
+    zero = torch.zeros(40, 60)
+    average = torch.stack(deltas).mean(0)
+    # lambda 0: plain weight averaging; rank ratio 1: the centred parts sum to zero exactly
+    assert torch.allclose(ops.cart(zero, deltas, lambda_=0.0), average, atol=1e-7)
+    assert torch.allclose(ops.cart(zero, deltas, rank_ratio=1.0, lambda_=2.0, exact=True),
+                          average, atol=1e-6)
+    merged = ops.cart(zero, deltas, rank_ratio=0.1, lambda_=1.0) - average
+    assert int((torch.linalg.svdvals(merged.double()) > 1e-6).sum()) <= 3 * 4  # T * k
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.5, "x"])

@@ -237,7 +237,9 @@ def _subspace(name: str, extra, description: str) -> MethodSpec:
     def merge(call: MergeCall):
         if not call.inputs:
             return _cast(call, call.base)
-        kwargs = {p.name: call.shared[p.name] for p in params}
+        # YAML's `lambda` is the ops' `lambda_` (a Python keyword otherwise)
+        kwargs = {("lambda_" if p.name == "lambda" else p.name): call.shared[p.name]
+                  for p in params}
         return getattr(_ops(), name)(call.base, call.inputs, out_dtype=call.out_dtype.torch,
                                      **kwargs)
 
@@ -250,5 +252,8 @@ _subspace("tsv", (), "Task Singular Vectors (TSV-M): each task's top singular ve
 _subspace("iso_c", (), "Iso-C: the summed task vectors with a flat singular spectrum")
 _subspace("iso_cts", (ParamSpec("common_space_fraction", "float", SHARED, 0.8),),
           "Iso-CTS: common and task-specific singular subspaces, flat spectrum")
+_subspace("cart", (ParamSpec("rank_ratio", "float", SHARED, 0.08),
+                  ParamSpec("lambda", "float", SHARED, 1.0)),
+          "CART: the average plus the low-rank parts of the task vectors centred at it")
 _subspace("dc_merge", (ParamSpec("keep_fraction", "float", SHARED, 1e-3),),
           "DC-Merge: task vectors merged by sign election in TSV-M's decorrelated basis")

@@ -18,7 +18,7 @@ from .gta import (
 from .interp import model_stock, nearswap, slerp
 from .select import magnitude_mask
 from .sphere import karcher, multislerp, nuslerp
-from .subspace import dc_merge, iso_c, iso_cts, tsv
+from .subspace import cart, dc_merge, iso_c, iso_cts, tsv
 from .svd import batched_svd, polar, randomized_svd
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "batched_svd",
     "breadcrumbs",
     "breadcrumbs_ties",
+    "cart",
     "dare_drop",
     "dare_linear",
     "dare_ties",

@@ -11,6 +11,8 @@ algorithms with full SVDs (torch.linalg.svd), as their authors' code runs them:
 * Iso-CTS (same paper): the top singular vectors of the sum (the common subspace) plus, per
   task, the top singular vectors of the task vector projected off the common subspace; both
   sets orthogonalised, all singular values replaced by their mean.
+* CART (Choi et al., 2024): the weight average plus the low-rank parts of the task vectors
+  centred at it.
 * DC-Merge (Zhang et al., CVPR 2026): TSV-M's truncation and orthogonalised basis, then the
   task vectors merged inside that basis by sparsification, sign election and a block-diagonal
   restriction.
@@ -143,3 +145,26 @@ def dc_merge(deltas: List[torch.Tensor], keep_fraction: float = 1e-3) -> torch.T
     for i in range(tasks):
         mask[i * block:(i + 1) * block, i * block:(i + 1) * block] = 1
     return cover_u @ (merged * mask) @ cover_v
+
+
+def cart_rank(k: int, rank_ratio: float) -> int:
+    """CART's kept rank: max(1, int(rank_ratio * k))."""
+    return max(1, int(rank_ratio * k))
+
+
+def cart(deltas: List[torch.Tensor], rank_ratio: float = 0.08, lambda_: float = 1.0
+         ) -> torch.Tensor:
+    """CART (Choi et al., "Revisiting Weight Averaging for Model Merging", 2024): the weight
+    average plus lambda times the sum of the rank-k approximations of the task vectors centred
+    at that average, k = max(1, int(rank_ratio * min(m, n))); returned as a task vector (the
+    average's offset from the base included)."""
+    deltas = [d.float() for d in deltas]
+    average = _mean(deltas)
+    if deltas[0].dim() != 2:
+        return average
+    rank = cart_rank(min(deltas[0].shape), rank_ratio)
+    total = torch.zeros_like(average)
+    for d in deltas:
+        u, s, vh = torch.linalg.svd(d - average, full_matrices=False)
+        total += u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank, :]
+    return average + lambda_ * total

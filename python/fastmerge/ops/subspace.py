@@ -33,7 +33,12 @@ from ._validate import (
     resolve_out_dtype,
 )
 from .svd import polar
-from ._reference_subspace import _keep_top_fraction, _sign_elected_mean, iso_cts_split
+from ._reference_subspace import (
+    _keep_top_fraction,
+    _sign_elected_mean,
+    cart_rank,
+    iso_cts_split,
+)
 from ..errors import InvalidArgumentError
 
 # The fast mode takes singular triplets from the eigh of a Gram matrix, whose eigenvalues are
@@ -200,6 +205,17 @@ def _dc_merge_matrix(d: torch.Tensor, keep_fraction: float, exact: bool) -> torc
     return cover_u @ (merged * blocks) @ cover_v
 
 
+def _cart_matrix(d: torch.Tensor, rank_ratio: float, lambda_: float, exact: bool) -> torch.Tensor:
+    tasks, m, n = d.shape
+    average = d.mean(0)
+    rank = cart_rank(min(m, n), rank_ratio)
+    u, s, vh = _top_triplets(d - average, rank, exact)
+    # sum_t U_t S_t V_t as one GEMM over the concatenated factors
+    low_rank = (u * s.unsqueeze(-2)).permute(1, 0, 2).reshape(m, tasks * rank) @ \
+        vh.reshape(tasks * rank, n)
+    return average + lambda_ * low_rank
+
+
 def _check_exact(exact) -> bool:
     if not isinstance(exact, bool):
         raise InvalidArgumentError(f"exact must be a bool, got {exact!r}")
@@ -257,4 +273,20 @@ def dc_merge(base: torch.Tensor, experts: Sequence[torch.Tensor], *, alpha: floa
     return _finish(b, merged, alpha, dtype)
 
 
-__all__: List[str] = ["dc_merge", "iso_c", "iso_cts", "tsv"]
+def cart(base: torch.Tensor, experts: Sequence[torch.Tensor], *, alpha: float = 1.0,
+         rank_ratio: float = 0.08, lambda_: float = 1.0, exact: bool = False,
+         out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """CART (Centered Arithmetic with Rank-reduced Task vectors): the experts' average plus
+    lambda_ times the sum of each expert's offset from that average reduced to rank
+    max(1, int(rank_ratio * min(m, n))); base + alpha * (that - base)."""
+    exact = _check_exact(exact)
+    ratio = check_scalar(rank_ratio, "rank_ratio")
+    if not 0.0 < ratio <= 1.0:
+        raise InvalidArgumentError(f"rank_ratio must be in (0, 1], got {ratio}")
+    lam = check_scalar(lambda_, "lambda_")
+    b, d, alpha, dtype = _deltas(base, experts, alpha, out_dtype)
+    merged = _cart_matrix(d, ratio, lam, exact) if d.dim() == 3 else d.mean(0)
+    return _finish(b, merged, alpha, dtype)
+
+
+__all__: List[str] = ["cart", "dc_merge", "iso_c", "iso_cts", "tsv"]
