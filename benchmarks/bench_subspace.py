@@ -1,7 +1,7 @@
 """Subspace merges and the batched SVD against their full-SVD references, in one run.
 
 * Per layer: TSV-M and Iso-CTS (and Iso-C) in fastmerge's fast mode vs the step-by-step
-  full-SVD reference (ops/_reference_subspace.py, what the papers' code runs) on ViT-B shapes
+  full-SVD reference (ops/_reference/subspace.py, what the papers' code runs) on ViT-B shapes
   (768x768 and 768x3072, 8 tasks) and, with --llama, a Llama shape (4096x4096, 4 tasks).
   Task vectors have a realistic spectrum: fast decay, directions shared across tasks, a noise
   floor. Prints time, speed-up and the relative error of the merged task vector.
@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from fastmerge import bench, ops
-from fastmerge.ops import _reference_subspace as reference
+from fastmerge.ops._reference import subspace as reference
 
 
 def task_vectors(shape, tasks: int, seed: int = 0) -> List[torch.Tensor]:

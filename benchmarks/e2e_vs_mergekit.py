@@ -83,6 +83,40 @@ def merge_config(method: str, family: synthetic.CheckpointFamily) -> str:
     return "\n".join(lines)
 
 
+def _listing(method: str, base, models, parameters=(), per_model=None) -> str:
+    lines = [f"merge_method: {method}"] + ([f"base_model: {base}"] if base else []) + ["models:"]
+    for i, path in enumerate(models):
+        lines.append(f"  - model: {path}")
+        if per_model:
+            lines.append(f"    parameters: {{{per_model[i]}}}")
+    if parameters:
+        lines += ["parameters:"] + [f"  {p}" for p in parameters]
+    return "\n".join(lines + ["dtype: bfloat16", ""])
+
+
+def method_config(method: str, family) -> str:
+    """A config of any method for the family (the base and three experts)."""
+    if method == "model_stock":
+        return _listing(method, family.base, family.experts)
+    if method == "sce":
+        return _listing(method, family.base, family.experts, ["select_topk: 0.5"])
+    if method == "nuslerp":  # two models besides the base, rows interpolated one by one
+        return _listing(method, family.base, family.experts[:2], ["nuslerp_flatten: false"],
+                        ["weight: 0.6", "weight: 0.4"])
+    if method == "karcher":  # the base is an ordinary input here
+        return _listing(method, None, [family.base, *family.experts])
+    if method in ("ram", "ramplus_tl"):
+        return _listing(method, family.base, family.experts)
+    if method == "multislerp":
+        return _listing(method, family.base, family.experts, (),
+                        [f"weight: {w}" for w in (0.5, 0.3, 0.2)])
+    text = merge_config(method, family)
+    extra = {"della": "  epsilon: 0.1\n", "breadcrumbs_ties": "  gamma: 0.01\n"}.get(method, "")
+    if extra:
+        text = text.replace("parameters:\n", "parameters:\n" + extra, 1)
+    return text
+
+
 def weight_files(model_dir: Path) -> List[Path]:
     return sorted(model_dir.glob("*.safetensors"))
 
@@ -318,7 +352,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows, summaries = [], []
         for method in args.methods:
             config = work / f"{method}.yml"
-            config.write_text(merge_config(method, family))
+            config.write_text(method_config(method, family))
             by_tool = {}
             for tool in tools:
                 print(f"  running {tool} {method} ...", flush=True)

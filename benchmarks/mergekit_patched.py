@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from e2e_vs_mergekit import (  # same directory: the family, configs and page-cache warm-up
+    method_config as config_for,
     mergekit_exe,
-    merge_config,
     shard_bytes,
     versions,
     warm_page_cache,
@@ -35,34 +35,6 @@ from fastmerge.measure import run_measured
 
 DEFAULT_METHODS = "ties,dare_ties,della,breadcrumbs_ties,sce,model_stock,nuslerp,karcher"
 TARGETS = {"ties": 5.0}  # patched speed-up over unpatched, on this machine
-
-
-def _listing(method: str, base, models, parameters=(), per_model=None) -> str:
-    lines = [f"merge_method: {method}"] + ([f"base_model: {base}"] if base else []) + ["models:"]
-    for i, path in enumerate(models):
-        lines.append(f"  - model: {path}")
-        if per_model:
-            lines.append(f"    parameters: {{{per_model[i]}}}")
-    if parameters:
-        lines += ["parameters:"] + [f"  {p}" for p in parameters]
-    return "\n".join(lines + ["dtype: bfloat16", ""])
-
-
-def config_for(method: str, family) -> str:
-    if method == "model_stock":
-        return _listing(method, family.base, family.experts)
-    if method == "sce":
-        return _listing(method, family.base, family.experts, ["select_topk: 0.5"])
-    if method == "nuslerp":  # two models besides the base, rows interpolated one by one
-        return _listing(method, family.base, family.experts[:2], ["nuslerp_flatten: false"],
-                        ["weight: 0.6", "weight: 0.4"])
-    if method == "karcher":  # the base is an ordinary input here
-        return _listing(method, None, [family.base, *family.experts])
-    text = merge_config(method, family)
-    extra = {"della": "  epsilon: 0.1\n", "breadcrumbs_ties": "  gamma: 0.01\n"}.get(method, "")
-    if extra:
-        text = text.replace("parameters:\n", "parameters:\n" + extra, 1)
-    return text
 
 
 def run_tool(tool: str, config: Path, out: Path, log: Path, shard: str) -> Dict[str, float]:

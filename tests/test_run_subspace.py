@@ -1,5 +1,5 @@
 """`fastmerge run` with the subspace methods (tsv, iso_c, iso_cts): every output tensor against
-the step-by-step references of ops/_reference_subspace.py applied to the checkpoints' task
+the step-by-step references of ops/_reference/subspace.py applied to the checkpoints' task
 vectors (2-D tensors) or the mean task vector (the rest), times alpha, plus the base."""
 import pytest
 import torch
@@ -8,7 +8,7 @@ from fastmerge import synthetic
 from fastmerge.config import parse_config
 from fastmerge.errors import ConfigError
 from fastmerge.executor import MergeOptions, run_merge
-from fastmerge.ops import _reference_subspace as reference
+from fastmerge.ops._reference import subspace as reference
 from helpers import load_weights
 
 REFERENCES = {"tsv": reference.tsv, "iso_c": reference.iso_c, "iso_cts": reference.iso_cts,

@@ -1,12 +1,12 @@
 """Subspace merges (TSV-M, Iso-C, Iso-CTS) against the step-by-step references written from the
-papers (ops/_reference_subspace.py): exact mode to fp32 roundoff, the default fast mode within
+papers (ops/_reference/subspace.py): exact mode to fp32 roundoff, the default fast mode within
 the documented 1e-2 relative error on task vectors with a realistic spectrum."""
 import pytest
 import torch
 
 from fastmerge import ops
 from fastmerge.errors import InvalidArgumentError
-from fastmerge.ops import _reference_subspace as ref
+from fastmerge.ops._reference import subspace as ref
 
 METHODS = {"tsv": (ops.tsv, ref.tsv), "iso_c": (ops.iso_c, ref.iso_c),
            "iso_cts": (ops.iso_cts, ref.iso_cts), "dc_merge": (ops.dc_merge, ref.dc_merge),

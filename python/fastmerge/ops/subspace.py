@@ -3,7 +3,7 @@
 Each op takes base + experts, merges the task vectors d_t = expert_t - base and returns
 base + alpha * merged, rounded once to the output dtype. 2-D tensors use the subspace method;
 every other tensor (biases, norms, 1-D or 3-D+) gets the mean task vector, as FusionBench and the
-papers' code do. ops/_reference_subspace.py states each algorithm step by step.
+papers' code do. ops/_reference/subspace.py states each algorithm step by step.
 
 `exact=True` runs the algorithm as written, with full SVDs. The default fast mode computes the
 same quantities without them:
@@ -33,7 +33,7 @@ from ._validate import (
     resolve_out_dtype,
 )
 from .svd import polar
-from ._reference_subspace import (
+from ._reference.subspace import (
     _keep_top_fraction,
     _sign_elected_mean,
     cart_rank,
