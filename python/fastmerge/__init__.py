@@ -12,9 +12,10 @@ __version__ = "0.1.0"
 from .errors import FastmergeError, InvalidArgumentError, NativeUnavailableError  # noqa: E402
 
 _LAZY = {"ops": None, "build_info": "_native", "get_num_threads": "_native",
-         "set_num_threads": "_native"}
+         "set_num_threads": "_native", "ContinualMerger": "continual"}
 
 __all__ = [
+    "ContinualMerger",
     "FastmergeError",
     "InvalidArgumentError",
     "NativeUnavailableError",

@@ -168,3 +168,51 @@ def cart(deltas: List[torch.Tensor], rank_ratio: float = 0.08, lambda_: float = 
         u, s, vh = torch.linalg.svd(d - average, full_matrices=False)
         total += u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank, :]
     return average + lambda_ * total
+
+
+def opcm_split(s: torch.Tensor, alpha: float) -> int:
+    """OPCM's split rank: the first index where the cumulative share of the singular values
+    exceeds alpha (0 when none does)."""
+    return int((s.cumsum(0) / s.sum() > alpha).float().argmax())
+
+
+def opcm_project(previous: torch.Tensor, task: torch.Tensor, alpha: float) -> torch.Tensor:
+    """OPCM's cleaning of a new task vector against the merged one (Tang et al., "Merging Models
+    on the Fly Without Retraining: A Sequential Approach to Scalable Continual Model Merging",
+    NeurIPS 2025), with full SVDs: in the singular bases of the previous merged task vector,
+    the new task vector loses its diagonal and its block on the top `split` directions."""
+    u, s, vh = torch.linalg.svd(previous.float(), full_matrices=True)
+    split = opcm_split(s, alpha)
+    projected = u.T @ task.float() @ vh.T
+    projected.diagonal().fill_(0)
+    projected[:split, :split] = 0
+    return u @ projected @ vh
+
+
+def opcm(base: dict, models: List[dict], alpha: float = 0.5) -> dict:
+    """OPCM over models that arrive one at a time: the first model is the merged model; each
+    next one is added as merged = base + (lambda_prev * (merged - base) + cleaned) / 1, with
+    2-D tensors cleaned by opcm_project and every other tensor added as is, then the whole
+    task vector rescaled to the running mean of the task vectors' norms (lambda_t tracks the
+    scale)."""
+    def norm(state):
+        return float(torch.sqrt(sum(((state[k].float() - base[k].float()) ** 2).sum()
+                                    for k in base)))
+
+    merged = {k: models[0][k].float().clone() for k in base}
+    norms = [norm(models[0])]
+    previous_lambda = 1.0
+    for model in models[1:]:
+        norms.append(norm(model))
+        average = sum(norms) / len(norms)
+        for k, b in base.items():
+            prev_tv = merged[k] - b.float()
+            task_tv = model[k].float() - b.float()
+            if b.dim() == 2:
+                task_tv = opcm_project(prev_tv, task_tv, alpha)
+            merged[k] = b.float() + previous_lambda * prev_tv + task_tv
+        merged_norm = norm(merged)
+        previous_lambda = merged_norm / average
+        for k, b in base.items():
+            merged[k] = b.float() + (merged[k] - b.float()) * (average / merged_norm)
+    return merged
