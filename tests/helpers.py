@@ -320,3 +320,17 @@ def load_weights(directory) -> Dict[str, torch.Tensor]:
             for name in h.keys():
                 out[name] = h.get_tensor(name)
     return out
+
+
+def spy_on_ops(monkeypatch, names: Sequence[str]) -> list:
+    """Replaces these fastmerge.ops functions with wrappers that record their names as they are
+    called, so a test can tell the kernels from a patched library's own code."""
+    calls = []
+    for name in names:
+        real = getattr(F, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls.append(_name)
+            return _real(*a, **k)
+        monkeypatch.setattr(F, name, spy)
+    return calls

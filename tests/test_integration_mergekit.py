@@ -10,8 +10,8 @@ pytest.importorskip("mergekit")
 from mergekit.merge_methods import registry  # noqa: E402
 from mergekit.merge_methods.api import merge_state_dicts, merge_tensors  # noqa: E402
 
-from fastmerge import ops  # noqa: E402
 from fastmerge.integrations import mergekit as fmk  # noqa: E402
+from helpers import spy_on_ops  # noqa: E402
 
 WEIGHTS = [0.5, 0.3, 0.2]
 
@@ -27,16 +27,8 @@ def restore_registry():
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts calls into the fastmerge ops, to tell the kernels from mergekit's own code."""
-    calls = []
-    for name in ("generalized_task_arithmetic", "linear", "slerp", "nearswap", "model_stock",
-                 "ram", "ramplus_tl", "sce", "arcee_fusion"):
-        real = getattr(ops, name)
-
-        def spy(*a, _real=real, _name=name, **k):
-            calls.append(_name)
-            return _real(*a, **k)
-        monkeypatch.setattr(ops, name, spy)
-    return calls
+    return spy_on_ops(monkeypatch, ("generalized_task_arithmetic", "linear", "slerp", "nearswap",
+                                    "model_stock", "ram", "ramplus_tl", "sce", "arcee_fusion"))
 
 
 def group(shape=(300, 200), experts=3, seed=0, dtype=torch.float32):
@@ -236,15 +228,7 @@ def test_arcee_fusion_matches_mergekit_fp32(kernel_calls):
 
 @pytest.fixture
 def sphere_calls(monkeypatch):
-    calls = []
-    for name in ("nuslerp", "multislerp", "karcher"):
-        real = getattr(ops, name)
-
-        def spy(*a, _real=real, _name=name, **k):
-            calls.append(_name)
-            return _real(*a, **k)
-        monkeypatch.setattr(ops, name, spy)
-    return calls
+    return spy_on_ops(monkeypatch, ("nuslerp", "multislerp", "karcher"))
 
 
 SPHERE_CASES = {  # method, parameters, with a base model, experts

@@ -16,8 +16,8 @@ import peft.tuners.lora.model as lora_module  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.utils import merge_utils as mu  # noqa: E402
 
-from fastmerge import ops  # noqa: E402
 from fastmerge.integrations import peft as fpeft  # noqa: E402
+from helpers import spy_on_ops  # noqa: E402
 
 from conftest import SIGMAS  # noqa: E402
 
@@ -40,15 +40,8 @@ def restore_peft():
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts calls into the fastmerge ops, to tell the kernels from PEFT's own code."""
-    calls = []
-    for name in ("generalized_task_arithmetic", "majority_sign_mask", "disjoint_merge"):
-        real = getattr(ops, name)
-
-        def spy(*a, _real=real, _name=name, **k):
-            calls.append(_name)
-            return _real(*a, **k)
-        monkeypatch.setattr(ops, name, spy)
-    return calls
+    return spy_on_ops(monkeypatch, ("generalized_task_arithmetic", "majority_sign_mask",
+                                    "disjoint_merge"))
 
 
 def tasks(shape=(64, 300), count=3, seed=0, dtype=torch.float32):
