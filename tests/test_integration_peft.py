@@ -1,5 +1,6 @@
 """fastmerge.integrations.peft: PEFT's own merge_utils functions and
 LoraModel.add_weighted_adapter with and without the patch."""
+import contextlib
 import inspect
 import math
 import sys
@@ -21,7 +22,7 @@ from helpers import spy_on_ops  # noqa: E402
 
 from conftest import SIGMAS  # noqa: E402
 
-ORIGINAL = {name: getattr(mu, name) for name in fpeft.FUNCTIONS}
+ORIGINAL = {name: getattr(mu, name) for name in fpeft.UTILS_FUNCTIONS}
 LORA_NAMES = ("dare_linear", "dare_ties", "magnitude_prune", "task_arithmetic", "ties")
 WEIGHTS = torch.tensor([0.6, -0.35, 1.2])
 
@@ -41,7 +42,7 @@ def restore_peft():
 def kernel_calls(monkeypatch):
     """Counts calls into the fastmerge ops, to tell the kernels from PEFT's own code."""
     return spy_on_ops(monkeypatch, ("generalized_task_arithmetic", "majority_sign_mask",
-                                    "disjoint_merge"))
+                                    "disjoint_merge", "lowrank_svd"))
 
 
 def tasks(shape=(64, 300), count=3, seed=0, dtype=torch.float32):
@@ -248,8 +249,6 @@ def merged_adapter(model, name):
 
 
 def weighted(combination, patched, dtype=torch.float32, seed=9, **kw):
-    import contextlib
-
     model = lora_model(dtype)
     torch.manual_seed(seed)
     # The *_svd combinations merge get_delta_weight(), which records autograd: the kernels
@@ -278,12 +277,13 @@ def test_add_weighted_adapter_deterministic_matches_peft(combination, kw, dtype,
     assert want.keys() == got.keys() and len(want) == 6
     for key in want:
         assert got[key].dtype == want[key].dtype  # PEFT leaves *_svd factors in float32
-        if dtype == torch.float32:
-            rel = 1e-4 if combination.endswith("svd") else 1e-6  # SVD amplifies 1-ulp differences
-            assert_matches(got[key], want[key], rel=rel)
+        if dtype == torch.float32 and not combination.endswith("svd"):
+            assert_matches(got[key], want[key], rel=1e-6)
         elif not combination.endswith("svd"):
             # PEFT computes in fp32 too (fp32 weights) and rounds to bf16 once, as we do
             assert torch.equal(got[key], want[key]), key
+    if dtype == torch.float32 and combination.endswith("svd"):
+        assert_same_svd_factors(got, want, rel=1e-4)  # SVD amplifies 1-ulp differences
     if dtype == torch.bfloat16 and combination.endswith("svd"):
         # the merged delta B @ A is bf16 before PEFT's SVD: magnitudes tie at the top-k
         # threshold there, and the kernel keeps other tied elements than torch.topk
@@ -291,6 +291,28 @@ def test_add_weighted_adapter_deterministic_matches_peft(combination, kw, dtype,
             a, b = (f"base_model.model.{layer}.lora_{x}.merged.weight" for x in "AB")
             p_got, p_want = got[b].float() @ got[a].float(), want[b].float() @ want[a].float()
             assert float((p_got - p_want).norm() / p_want.norm()) <= 1e-3
+
+
+def svd_factor_pairs(adapter):
+    """(name, lora_A, lora_B) per layer of a merged adapter's state (embeddings included)."""
+    pairs = []
+    for key in adapter:
+        if ".lora_A." in key or ".lora_embedding_A." in key:
+            other = key.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
+            pairs.append((key, adapter[key], adapter[other]))
+    return pairs
+
+
+def assert_same_svd_factors(got, want, rel):
+    """Singular vectors are defined up to sign: the factors must agree component by component
+    after matching signs, and so must their products."""
+    for key, a_got, b_got in svd_factor_pairs(got):
+        a_want, b_want = dict((k, (a, b)) for k, a, b in svd_factor_pairs(want))[key]
+        signs = torch.sign((a_got * a_want).sum(dim=1, keepdim=True))  # components: rows of A
+        signs[signs == 0] = 1
+        assert_matches(a_got * signs, a_want, rel=rel)
+        assert_matches(b_got * signs.mT, b_want, rel=rel)
+        assert_matches(b_got @ a_got, b_want @ a_want, rel=rel)
 
 
 def test_add_weighted_adapter_cat_does_not_use_merge_utils(kernel_calls):
@@ -455,5 +477,91 @@ def test_import_alone_patches_nothing():
     import importlib
 
     importlib.reload(fpeft)
-    assert all(getattr(mu, name) is ORIGINAL[name] for name in fpeft.FUNCTIONS)
+    assert all(getattr(mu, name) is ORIGINAL[name] for name in fpeft.UTILS_FUNCTIONS)
     assert not fpeft.is_patched()
+
+
+# ---------------------------------------------------------------------------------------------
+# The SVD step of add_weighted_adapter's *_svd combinations
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("combination,kw", [
+    ("svd", dict(svd_rank=2)),
+    ("svd", dict(svd_rank=12)),          # the sum's full rank: every direction kept
+    ("svd", dict(svd_rank=14)),          # above it: PEFT keeps round-off directions, we zeros
+    ("magnitude_prune_svd", dict(density=0.6)),
+    ("ties_svd", dict(density=0.4, svd_rank=7)),
+], ids=str)
+def test_svd_combinations_give_peft_factors_up_to_sign(combination, kw, kernel_calls):
+    want = weighted(combination, False, **kw)
+    got = weighted(combination, True, **kw)
+    rank = kw.get("svd_rank", 4)
+    for key, a, b in svd_factor_pairs(got):
+        assert a.shape[0] == rank and b.shape[1] == rank, key
+    if kw.get("svd_rank") == 14:
+        for key, a_got, b_got in svd_factor_pairs(got):
+            a_want, b_want = {k: (a, b) for k, a, b in svd_factor_pairs(want)}[key]
+            assert_matches(b_got @ a_got, b_want @ a_want, rel=1e-4)
+            assert float(a_got[12:].abs().max()) == 0.0
+    else:
+        assert_same_svd_factors(got, want, rel=1e-4)
+    expected = "lowrank_svd" if combination == "svd" else "generalized_task_arithmetic"
+    assert expected in kernel_calls
+
+
+def test_the_svd_combination_never_forms_the_dense_update(monkeypatch):
+    # get_delta_weight is the only way PEFT's layers form B @ A: the factored path avoids it.
+    from peft.tuners.lora import layer
+
+    def refuse(self, adapter):
+        raise AssertionError("dense update formed")
+
+    model = lora_model()
+    for cls in (layer.Linear, layer.Embedding):
+        monkeypatch.setattr(cls, "get_delta_weight", refuse)
+    with fpeft.patch(), torch.no_grad():
+        model.add_weighted_adapter(["one", "two", "three"], [0.7, -0.4, 1.1], "merged",
+                                   combination_type="svd")
+    monkeypatch.undo()
+    with torch.no_grad():
+        model.add_weighted_adapter(["one", "two", "three"], [0.7, -0.4, 1.1], "peft",
+                                   combination_type="svd")
+    ours, peft_own = merged_adapter(model, "merged"), merged_adapter(model, "peft")
+    for key, a, b in svd_factor_pairs(ours):
+        other = key.replace(".merged", ".peft")
+        a_want, b_want = {k: (a, b) for k, a, b in svd_factor_pairs(peft_own)}[other]
+        assert_matches(b @ a, b_want @ a_want, rel=1e-4)
+
+
+def test_the_merged_svd_adapter_runs_in_peft_as_peft_own_does():
+    x = torch.randint(0, 50, (3, 7))
+    outputs = []
+    for patched in (False, True):
+        model = lora_model()
+        with (fpeft.patch() if patched else contextlib.nullcontext()), torch.no_grad():
+            model.add_weighted_adapter(["one", "two", "three"], [0.7, -0.4, 1.1], "merged",
+                                       combination_type="svd", svd_rank=6)
+            model.set_adapter("merged")
+            outputs.append(model(x))
+    assert_matches(outputs[1], outputs[0], rel=1e-5)
+
+
+def test_svd_clamp_is_served_by_peft_with_a_warning():
+    want = weighted("svd", False, svd_clamp=0.9)
+    fpeft._warned.clear()
+    with pytest.warns(RuntimeWarning, match="svd_clamp"):
+        got = weighted("svd", True, svd_clamp=0.9)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+def test_unpatch_restores_the_lora_svd_method():
+    from peft.tuners.lora.model import LoraModel
+
+    original = LoraModel._svd_generalized_task_arithmetic_weighted_adapter
+    with fpeft.patch():
+        assert fpeft.is_patched("lora_svd")
+        assert LoraModel._svd_generalized_task_arithmetic_weighted_adapter is not original
+    assert LoraModel._svd_generalized_task_arithmetic_weighted_adapter is original
+    with fpeft.patch(["ties"]):
+        assert LoraModel._svd_generalized_task_arithmetic_weighted_adapter is original

@@ -6,8 +6,11 @@ wrappers that keep PEFT's signatures, argument handling, warnings and output dty
 fastmerge's fused kernels; the names are replaced in merge_utils and wherever PEFT imported
 them (peft.tuners.lora.model, so LoraModel.add_weighted_adapter's linear, ties, dare_linear,
 dare_ties and magnitude_prune combinations, and the merge step of their *_svd variants, run on
-the kernels). unpatch() restores every name. patch() is also a context manager. Nothing
-happens on import.
+the kernels). "lora_svd" also replaces the SVD step of those *_svd combinations
+(LoraModel._svd_generalized_task_arithmetic_weighted_adapter; see _peft_lora_svd.py: "svd"
+decomposes the weighted sum in factored form, the others take their top triplets from a
+float64 Gram eigh instead of a full SVD). unpatch() restores every name. patch() is also a
+context manager. Nothing happens on import.
 
 PEFT's conventions differ from mergekit's, and the kernel follows PEFT's here: the sign
 election votes on the pruned tensors before weights are applied, the disjoint merge divides by
@@ -42,11 +45,14 @@ from numbers import Real
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from ..errors import FastmergeError
+from . import _peft_lora_svd
 
 SUPPORTED_VERSIONS = ("0.21.2",)
 MERGE_FUNCTIONS = ("task_arithmetic", "magnitude_prune", "ties", "dare_linear", "dare_ties")
-FUNCTIONS = MERGE_FUNCTIONS + ("prune", "magnitude_based_pruning", "random_pruning",
-                               "calculate_majority_sign_mask", "disjoint_merge")
+UTILS_FUNCTIONS = MERGE_FUNCTIONS + ("prune", "magnitude_based_pruning", "random_pruning",
+                                     "calculate_majority_sign_mask", "disjoint_merge")
+LORA_SVD = "lora_svd"  # LoraModel's SVD step of add_weighted_adapter's *_svd combinations
+FUNCTIONS = UTILS_FUNCTIONS + (LORA_SVD,)
 _SIGN_METHODS = {"total": "sum", "frequency": "count"}
 
 
@@ -420,8 +426,10 @@ def patch(functions: Iterable[str] = FUNCTIONS) -> _Patched:
         raise FastmergeError(f"fastmerge cannot accelerate {', '.join(unknown)}; it can: "
                              f"{', '.join(FUNCTIONS)}")
     new = {}
+    if LORA_SVD in functions and LORA_SVD not in _originals:
+        _patch_lora_svd()
     for name in functions:
-        if name in _originals:
+        if name in _originals or name == LORA_SVD:
             continue
         original = getattr(merge_utils, name)
         _originals[name] = original
@@ -444,6 +452,10 @@ def unpatch() -> None:
     imported since, which picked the wrappers up from merge_utils)."""
     if not _originals:
         return
+    if LORA_SVD in _originals:
+        from peft.tuners.lora.model import LoraModel
+
+        setattr(LoraModel, _peft_lora_svd.METHOD, _originals[LORA_SVD])
     for module, attribute, original in reversed(_bindings):
         setattr(module, attribute, original)
     _bindings.clear()
@@ -455,6 +467,14 @@ def unpatch() -> None:
             if original is not None:
                 setattr(module, attribute, original)
     _originals.clear()
+
+
+def _patch_lora_svd() -> None:
+    from peft.tuners.lora.model import LoraModel
+
+    original = getattr(LoraModel, _peft_lora_svd.METHOD)
+    _originals[LORA_SVD] = original
+    setattr(LoraModel, _peft_lora_svd.METHOD, _peft_lora_svd.accelerated(original))
 
 
 def is_patched(function: str = "ties") -> bool:

@@ -16,6 +16,7 @@ from .gta import (
     ties,
 )
 from .interp import model_stock, nearswap, slerp
+from .lowrank import concatenated_svd, knots, lowrank_svd
 from .select import magnitude_mask
 from .sphere import karcher, multislerp, nuslerp
 from .subspace import cart, dc_merge, iso_c, iso_cts, tsv
@@ -27,6 +28,7 @@ __all__ = [
     "breadcrumbs",
     "breadcrumbs_ties",
     "cart",
+    "concatenated_svd",
     "dare_drop",
     "dare_linear",
     "dare_ties",
@@ -38,7 +40,9 @@ __all__ = [
     "iso_c",
     "iso_cts",
     "karcher",
+    "knots",
     "linear",
+    "lowrank_svd",
     "magnitude_mask",
     "majority_sign_mask",
     "model_stock",

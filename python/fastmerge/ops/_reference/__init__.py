@@ -15,7 +15,7 @@ improvements of DESIGN.md's numerics contract:
 Everything is vectorised torch and runs on any device torch supports; nothing here is tuned for
 speed. Functions return fp32 tensors of the input shape (magnitude_mask returns bool).
 
-One module per op family (common, gta, interp, consensus, sphere, subspace); the package
+One module per op family (common, gta, interp, consensus, sphere, subspace, lowrank); the package
 re-exports their public functions.
 """
 from .common import (
