@@ -276,6 +276,14 @@ def _progress(total_bytes: int, quiet: bool):
                 desc="merging", disable=quiet, dynamic_ncols=True, leave=False)
 
 
+def _check_device(options: MergeOptions) -> None:
+    if options.device != "cpu":
+        import torch  # before _C: CUDA merges run on torch tensors
+
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError(f"--device {options.device}: torch sees no CUDA device here")
+
+
 def run_merge(config: Union[MergeConfig, str, os.PathLike], out_dir: Union[str, os.PathLike],
               options: Optional[MergeOptions] = None) -> MergeSummary:
     options = options or MergeOptions()
@@ -283,11 +291,7 @@ def run_merge(config: Union[MergeConfig, str, os.PathLike], out_dir: Union[str, 
     reset_peak_rss()
     if not isinstance(config, MergeConfig):
         config = load_config(config)
-    if options.device != "cpu":
-        import torch  # before _C: CUDA merges run on torch tensors
-
-        if not torch.cuda.is_available():
-            raise InvalidArgumentError(f"--device {options.device}: torch sees no CUDA device here")
+    _check_device(options)
     if options.threads is not None:
         from ._native import available, set_num_threads
 
@@ -295,6 +299,10 @@ def run_merge(config: Union[MergeConfig, str, os.PathLike], out_dir: Union[str, 
             sys.modules["torch"].set_num_threads(options.threads)
         if available():
             set_num_threads(options.threads)
+    if get_method(config.merge_method).inputs == "lora":
+        from .lora_merge import run_lora_merge  # the models are PEFT LoRA adapters
+
+        return run_lora_merge(config, out_dir, options)
 
     readers = {m: CheckpointReader(resolve_model_path(m, config), allow_pickle=options.allow_pickle)
                for m in config.referenced_models()}

@@ -2,6 +2,7 @@
 per-tensor function that runs the fused kernel."""
 from .registry import (
     INPUT_SCOPES,
+    LoraMergeCall,
     MergeCall,
     MethodSpec,
     ParamSpec,
@@ -10,5 +11,6 @@ from .registry import (
     register,
 )
 from . import builtin  # noqa: F401  (registers mergekit's methods)
+from . import lora  # noqa: F401  (registers the LoRA adapter merges)
 
-__all__ = ["INPUT_SCOPES", "MergeCall", "MethodSpec", "ParamSpec", "get_method", "method_names", "register"]
+__all__ = ["INPUT_SCOPES", "LoraMergeCall", "MergeCall", "MethodSpec", "ParamSpec", "get_method", "method_names", "register"]

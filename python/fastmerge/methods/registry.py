@@ -83,6 +83,22 @@ class MergeCall:
         return isinstance(first, HostArray)
 
 
+@dataclass
+class LoraMergeCall:
+    """One adapted module's merge: each adapter's factors (scaling folded into B, fp32), their
+    parameters, and the output dtype; merge() returns the merged (B, A)."""
+    name: str                        # the module's weight name (keys Philox streams, filters)
+    lora_b: List[Any]
+    lora_a: List[Any]
+    shared: Dict[str, Any]
+    per_input: List[Dict[str, Any]]
+    seed: int
+    out_dtype: Any                   # torch dtype
+
+    def values(self, key: str) -> List[Any]:
+        return [p[key] for p in self.per_input]
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
@@ -100,6 +116,9 @@ class MethodSpec:
     host_kernels: bool = True
     min_non_base: Optional[int] = None
     max_non_base: Optional[int] = None
+    # "checkpoints": merge() takes a MergeCall per tensor; "lora": the models are PEFT LoRA
+    # adapters and merge() takes a LoraMergeCall per adapted module (fastmerge.lora_merge).
+    inputs: str = "checkpoints"
 
     def splits_base(self, has_base: bool) -> bool:
         """Whether the base is passed apart from the other inputs (MergeCall.base)."""

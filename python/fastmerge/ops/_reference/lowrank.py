@@ -3,7 +3,7 @@ matrices and full float64 SVDs, as their authors' code runs them:
 
 * KnOTS (Stoica et al., "Model merging with SVD to tie the KnOTS", ICLR 2025): the updates
   dW_i = B_i A_i are concatenated column-wise, X = [dW_1 ... dW_T] = U diag(s) V^T (directions
-  with s at or below 1e-9 of the largest dropped); task i's coordinates are diag(s) V_i^T
+  with s at or below 1e-6 of the largest dropped); task i's coordinates are diag(s) V_i^T
   (V_i: its n rows of V); those are merged by TIES (magnitude top-k), or DARE then the TIES
   election (random), keeping agreeing values and averaging over the tasks that kept them,
   times lambda; the merged update is U times that.
@@ -22,7 +22,7 @@ import torch
 from ..._params import gta_arguments
 from .gta import generalized_task_arithmetic
 
-RANK_TOLERANCE = 1e-9
+RANK_TOLERANCE = 1e-6
 
 
 def knots(updates: Sequence[torch.Tensor], *, weights: Sequence[float], density: float,
