@@ -15,6 +15,7 @@ from .gta import (
     task_arithmetic,
     ties,
 )
+from .kvmerge import kv_merge
 from .interp import model_stock, nearswap, slerp
 from .select import magnitude_mask
 from .sphere import karcher, multislerp, nuslerp
@@ -38,6 +39,7 @@ __all__ = [
     "iso_c",
     "iso_cts",
     "karcher",
+    "kv_merge",
     "linear",
     "magnitude_mask",
     "majority_sign_mask",
