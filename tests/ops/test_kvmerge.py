@@ -261,3 +261,26 @@ def test_native_is_used():
     from fastmerge import _native
 
     assert hasattr(_native.native(), "kv_merge_plan")
+
+
+cuda_only = pytest.mark.skipif(
+    not torch.cuda.is_available() or not fastmerge.build_info().get("cuda"),
+    reason="needs a CUDA device and a CUDA build")
+
+
+@cuda_only
+@pytest.mark.parametrize("shape,ratio,eps", [((1, 8, 32768, 128), 0.5, -1.0),
+                                             ((2, 4, 3001, 64), 0.95, -1.0),
+                                             ((3, 2, 777, 96), 0.6, 0.4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_cpu_and_is_deterministic(shape, ratio, eps, dtype):
+    keys, values, scores = inputs(shape, seed=21, dtype=dtype)
+    kw = dict(ratio=ratio, eps=eps, sigma=5.0, window=64, sinks=4, return_positions=True)
+    cpu = kv_merge(keys, values, scores, **kw)
+    gpu = kv_merge(keys.cuda(), values.cuda(), scores.cuda(), **kw)
+    again = kv_merge(keys.cuda(), values.cuda(), scores.cuda(), **kw)
+    for x, y in zip(gpu, again):
+        assert torch.equal(x, y)
+    assert torch.equal(gpu[2].cpu(), cpu[2])
+    assert_close(gpu[0].cpu(), cpu[0], "kvmerge", msg="keys")
+    assert_close(gpu[1].cpu(), cpu[1], "kvmerge", msg="values")
