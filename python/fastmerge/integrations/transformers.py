@@ -26,6 +26,8 @@ attention mask, so new tokens keep their true RoPE positions while the cache is 
 Limits: batches must not contain padding (the 2D attention mask is not compressed along with
 the cache); a prompt fed in several forward calls is compressed after its first call only;
 only full-attention DynamicCache layers are compressed (sliding-window layers are skipped).
+Tested with transformers 5.23 (DynamicCache.layers); the older key_cache/value_cache lists are
+handled the same way but not covered by the tests.
 """
 from __future__ import annotations
 
@@ -125,18 +127,29 @@ class KVMergePress:
         position_embeddings = kwargs.get("position_embeddings")
         if cache is None or hidden_states is None or position_embeddings is None or self.ratio == 0:
             return output
+        idx = module.layer_idx
         layers = getattr(cache, "layers", None)
-        if layers is None or module.layer_idx >= len(layers):
+        if layers is not None:  # transformers >= 4.56: one object per layer
+            if idx >= len(layers):
+                return output
+            layer = layers[idx]
+            if getattr(layer, "is_sliding", False) or getattr(layer, "keys", None) is None:
+                return output
+            keys, values = layer.keys, layer.values
+        elif hasattr(cache, "key_cache"):  # older DynamicCache: lists of tensors
+            if idx >= len(cache.key_cache):
+                return output
+            keys, values = cache.key_cache[idx], cache.value_cache[idx]
+        else:
             return output
-        layer = layers[module.layer_idx]
-        if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys") or layer.keys is None:
-            return output
-        keys, values = layer.keys, layer.values
         if keys.dim() != 4 or keys.shape[-2] != hidden_states.shape[1]:
             return output  # a decoding step or a continued prompt: not a prefill
         with torch.no_grad():
-            layer.keys, layer.values = self.compress(module, hidden_states, keys, values,
-                                                     position_embeddings)
+            keys, values = self.compress(module, hidden_states, keys, values, position_embeddings)
+        if layers is not None:
+            layer.keys, layer.values = keys, values
+        else:
+            cache.key_cache[idx], cache.value_cache[idx] = keys, values
         return output
 
     @contextlib.contextmanager
