@@ -103,4 +103,5 @@ PYBIND11_MODULE(_C, m) {
   bind_svd(m);
   bind_consensus(m);
   bind_sphere(m);
+  bind_kvmerge(m);
 }

@@ -15,6 +15,7 @@ from .gta import (
     task_arithmetic,
     ties,
 )
+from .kvmerge import kv_merge
 from .interp import model_stock, nearswap, slerp
 from .lowrank import concatenated_svd, knots, lowrank_svd
 from .select import magnitude_mask
@@ -41,6 +42,7 @@ __all__ = [
     "iso_cts",
     "karcher",
     "knots",
+    "kv_merge",
     "linear",
     "lowrank_svd",
     "magnitude_mask",

@@ -1,0 +1,66 @@
+// KV-cache merging, KVMerger-style (Wang et al. 2024), per (batch, kv head): runs of consecutive
+// keys whose adjacent cosine similarity passes eps are merged into their pivot (the token with
+// the highest attention score) with Gaussian-kernel weights; sink and recent tokens stay.
+// python/fastmerge/ops/_reference/kvmerge.py states the contract step by step.
+//
+// Two passes, both O(S * D) per (batch, head), so Python can size the output in between:
+//   1. plan: sims[bh][i] = cos(k_i, k_{i+1}) (fp64, rounded to fp32) and the number of
+//      candidate pairs per head; returns the tokens every head removes,
+//      n = min over heads of min(target, candidates).
+//   2. apply: per head, the n candidates of highest (similarity, lower index) are selected
+//      (exact selection on unique 64-bit keys), runs of selected pairs become merging sets
+//      (prefix sums give every set its output slot), and each set is reduced to one token:
+//      pivot = argmax score (lowest index on ties), w_i = exp(-|k_i - k_p|^2 / (2 sigma^2)),
+//      merged = sum w_i x_i / sum w_i for keys and values, in fp64, rounded once to the
+//      output dtype. Unmerged tokens are copied exactly.
+// No float atomics and no thread-count dependent reductions: results are deterministic.
+#pragma once
+#include <cstdint>
+
+#include "fastmerge/common.h"
+#include "fastmerge/tensor.h"
+
+namespace fastmerge {
+
+struct KvMergeParams {
+  int64_t batch_heads = 0;  // B * H
+  int64_t seq = 0;          // S (>= 2: Python handles shorter caches)
+  int64_t key_dim = 0, value_dim = 0;
+  int64_t lo = 0, hi = 0;   // mergeable tokens [lo, hi)
+  int64_t target = 0;       // int(ratio * (hi - lo)): tokens to remove per head at most
+  double eps = 0.0;         // candidate pairs have sim >= eps
+  double sigma = 1.0;       // Gaussian kernel width
+};
+
+constexpr double kSimFloor = 1e-12;  // |k_i| |k_j| below this: similarity 0
+
+// Ordering key of a pair: larger similarity first, then lower index. Unique per head.
+FM_HD uint64_t pair_rank_key(float sim, int64_t index) {
+  const uint32_t u = float_bits(sim);
+  const uint32_t ordered = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (uint64_t(ordered) << 32) | uint64_t(0xffffffffu - uint32_t(index));
+}
+
+// A pair is a candidate when both tokens are mergeable and sim >= eps (NaN never).
+FM_HD bool is_candidate(float sim, int64_t i, const KvMergeParams& p) {
+  return i >= p.lo && i + 1 < p.hi && double(sim) >= p.eps;
+}
+
+// ---- CPU (kvmerge_cpu.cpp) ----
+// keys (BH, S, D), sims (BH, S - 1) fp32 out; returns the tokens removed per head.
+int64_t kv_merge_plan_cpu(const TensorView& keys, const TensorView& sims, const KvMergeParams& p);
+// positions: BH * (S - removed) int64 (pivot index of every output token), may be null.
+void kv_merge_apply_cpu(const TensorView& keys, const TensorView& values, const TensorView& scores,
+                        const TensorView& sims, const KvMergeParams& p, int64_t removed,
+                        const TensorView& keys_out, const TensorView& values_out,
+                        int64_t* positions);
+
+// ---- CUDA (kvmerge_cuda.cu), on the caller's stream ----
+int64_t kv_merge_plan_cuda(const TensorView& keys, const TensorView& sims, const KvMergeParams& p,
+                           StreamHandle stream);
+void kv_merge_apply_cuda(const TensorView& keys, const TensorView& values,
+                         const TensorView& scores, const TensorView& sims,
+                         const KvMergeParams& p, int64_t removed, const TensorView& keys_out,
+                         const TensorView& values_out, int64_t* positions, StreamHandle stream);
+
+}  // namespace fastmerge
