@@ -56,6 +56,14 @@ TOLERANCES = {
         "slerp/model_stock statistics are fp64 sums in different orders and the coefficients go "
         "through fp32 acos/sin (std:: vs torch's vectorised versions may differ by 1 ulp): a few "
         "fp32 ulps of the largest |result|, plus one output-dtype rounding flip."),
+    "tome_merge": Tol(2e-6, 1.0,
+        "ToMe merges: the same fp32 products x * size summed per merged token; torch's "
+        "scatter_reduce may add the sources in another order than our fixed one (kept token, then "
+        "edge order): a few fp32 ulps of the largest |merged token|, plus one output-dtype "
+        "rounding flip."),
+    "tome_similarity": Tol(2e-6, 0.0,
+        "ToMe similarities: our sequential fp32 dot products of the normalised tokens vs torch's "
+        "matmul (blocked, FMA) of tokens normalised by torch's norm: a few fp32 ulps of 1."),
     # Native vs mergekit 0.1.5, fp32, tie-free inputs.
     "mergekit_exact": Tol(0.0, 0.0,
         "Deterministic GTA methods without rescale, slerp and flat model_stock: mergekit performs "

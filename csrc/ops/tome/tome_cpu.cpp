@@ -1,0 +1,349 @@
+// CPU ToMe: normalise and pack one batch at a time, row max / argmax of every a-token in
+// parallel blocks of a-rows (tome_cpu_kernels.cpp), then the top-r edges and the merge maps
+// per batch, and the merges as ordered per-row reductions (no atomics, any thread count).
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "fastmerge/parallel.h"
+#include "tome.h"
+#include "tome_cpu_kernels.h"
+
+namespace fastmerge {
+
+namespace {
+
+// The bf16 screening can be switched off (tests compare both paths; results are identical).
+bool screening_enabled() {
+  const char* v = std::getenv("FASTMERGE_TOME_SCREEN");
+  return !(v && v[0] == '0');
+}
+
+float load_one(const void* data, DType dtype, int64_t i) {
+  switch (dtype) {
+    case DType::f32: return static_cast<const float*>(data)[i];
+    case DType::bf16: return to_float(static_cast<const bf16_t*>(data)[i]);
+    case DType::f16: return to_float(static_cast<const f16_t*>(data)[i]);
+    default: return 0.0f;
+  }
+}
+
+void load_row(const TensorView& t, int64_t offset, int64_t len, float* dst) {
+  switch (t.dtype) {
+    case DType::f32: std::memcpy(dst, t.ptr<const float>() + offset, size_t(len) * 4); break;
+    case DType::bf16: {
+      const bf16_t* s = t.ptr<const bf16_t>() + offset;
+      for (int64_t k = 0; k < len; ++k) dst[k] = to_float(s[k]);
+      break;
+    }
+    case DType::f16: {
+      const f16_t* s = t.ptr<const f16_t>() + offset;
+      for (int64_t k = 0; k < len; ++k) dst[k] = to_float(s[k]);
+      break;
+    }
+    default: break;
+  }
+}
+
+void store_row(const TensorView& t, int64_t offset, int64_t len, const float* src) {
+  switch (t.dtype) {
+    case DType::f32: std::memcpy(t.ptr<float>() + offset, src, size_t(len) * 4); break;
+    case DType::bf16: {
+      bf16_t* d = t.ptr<bf16_t>() + offset;
+      for (int64_t k = 0; k < len; ++k) d[k] = from_float<bf16_t>(src[k]);
+      break;
+    }
+    case DType::f16: {
+      f16_t* d = t.ptr<f16_t>() + offset;
+      for (int64_t k = 0; k < len; ++k) d[k] = from_float<f16_t>(src[k]);
+      break;
+    }
+    default: break;
+  }
+}
+
+constexpr int64_t kScreenMinColumns = 512;
+
+uint32_t bf16_bits(float v) { return from_float<bf16_t>(v).bits; }
+
+// One batch's normalised tokens and the packed copies the kernels read.
+struct BatchPack {
+  std::vector<float> a, b, b_panels, zero_row;
+  std::vector<uint32_t> a_pairs, b_pairs, zero_pairs;
+  TomeOperands op;
+  bool finite = true;
+};
+
+// metric[batch] / ||metric[batch]||_2 per token (norm accumulated in double), split and packed.
+void pack_batch(const TensorView& metric, const TomeShape& s, int64_t batch, bool want_bf16,
+                BatchPack& pk) {
+  const int64_t n = s.tokens, c = s.channels, na = s.na(), nb = s.nb();
+  const int64_t panels = (nb + kTomePanel - 1) / kTomePanel, cp = (c + 1) / 2;
+  pk.a.resize(size_t(na * c));
+  pk.b.resize(size_t(nb * c));
+  pk.b_panels.assign(size_t(panels * c * kTomePanel), 0.0f);
+  pk.zero_row.assign(size_t(c), 0.0f);
+  std::vector<char> finite(static_cast<size_t>(n), 1);
+  parallel_for((n + 63) / 64, [&](int64_t blk) {
+    for (int64_t t = blk * 64; t < std::min(n, blk * 64 + 64); ++t) {
+      float* row = (t % 2 == 0 ? pk.a.data() + (t / 2) * c : pk.b.data() + (t / 2) * c);
+      load_row(metric, (batch * n + t) * c, c, row);
+      double ss = 0.0;
+      for (int64_t k = 0; k < c; ++k) ss += double(row[k]) * double(row[k]);
+      const float norm = float(std::sqrt(ss));
+      bool ok = true;
+      for (int64_t k = 0; k < c; ++k) {
+        row[k] = row[k] / norm;
+        ok = ok && std::isfinite(row[k]);
+      }
+      finite[size_t(t)] = ok;
+      if (t % 2 == 1) {
+        const int64_t j = t / 2;
+        float* panel = pk.b_panels.data() + (j / kTomePanel) * c * kTomePanel + j % kTomePanel;
+        for (int64_t k = 0; k < c; ++k) panel[k * kTomePanel] = row[k];
+      }
+    }
+  });
+  pk.finite = std::all_of(finite.begin(), finite.end(), [](char f) { return f != 0; });
+  TomeOperands& op = pk.op;
+  op = TomeOperands{};
+  op.a = pk.a.data();
+  op.b = pk.b.data();
+  op.b_panels = pk.b_panels.data();
+  op.zero_row = pk.zero_row.data();
+  op.na = na;
+  op.nb = nb;
+  op.c = c;
+  op.cp = cp;
+  op.panels = panels;
+  op.b_begin = s.distill_token ? 1 : 0;
+  if (!(want_bf16 && pk.finite && nb >= kScreenMinColumns)) return;
+  // bf16 pairs (c padded to even with a zero): a row-major, b in panels [cp][16] of pairs.
+  pk.a_pairs.assign(size_t(na * cp), 0u);
+  pk.b_pairs.assign(size_t(panels * cp * kTomePanel), 0u);
+  pk.zero_pairs.assign(size_t(cp), 0u);
+  auto pair = [c](const float* row, int64_t k) {
+    const uint32_t lo = bf16_bits(row[2 * k]);
+    const uint32_t hi = 2 * k + 1 < c ? bf16_bits(row[2 * k + 1]) : 0u;
+    return lo | (hi << 16);
+  };
+  parallel_for((na + 63) / 64, [&](int64_t blk) {
+    for (int64_t i = blk * 64; i < std::min(na, blk * 64 + 64); ++i)
+      for (int64_t k = 0; k < cp; ++k) pk.a_pairs[size_t(i * cp + k)] = pair(op.a + i * c, k);
+  });
+  parallel_for(panels, [&](int64_t p) {
+    for (int64_t l = 0; l < kTomePanel && p * kTomePanel + l < nb; ++l) {
+      const float* row = op.b + (p * kTomePanel + l) * c;
+      for (int64_t k = 0; k < cp; ++k)
+        pk.b_pairs[size_t((p * cp + k) * kTomePanel + l)] = pair(row, k);
+    }
+  });
+  op.a_pairs = pk.a_pairs.data();
+  op.b_pairs = pk.b_pairs.data();
+  op.zero_pairs = pk.zero_pairs.data();
+  // |bf16 score - exact| <= (2^-8 + 2^-16) |a||b| from rounding both operands, plus the fp32
+  // accumulation of either sum (<= (c + 2) 2^-24 each, with margin); |a|, |b| <= 1 + 1e-6.
+  const double bound = (std::ldexp(1.0, -8) + std::ldexp(1.0, -16) +
+                        3.0 * double(2 * cp + 2) * std::ldexp(1.0, -24)) * 1.01 + 1e-30;
+  op.delta = float(bound);
+}
+
+// Row max / argmax of batch `batch` into best / idx (na entries each).
+void batch_scores(const TomeShape& s, const BatchPack& pk, float* best, int64_t* idx) {
+  const TomeKernels& K = tome_kernels();
+  // Screening halves the dot-product work but re-scores a few columns per row: it pays off
+  // only with enough columns.
+  const bool screen = pk.op.a_pairs && K.rowmax_bf16 && s.nb() >= kScreenMinColumns;
+  auto kernel = screen ? K.rowmax_bf16 : K.rowmax_exact;
+  const int64_t na = s.na();
+  // The class token (a-token 0) scores -inf everywhere: torch's max of an all -inf row.
+  const int64_t first = s.class_token ? 1 : 0;
+  if (first) {
+    best[0] = -INFINITY;
+    idx[0] = 0;
+  }
+  const int64_t rows = na - first;
+  if (rows <= 0) return;
+  const int64_t per = std::clamp<int64_t>(
+      ((rows + 4 * max_threads() - 1) / (4 * max_threads()) + 7) / 8 * 8, 8, kTomeMaxRows);
+  parallel_for((rows + per - 1) / per, [&](int64_t blk) {
+    const int64_t a0 = first + blk * per, a1 = std::min(na, a0 + per);
+    kernel(pk.op, a0, a1, best + a0, idx + a0);
+  });
+}
+
+// Top-r edges of one batch and its maps (see tome.h).
+void batch_maps(const TomeShape& s, int64_t batch, const float* best, const int64_t* idx,
+                const TomeMapViews& m) {
+  const int64_t na = s.na(), nb = s.nb(), r = s.r, n_unm = na - r, n = s.tokens;
+  const int64_t rows = s.merged();
+  std::vector<uint64_t> keys(static_cast<size_t>(na));
+  for (int64_t i = 0; i < na; ++i) keys[size_t(i)] = tome_edge_key(best[i], i);
+  auto desc = [](uint64_t x, uint64_t y) { return x > y; };
+  auto a_of = [](uint64_t key) { return int64_t(0xffffffffu - uint32_t(key & 0xffffffffu)); };
+  int64_t* unm = m.unm_idx.ptr<int64_t>() + batch * n_unm;
+  int64_t* src = m.src_idx.ptr<int64_t>() + batch * r;
+  int64_t* dst = m.dst_idx.ptr<int64_t>() + batch * r;
+  if (s.class_token) {
+    // Only the r selected edges are ordered; the kept tokens go in ascending a order.
+    if (r < na) std::nth_element(keys.begin(), keys.begin() + r, keys.end(), desc);
+    std::sort(keys.begin(), keys.begin() + r, desc);
+    std::vector<char> merged(static_cast<size_t>(na), 0);
+    for (int64_t k = 0; k < r; ++k) merged[size_t(a_of(keys[size_t(k)]))] = 1;
+    int64_t u = 0;
+    for (int64_t i = 0; i < na; ++i)
+      if (!merged[size_t(i)]) unm[u++] = i;
+  } else {
+    std::sort(keys.begin(), keys.end(), desc);  // the kept tokens stay in edge order
+    for (int64_t u = 0; u < n_unm; ++u) unm[u] = a_of(keys[size_t(r + u)]);
+  }
+  for (int64_t k = 0; k < r; ++k) {
+    src[k] = a_of(keys[size_t(k)]);
+    dst[k] = idx[src[k]];
+  }
+  // Merge plan: row sizes, offsets, members (kept token first, sources in edge order), dest.
+  int64_t* offsets = m.offsets.ptr<int64_t>() + batch * (rows + 1);
+  int64_t* members = m.members.ptr<int64_t>() + batch * n;
+  int64_t* dest = m.dest.ptr<int64_t>() + batch * n;
+  std::vector<int64_t> count(static_cast<size_t>(rows), 1);
+  for (int64_t k = 0; k < r; ++k) ++count[size_t(tome_dst_row(dst[k], n_unm, s.distill_token))];
+  offsets[0] = 0;
+  for (int64_t o = 0; o < rows; ++o) offsets[o + 1] = offsets[o] + count[size_t(o)];
+  std::vector<int64_t> fill(offsets, offsets + rows);
+  for (int64_t u = 0; u < n_unm; ++u) {
+    const int64_t o = tome_unm_row(u, n_unm, s.distill_token);
+    members[fill[size_t(o)]++] = 2 * unm[u];
+    dest[2 * unm[u]] = o;
+  }
+  for (int64_t j = 0; j < nb; ++j) {
+    const int64_t o = tome_dst_row(j, n_unm, s.distill_token);
+    members[fill[size_t(o)]++] = 2 * j + 1;
+    dest[2 * j + 1] = o;
+  }
+  for (int64_t k = 0; k < r; ++k) {
+    const int64_t o = tome_dst_row(dst[k], n_unm, s.distill_token);
+    members[fill[size_t(o)]++] = 2 * src[k];
+    dest[2 * src[k]] = o;
+  }
+}
+
+// Row maxima of every batch. Many batches: one parallel loop over them (the loops inside run
+// serially), so small problems do not pay a parallel region per batch; few: one at a time,
+// parallel inside.
+void all_scores(const TensorView& metric, const TomeShape& s, float* best, int64_t* idx) {
+  const bool bf16 = screening_enabled() && tome_kernels().rowmax_bf16 != nullptr;
+  const int64_t na = s.na();
+  if (s.batch >= 2 * max_threads()) {
+    parallel_for(s.batch, [&](int64_t batch) {
+      thread_local BatchPack pk;
+      pack_batch(metric, s, batch, bf16, pk);
+      batch_scores(s, pk, best + batch * na, idx + batch * na);
+    });
+    return;
+  }
+  BatchPack pk;
+  for (int64_t batch = 0; batch < s.batch; ++batch) {
+    pack_batch(metric, s, batch, bf16, pk);
+    batch_scores(s, pk, best + batch * na, idx + batch * na);
+  }
+}
+
+void check_metric(const TensorView& metric, const TomeShape& s) {
+  check_flat(metric, "metric", s.batch * s.tokens * s.channels);
+  FM_CHECK(metric.dtype != DType::u8 && metric.dtype != DType::i64,
+           "metric must be float32, float16 or bfloat16");
+  FM_CHECK(s.r >= 0 && 2 * s.r <= s.tokens, "r=", s.r, " is out of range for ", s.tokens, " tokens");
+  FM_CHECK(s.tokens < (int64_t(1) << 31), "at most 2^31 tokens");
+}
+
+}  // namespace
+
+void tome_scores_cpu(const TensorView& metric, const TomeShape& s, const TensorView& node_max,
+                     const TensorView& node_idx) {
+  check_metric(metric, s);
+  check_flat(node_max, "node_max", s.batch * s.na());
+  check_flat(node_idx, "node_idx", s.batch * s.na());
+  FM_CHECK(node_max.dtype == DType::f32 && node_idx.dtype == DType::i64, "score buffer dtypes");
+  all_scores(metric, s, node_max.ptr<float>(), node_idx.ptr<int64_t>());
+}
+
+void tome_match_cpu(const TensorView& metric, const TomeShape& s, const TomeMapViews& m) {
+  check_metric(metric, s);
+  const int64_t na = s.na(), n = s.tokens, r = s.r;
+  check_flat(m.unm_idx, "unm_idx", s.batch * (na - r));
+  check_flat(m.src_idx, "src_idx", s.batch * r);
+  check_flat(m.dst_idx, "dst_idx", s.batch * r);
+  check_flat(m.offsets, "offsets", s.batch * (s.merged() + 1));
+  check_flat(m.members, "members", s.batch * n);
+  check_flat(m.dest, "dest", s.batch * n);
+  for (const TensorView* t : {&m.unm_idx, &m.src_idx, &m.dst_idx, &m.offsets, &m.members, &m.dest})
+    FM_CHECK(t->dtype == DType::i64, "index maps must be int64");
+  std::vector<float> best(size_t(s.batch * na), -INFINITY);
+  std::vector<int64_t> idx(size_t(s.batch * na), 0);
+  // Without merges the scores are not needed (every a-token is kept, in edge order only
+  // without a class token, which still needs them).
+  if (r > 0 || !s.class_token) {
+    all_scores(metric, s, best.data(), idx.data());
+  }
+  parallel_for(s.batch, [&](int64_t batch) {
+    batch_maps(s, batch, best.data() + batch * na, idx.data() + batch * na, m);
+  });
+}
+
+void tome_merge_cpu(const TensorView& x, const TensorView* size, const TensorView& offsets,
+                    const TensorView& members, const TensorView& out, const TensorView* size_out,
+                    TomeReduce mode) {
+  FM_CHECK(x.ndim() == 3 && out.ndim() == 3, "x and out must be [B, N, C]");
+  const int64_t B = x.shape[0], n = x.shape[1], c = x.shape[2], rows = out.shape[1];
+  check_flat(x, "x", B * n * c);
+  check_flat(out, "out", B * rows * c);
+  check_flat(offsets, "offsets", B * (rows + 1));
+  check_flat(members, "members", B * n);
+  if (size) check_flat(*size, "size", B * n);
+  if (size_out) check_flat(*size_out, "size_out", B * rows);
+  // Malformed maps would read out of bounds: check them before the (non-throwing) parallel part.
+  for (int64_t batch = 0; batch < B; ++batch) {
+    const int64_t* off = offsets.ptr<const int64_t>() + batch * (rows + 1);
+    const int64_t* mem = members.ptr<const int64_t>() + batch * n;
+    FM_CHECK(off[0] == 0 && off[rows] <= n, "corrupt merge offsets");
+    for (int64_t o = 0; o < rows; ++o) FM_CHECK(off[o] < off[o + 1], "corrupt merge offsets");
+    for (int64_t p = 0; p < off[rows]; ++p) FM_CHECK(mem[p] >= 0 && mem[p] < n, "corrupt merge members");
+  }
+  const int64_t per = std::max<int64_t>(1, 4096 / std::max<int64_t>(c, 1));
+  const int64_t blocks = (rows + per - 1) / per;
+  parallel_for(B * blocks, [&](int64_t item) {
+    const int64_t batch = item / blocks, o0 = (item % blocks) * per;
+    const int64_t* off = offsets.ptr<const int64_t>() + batch * (rows + 1);
+    const int64_t* mem = members.ptr<const int64_t>() + batch * n;
+    std::vector<float> acc(static_cast<size_t>(c)), row(static_cast<size_t>(c));
+    for (int64_t o = o0; o < std::min(rows, o0 + per); ++o) {
+      float weight = 0.0f;
+      for (int64_t p = off[o]; p < off[o + 1]; ++p) {
+        const int64_t t = mem[p];
+        load_row(x, (batch * n + t) * c, c, row.data());
+        if (mode == TomeReduce::max) {
+          if (p == off[o]) std::copy(row.begin(), row.end(), acc.begin());
+          else
+            for (int64_t k = 0; k < c; ++k) acc[k] = std::max(acc[k], row[k]);
+          continue;
+        }
+        const float w = size ? load_one(size->data, size->dtype, batch * n + t) : 1.0f;
+        if (p == off[o]) {
+          for (int64_t k = 0; k < c; ++k) acc[k] = row[k] * w;
+          weight = w;
+        } else {
+          for (int64_t k = 0; k < c; ++k) acc[k] = acc[k] + row[k] * w;
+          weight = weight + w;
+        }
+      }
+      if (mode == TomeReduce::weighted_mean)
+        for (int64_t k = 0; k < c; ++k) acc[k] = acc[k] / weight;
+      store_row(out, (batch * rows + o) * c, c, acc.data());
+      if (size_out) store_row(*size_out, batch * rows + o, 1, &weight);
+    }
+  });
+}
+
+}  // namespace fastmerge
