@@ -256,3 +256,32 @@ def test_errors_name_the_value():
         F.tome_merge(torch.randn(1, 9, 4), maps)
     with pytest.raises(InvalidArgumentError, match="size has shape"):
         F.tome_merge(torch.randn(1, 10, 4), maps, torch.ones(1, 10))
+
+
+# ---- CUDA against the CPU kernels: the same canonical similarities and reduction order ----
+
+cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or not _native.build_info().get("cuda"),
+    reason="needs a CUDA device and a CUDA build")
+
+
+@cuda
+@pytest.mark.parametrize("class_token,distill_token", TOKEN_FLAGS)
+@pytest.mark.parametrize("shape", [(1, 1, 8), (3, 13, 5), (2, 197, 64), (2, 1100, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_equals_cpu(shape, dtype, class_token, distill_token):
+    B, N, C = shape
+    for metric in (torch.randn(B, N, C).to(dtype), _quantised(B, N, C, seed=6).to(dtype)):
+        r = N // 3
+        cpu = F.tome_match(metric, r, class_token=class_token, distill_token=distill_token)
+        gpu = F.tome_match(metric.cuda(), r, class_token=class_token, distill_token=distill_token)
+        assert _maps_equal([t.cpu() for t in gpu[:6]], cpu)
+        x = torch.randn(B, N, 33).to(dtype)
+        size = torch.randint(1, 4, (B, N, 1)).to(dtype)
+        for s in (None, size):
+            got = F.tome_merge(x.cuda(), gpu, None if s is None else s.cuda())
+            want = F.tome_merge(x, cpu, s)
+            assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+        assert torch.equal(F.tome_merge_source(None, gpu).cpu(), F.tome_merge_source(None, cpu))
+        assert torch.equal(F.tome_unmerge(x.cuda()[:, :N - cpu.r], gpu).cpu(),
+                           F.tome_unmerge(x[:, :N - cpu.r], cpu))

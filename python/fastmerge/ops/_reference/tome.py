@@ -107,16 +107,3 @@ def tome_unmerge(x: torch.Tensor, unm_idx, src_idx, dst_idx, tokens: int,
     out.scatter_(1, (2 * src_idx)[..., None].expand(n, src_idx.shape[1], c), src)
     return out
 
-
-def parse_r(num_layers: int, r) -> list:
-    """ToMe's r schedule: an int (constant), (r, inflection) with inflection in [-1, 1]
-    (-1: decreasing), or a list per layer (padded with zeros)."""
-    if isinstance(r, list):
-        return list(r) + [0] * max(0, num_layers - len(r))
-    inflect = 0.0
-    if isinstance(r, tuple):
-        r, inflect = r
-    lo = int(r * (1.0 - inflect))
-    hi = 2 * r - lo
-    step = (hi - lo) / (num_layers - 1) if num_layers > 1 else 0.0
-    return [int(lo + step * i) for i in range(num_layers)]
