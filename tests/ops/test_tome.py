@@ -244,6 +244,17 @@ def test_ops_compile():
         assert torch.equal(a, b)
 
 
+def test_float64_inputs_compute_in_float32():
+    metric = tie_free(2, 20, 8, seed=17).double()
+    maps = F.tome_match(metric, 5)
+    _, (unm, src, dst) = reference(metric, 5, False, False)
+    assert torch.equal(maps.src_idx, src)
+    x, size = torch.randn(2, 20, 4, dtype=torch.float64), torch.full((2, 20, 1), 2.0).double()
+    merged, merged_size = F.tome_merge(x, maps, size)
+    assert merged.dtype == torch.float32 and merged_size.dtype == torch.float32
+    assert_close(merged, R.tome_merge_wavg(x, unm, src, dst, size)[0], "tome_merge")
+
+
 def test_errors_name_the_value():
     with pytest.raises(InvalidArgumentError, match="metric must be"):
         F.tome_match(torch.randn(4, 8), 2)

@@ -65,6 +65,7 @@ void store_row(const TensorView& t, int64_t offset, int64_t len, const float* sr
 }
 
 constexpr int64_t kScreenMinColumns = 512;
+constexpr int64_t kMaxScreenChannels = 8192;  // bf16 row buffer on the stack
 
 uint32_t bf16_bits(float v) { return from_float<bf16_t>(v).bits; }
 
@@ -72,41 +73,23 @@ uint32_t bf16_bits(float v) { return from_float<bf16_t>(v).bits; }
 struct BatchPack {
   std::vector<float> a, b, b_panels, zero_row;
   std::vector<uint32_t> a_pairs, b_pairs, zero_pairs;
+  std::vector<char> finite;  // per token
   TomeOperands op;
-  bool finite = true;
+  bool screen = false;       // bf16 pairs packed, screening kernel used
 };
 
-// metric[batch] / ||metric[batch]||_2 per token (norm accumulated in double), split and packed.
-void pack_batch(const TensorView& metric, const TomeShape& s, int64_t batch, bool want_bf16,
-                BatchPack& pk) {
-  const int64_t n = s.tokens, c = s.channels, na = s.na(), nb = s.nb();
+constexpr int64_t kTokenBlock = 64;  // tokens per packing work item
+
+// Buffers and operand shape of one batch (serial; zero padding included).
+void prepare_pack(const TomeShape& s, BatchPack& pk) {
+  const int64_t c = s.channels, na = s.na(), nb = s.nb();
   const int64_t panels = (nb + kTomePanel - 1) / kTomePanel, cp = (c + 1) / 2;
   pk.a.resize(size_t(na * c));
   pk.b.resize(size_t(nb * c));
   pk.b_panels.assign(size_t(panels * c * kTomePanel), 0.0f);
   pk.zero_row.assign(size_t(c), 0.0f);
-  std::vector<char> finite(static_cast<size_t>(n), 1);
-  parallel_for((n + 63) / 64, [&](int64_t blk) {
-    for (int64_t t = blk * 64; t < std::min(n, blk * 64 + 64); ++t) {
-      float* row = (t % 2 == 0 ? pk.a.data() + (t / 2) * c : pk.b.data() + (t / 2) * c);
-      load_row(metric, (batch * n + t) * c, c, row);
-      double ss = 0.0;
-      for (int64_t k = 0; k < c; ++k) ss += double(row[k]) * double(row[k]);
-      const float norm = float(std::sqrt(ss));
-      bool ok = true;
-      for (int64_t k = 0; k < c; ++k) {
-        row[k] = row[k] / norm;
-        ok = ok && std::isfinite(row[k]);
-      }
-      finite[size_t(t)] = ok;
-      if (t % 2 == 1) {
-        const int64_t j = t / 2;
-        float* panel = pk.b_panels.data() + (j / kTomePanel) * c * kTomePanel + j % kTomePanel;
-        for (int64_t k = 0; k < c; ++k) panel[k * kTomePanel] = row[k];
-      }
-    }
-  });
-  pk.finite = std::all_of(finite.begin(), finite.end(), [](char f) { return f != 0; });
+  pk.finite.assign(size_t(s.tokens), 1);
+  pk.screen = false;
   TomeOperands& op = pk.op;
   op = TomeOperands{};
   op.a = pk.a.data();
@@ -119,59 +102,160 @@ void pack_batch(const TensorView& metric, const TomeShape& s, int64_t batch, boo
   op.cp = cp;
   op.panels = panels;
   op.b_begin = s.distill_token ? 1 : 0;
-  if (!(want_bf16 && pk.finite && nb >= kScreenMinColumns)) return;
-  // bf16 pairs (c padded to even with a zero): a row-major, b in panels [cp][16] of pairs.
-  pk.a_pairs.assign(size_t(na * cp), 0u);
-  pk.b_pairs.assign(size_t(panels * cp * kTomePanel), 0u);
-  pk.zero_pairs.assign(size_t(cp), 0u);
-  auto pair = [c](const float* row, int64_t k) {
-    const uint32_t lo = bf16_bits(row[2 * k]);
-    const uint32_t hi = 2 * k + 1 < c ? bf16_bits(row[2 * k + 1]) : 0u;
-    return lo | (hi << 16);
-  };
-  parallel_for((na + 63) / 64, [&](int64_t blk) {
-    for (int64_t i = blk * 64; i < std::min(na, blk * 64 + 64); ++i)
-      for (int64_t k = 0; k < cp; ++k) pk.a_pairs[size_t(i * cp + k)] = pair(op.a + i * c, k);
-  });
-  parallel_for(panels, [&](int64_t p) {
-    for (int64_t l = 0; l < kTomePanel && p * kTomePanel + l < nb; ++l) {
-      const float* row = op.b + (p * kTomePanel + l) * c;
-      for (int64_t k = 0; k < cp; ++k)
-        pk.b_pairs[size_t((p * cp + k) * kTomePanel + l)] = pair(row, k);
+}
+
+// Token norm: 8 interleaved double partial sums combined pairwise (the CUDA kernel sums in
+// the same order, so both devices normalise identically).
+float token_norm(const float* row, int64_t c) {
+  double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 8 <= c; k += 8)
+    for (int l = 0; l < 8; ++l) part[l] += double(row[k + l]) * double(row[k + l]);
+  for (int l = 0; k + l < c; ++l) part[l] += double(row[k + l]) * double(row[k + l]);
+  const double ss = ((part[0] + part[1]) + (part[2] + part[3])) +
+                    ((part[4] + part[5]) + (part[6] + part[7]));
+  return float(std::sqrt(ss));
+}
+
+// Tokens of block `blk` of batch `batch`: metric / ||metric||_2 into a or b (b also into its
+// panel column), with a finiteness flag per token.
+void normalise_tokens(const TensorView& metric, const TomeShape& s, int64_t batch, int64_t blk,
+                      BatchPack& pk) {
+  const int64_t n = s.tokens, c = s.channels;
+  for (int64_t t = blk * kTokenBlock; t < std::min(n, (blk + 1) * kTokenBlock); ++t) {
+    float* row = (t % 2 == 0 ? pk.a.data() + (t / 2) * c : pk.b.data() + (t / 2) * c);
+    load_row(metric, (batch * n + t) * c, c, row);
+    const float norm = token_norm(row, c);
+    bool ok = true;
+    for (int64_t k = 0; k < c; ++k) {
+      row[k] = row[k] / norm;
+      ok &= std::isfinite(row[k]);
     }
-  });
+    pk.finite[size_t(t)] = ok;
+    if (t % 2 == 1) {
+      const int64_t j = t / 2;
+      float* panel = pk.b_panels.data() + (j / kTomePanel) * c * kTomePanel + j % kTomePanel;
+      for (int64_t k = 0; k < c; ++k) panel[k * kTomePanel] = row[k];
+    }
+  }
+}
+
+// After normalisation: whether this batch is screened (finite, enough columns, the CPU has
+// AVX512-BF16), and if so the pair buffers and the error bound (serial).
+void prepare_screening(const TomeShape& s, bool want, BatchPack& pk) {
+  TomeOperands& op = pk.op;
+  pk.screen = want && op.nb >= kScreenMinColumns &&
+              std::all_of(pk.finite.begin(), pk.finite.end(), [](char f) { return f != 0; });
+  if (!pk.screen) return;
+  pk.a_pairs.assign(size_t(op.na * op.cp), 0u);
+  pk.b_pairs.assign(size_t(op.panels * op.cp * kTomePanel), 0u);
+  pk.zero_pairs.assign(size_t(op.cp), 0u);
   op.a_pairs = pk.a_pairs.data();
   op.b_pairs = pk.b_pairs.data();
   op.zero_pairs = pk.zero_pairs.data();
   // |bf16 score - exact| <= (2^-8 + 2^-16) |a||b| from rounding both operands, plus the fp32
   // accumulation of either sum (<= (c + 2) 2^-24 each, with margin); |a|, |b| <= 1 + 1e-6.
   const double bound = (std::ldexp(1.0, -8) + std::ldexp(1.0, -16) +
-                        3.0 * double(2 * cp + 2) * std::ldexp(1.0, -24)) * 1.01 + 1e-30;
+                        3.0 * double(2 * op.cp + 2) * std::ldexp(1.0, -24)) * 1.01 + 1e-30;
   op.delta = float(bound);
+  (void)s;
 }
 
-// Row max / argmax of batch `batch` into best / idx (na entries each).
-void batch_scores(const TomeShape& s, const BatchPack& pk, float* best, int64_t* idx) {
-  const TomeKernels& K = tome_kernels();
-  // Screening halves the dot-product work but re-scores a few columns per row: it pays off
-  // only with enough columns.
-  const bool screen = pk.op.a_pairs && K.rowmax_bf16 && s.nb() >= kScreenMinColumns;
-  auto kernel = screen ? K.rowmax_bf16 : K.rowmax_exact;
-  const int64_t na = s.na();
-  // The class token (a-token 0) scores -inf everywhere: torch's max of an all -inf row.
-  const int64_t first = s.class_token ? 1 : 0;
-  if (first) {
-    best[0] = -INFINITY;
-    idx[0] = 0;
+// bf16 pairs (c padded to even with a zero): item < a_blocks packs a-rows, the rest b panels.
+void pack_pairs(BatchPack& pk, int64_t item) {
+  const TomeOperands& op = pk.op;
+  const int64_t c = op.c, cp = op.cp, a_blocks = (op.na + kTokenBlock - 1) / kTokenBlock;
+  uint16_t row16[kMaxScreenChannels + 2];
+  auto convert = [&](const float* row, uint16_t* out) {
+    for (int64_t k = 0; k < c; ++k) out[k] = uint16_t(bf16_bits(row[k]));
+    out[c] = 0;
+  };
+  if (item < a_blocks) {
+    for (int64_t i = item * kTokenBlock; i < std::min(op.na, (item + 1) * kTokenBlock); ++i) {
+      convert(op.a + i * c, row16);
+      std::memcpy(pk.a_pairs.data() + i * cp, row16, size_t(cp) * 4);
+    }
+    return;
   }
-  const int64_t rows = na - first;
-  if (rows <= 0) return;
-  const int64_t per = std::clamp<int64_t>(
+  const int64_t p = item - a_blocks;
+  for (int64_t l = 0; l < kTomePanel && p * kTomePanel + l < op.nb; ++l) {
+    convert(op.b + (p * kTomePanel + l) * c, row16);
+    uint32_t* dst = pk.b_pairs.data() + p * cp * kTomePanel + l;
+    for (int64_t k = 0; k < cp; ++k) dst[k * kTomePanel] = uint32_t(row16[2 * k]) | (uint32_t(row16[2 * k + 1]) << 16);
+  }
+}
+
+int64_t pair_items(const BatchPack& pk) {
+  return pk.screen ? (pk.op.na + kTokenBlock - 1) / kTokenBlock + pk.op.panels : 0;
+}
+
+// a-rows per scoring work item: a multiple of 8, several items per thread.
+int64_t rows_per_item(int64_t rows) {
+  return std::clamp<int64_t>(
       ((rows + 4 * max_threads() - 1) / (4 * max_threads()) + 7) / 8 * 8, 8, kTomeMaxRows);
-  parallel_for((rows + per - 1) / per, [&](int64_t blk) {
-    const int64_t a0 = first + blk * per, a1 = std::min(na, a0 + per);
-    kernel(pk.op, a0, a1, best + a0, idx + a0);
-  });
+}
+
+// Row maxima of a-rows [a0, a1) of a packed batch.
+void score_rows(const BatchPack& pk, int64_t a0, int64_t a1, float* best, int64_t* idx) {
+  const TomeKernels& K = tome_kernels();
+  (pk.screen ? K.rowmax_bf16 : K.rowmax_exact)(pk.op, a0, a1, best + a0, idx + a0);
+}
+
+// Row maxima of every batch. Many batches: one parallel loop over them, each packed and
+// scored by one thread. Few: all packed at once, then scored, in one parallel region (each
+// region costs a scheduler slice when the cores are shared).
+void all_scores(const TensorView& metric, const TomeShape& s, float* best, int64_t* idx) {
+  const bool want = screening_enabled() && tome_kernels().rowmax_bf16 != nullptr &&
+                    s.channels <= kMaxScreenChannels;
+  const int64_t na = s.na(), first = s.class_token ? 1 : 0, rows = na - first;
+  const int64_t token_blocks = (s.tokens + kTokenBlock - 1) / kTokenBlock;
+  for (int64_t batch = 0; batch < s.batch && first; ++batch) {
+    // The class token (a-token 0) scores -inf everywhere: torch's max of an all -inf row.
+    best[batch * na] = -INFINITY;
+    idx[batch * na] = 0;
+  }
+  if (rows <= 0) return;
+  if (s.batch >= 2 * max_threads()) {
+    parallel_for(s.batch, [&](int64_t batch) {
+      thread_local BatchPack pk;
+      prepare_pack(s, pk);
+      for (int64_t blk = 0; blk < token_blocks; ++blk) normalise_tokens(metric, s, batch, blk, pk);
+      prepare_screening(s, want, pk);
+      for (int64_t item = 0; item < pair_items(pk); ++item) pack_pairs(pk, item);
+      for (int64_t a0 = first; a0 < na; a0 += kTomeMaxRows)
+        score_rows(pk, a0, std::min(na, a0 + kTomeMaxRows), best + batch * na, idx + batch * na);
+    });
+    return;
+  }
+  std::vector<BatchPack> packs(static_cast<size_t>(s.batch));
+  for (auto& pk : packs) prepare_pack(s, pk);
+  const int64_t per = rows_per_item(rows), score_items = (rows + per - 1) / per;
+  int64_t max_pairs = 0;
+#pragma omp parallel
+  {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < s.batch * token_blocks; ++item)
+      normalise_tokens(metric, s, item / token_blocks, item % token_blocks,
+                       packs[size_t(item / token_blocks)]);
+#pragma omp single
+    {
+      for (auto& pk : packs) {
+        prepare_screening(s, want, pk);
+        max_pairs = std::max(max_pairs, pair_items(pk));
+      }
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < s.batch * max_pairs; ++item) {
+      BatchPack& pk = packs[size_t(item / max_pairs)];
+      if (item % max_pairs < pair_items(pk)) pack_pairs(pk, item % max_pairs);
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < s.batch * score_items; ++item) {
+      const int64_t batch = item / score_items, a0 = first + (item % score_items) * per;
+      score_rows(packs[size_t(batch)], a0, std::min(na, a0 + per), best + batch * na,
+                 idx + batch * na);
+    }
+  }
 }
 
 // Top-r edges of one batch and its maps (see tome.h).
@@ -226,27 +310,6 @@ void batch_maps(const TomeShape& s, int64_t batch, const float* best, const int6
     const int64_t o = tome_dst_row(dst[k], n_unm, s.distill_token);
     members[fill[size_t(o)]++] = 2 * src[k];
     dest[2 * src[k]] = o;
-  }
-}
-
-// Row maxima of every batch. Many batches: one parallel loop over them (the loops inside run
-// serially), so small problems do not pay a parallel region per batch; few: one at a time,
-// parallel inside.
-void all_scores(const TensorView& metric, const TomeShape& s, float* best, int64_t* idx) {
-  const bool bf16 = screening_enabled() && tome_kernels().rowmax_bf16 != nullptr;
-  const int64_t na = s.na();
-  if (s.batch >= 2 * max_threads()) {
-    parallel_for(s.batch, [&](int64_t batch) {
-      thread_local BatchPack pk;
-      pack_batch(metric, s, batch, bf16, pk);
-      batch_scores(s, pk, best + batch * na, idx + batch * na);
-    });
-    return;
-  }
-  BatchPack pk;
-  for (int64_t batch = 0; batch < s.batch; ++batch) {
-    pack_batch(metric, s, batch, bf16, pk);
-    batch_scores(s, pk, best + batch * na, idx + batch * na);
   }
 }
 

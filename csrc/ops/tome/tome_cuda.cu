@@ -13,16 +13,18 @@ namespace {
 
 constexpr int kTileA = 64, kTileB = 64, kTileC = 32, kThreads = 256;
 
-// Token norm in double, sequential as on the CPU; out = x / norm in fp32.
+// Token norm in double, summed in the CPU's order; out = x / norm in fp32.
 __global__ void normalize_tokens(const void* metric, int dtype, int64_t tokens, int64_t c,
                                  float* out) {
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= tokens) return;
-  double ss = 0.0;
+  double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // tome_cpu.cpp's token_norm order
   for (int64_t k = 0; k < c; ++k) {
     const double v = load_element(metric, dtype, t * c + k);
-    ss += v * v;
+    part[k % 8] = __dadd_rn(part[k % 8], __dmul_rn(v, v));
   }
+  const double ss = __dadd_rn(__dadd_rn(__dadd_rn(part[0], part[1]), __dadd_rn(part[2], part[3])),
+                              __dadd_rn(__dadd_rn(part[4], part[5]), __dadd_rn(part[6], part[7])));
   const float norm = float(sqrt(ss));
   for (int64_t k = 0; k < c; ++k) out[t * c + k] = load_element(metric, dtype, t * c + k) / norm;
 }

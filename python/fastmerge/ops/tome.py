@@ -138,6 +138,12 @@ def _(metric, r, class_token, distill_token):
     return tuple(metric.new_empty(s, dtype=_I64) for s in _match_shapes(metric, r))
 
 
+def _size_dtype(x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.dtype:
+    """Merged sizes keep size's dtype (x's without sizes); float64 is computed as float32."""
+    dtype = size.dtype if size is not None else x.dtype
+    return torch.float32 if dtype == torch.float64 else dtype
+
+
 def _merge_native(x: torch.Tensor, size: Optional[torch.Tensor], offsets, members, amax: bool):
     B, _, C = x.shape
     rows = offsets.shape[1] - 1
@@ -145,8 +151,7 @@ def _merge_native(x: torch.Tensor, size: Optional[torch.Tensor], offsets, member
     out = torch.empty(B, rows, C, dtype=xin.dtype, device=x.device)
     size_out = None
     if not amax:
-        sdt = size.dtype if size is not None else xin.dtype
-        size_out = torch.empty(B, rows, 1, dtype=sdt, device=x.device)
+        size_out = torch.empty(B, rows, 1, dtype=_size_dtype(x, size), device=x.device)
     if B and rows:
         _native.native().tome_merge(
             capsule(xin), capsule(kernel_input(size)) if size is not None else None,
@@ -167,8 +172,8 @@ def _merge_fallback(x, size, offsets, members, dest, amax: bool):
     w = torch.ones(B, N, 1, device=x.device) if size is None else size.float()
     acc = torch.zeros(B, rows, C, device=x.device).scatter_add(1, idx, xf * w)
     total = torch.zeros(B, rows, 1, device=x.device).scatter_add(1, dest[..., None], w)
-    sdt = size.dtype if size is not None else x.dtype
-    return (acc / total).to(x.dtype), total.to(sdt)
+    out_dtype = torch.float32 if x.dtype == torch.float64 else x.dtype
+    return (acc / total).to(out_dtype), total.to(_size_dtype(x, size))
 
 
 @torch.library.custom_op("fastmerge::tome_merge", mutates_args=())
@@ -184,8 +189,8 @@ def _(x, size, offsets, members, dest):
     B, _, C = x.shape
     rows = offsets.shape[1] - 1
     out_dtype = torch.float32 if x.dtype == torch.float64 else x.dtype
-    sdt = size.dtype if size is not None else out_dtype
-    return x.new_empty((B, rows, C), dtype=out_dtype), x.new_empty((B, rows, 1), dtype=sdt)
+    return (x.new_empty((B, rows, C), dtype=out_dtype),
+            x.new_empty((B, rows, 1), dtype=_size_dtype(x, size)))
 
 
 def _merge_setup_context(ctx, inputs, output):
