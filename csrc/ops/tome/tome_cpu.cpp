@@ -67,8 +67,6 @@ void store_row(const TensorView& t, int64_t offset, int64_t len, const float* sr
 constexpr int64_t kScreenMinColumns = 512;
 constexpr int64_t kMaxScreenChannels = 8192;  // bf16 row buffer on the stack
 
-uint32_t bf16_bits(float v) { return from_float<bf16_t>(v).bits; }
-
 // One batch's normalised tokens and the packed copies the kernels read.
 struct BatchPack {
   std::vector<float> a, b, b_panels, zero_row;
@@ -80,8 +78,9 @@ struct BatchPack {
 
 constexpr int64_t kTokenBlock = 64;  // tokens per packing work item
 
-// Buffers and operand shape of one batch (serial; zero padding included).
-void prepare_pack(const TomeShape& s, BatchPack& pk) {
+// Buffers and operand shape of one batch (serial; zero padding included). The bf16 pairs
+// are allocated when the batch may be screened (want, enough columns).
+void prepare_pack(const TomeShape& s, bool want, BatchPack& pk) {
   const int64_t c = s.channels, na = s.na(), nb = s.nb();
   const int64_t panels = (nb + kTomePanel - 1) / kTomePanel, cp = (c + 1) / 2;
   pk.a.resize(size_t(na * c));
@@ -102,6 +101,20 @@ void prepare_pack(const TomeShape& s, BatchPack& pk) {
   op.cp = cp;
   op.panels = panels;
   op.b_begin = s.distill_token ? 1 : 0;
+  if (!(want && nb >= kScreenMinColumns && c <= kMaxScreenChannels)) return;
+  pk.a_pairs.assign(size_t(na * cp), 0u);
+  pk.b_pairs.assign(size_t(panels * cp * kTomePanel), 0u);
+  pk.zero_pairs.assign(size_t(cp), 0u);
+  op.a_pairs = pk.a_pairs.data();
+  op.b_pairs = pk.b_pairs.data();
+  op.zero_pairs = pk.zero_pairs.data();
+}
+
+// bf16 bits of a finite float, round to nearest even (from_float<bf16_t> without the NaN
+// branch, so the loop vectorises; non-finite batches are never screened).
+inline uint32_t round_bf16(float v) {
+  const uint32_t u = float_bits(v);
+  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
 }
 
 // Token norm: 8 interleaved double partial sums combined pairwise (the CUDA kernel sums in
@@ -118,75 +131,47 @@ float token_norm(const float* row, int64_t c) {
 }
 
 // Tokens of block `blk` of batch `batch`: metric / ||metric||_2 into a or b (b also into its
-// panel column), with a finiteness flag per token.
+// panel column, and both into bf16 pairs when allocated), with a finiteness flag per token
+// (all inputs finite and a positive norm <=> every normalised value finite).
 void normalise_tokens(const TensorView& metric, const TomeShape& s, int64_t batch, int64_t blk,
                       BatchPack& pk) {
-  const int64_t n = s.tokens, c = s.channels;
+  const int64_t n = s.tokens, c = s.channels, cp = pk.op.cp;
+  uint16_t row16[kMaxScreenChannels + 2];
   for (int64_t t = blk * kTokenBlock; t < std::min(n, (blk + 1) * kTokenBlock); ++t) {
     float* row = (t % 2 == 0 ? pk.a.data() + (t / 2) * c : pk.b.data() + (t / 2) * c);
     load_row(metric, (batch * n + t) * c, c, row);
     const float norm = token_norm(row, c);
-    bool ok = true;
-    for (int64_t k = 0; k < c; ++k) {
-      row[k] = row[k] / norm;
-      ok &= std::isfinite(row[k]);
-    }
-    pk.finite[size_t(t)] = ok;
+    for (int64_t k = 0; k < c; ++k) row[k] = row[k] / norm;
+    pk.finite[size_t(t)] = std::isfinite(norm) && norm > 0.0f;
+    const int64_t j = t / 2;
     if (t % 2 == 1) {
-      const int64_t j = t / 2;
       float* panel = pk.b_panels.data() + (j / kTomePanel) * c * kTomePanel + j % kTomePanel;
       for (int64_t k = 0; k < c; ++k) panel[k * kTomePanel] = row[k];
+    }
+    if (!pk.op.a_pairs) continue;
+    for (int64_t k = 0; k < c; ++k) row16[k] = uint16_t(round_bf16(row[k]));
+    row16[c] = 0;  // odd c: the last pair's high half
+    if (t % 2 == 0) {
+      std::memcpy(pk.a_pairs.data() + j * cp, row16, size_t(cp) * 4);
+    } else {
+      uint32_t* dst = pk.b_pairs.data() + (j / kTomePanel) * cp * kTomePanel + j % kTomePanel;
+      for (int64_t k = 0; k < cp; ++k)
+        dst[k * kTomePanel] = uint32_t(row16[2 * k]) | (uint32_t(row16[2 * k + 1]) << 16);
     }
   }
 }
 
-// After normalisation: whether this batch is screened (finite, enough columns, the CPU has
-// AVX512-BF16), and if so the pair buffers and the error bound (serial).
-void prepare_screening(const TomeShape& s, bool want, BatchPack& pk) {
+// After normalisation: the batch is screened when its pairs exist and every token is finite
+// (the error bound below needs finite unit vectors).
+void prepare_screening(BatchPack& pk) {
   TomeOperands& op = pk.op;
-  pk.screen = want && op.nb >= kScreenMinColumns &&
+  pk.screen = op.a_pairs != nullptr &&
               std::all_of(pk.finite.begin(), pk.finite.end(), [](char f) { return f != 0; });
-  if (!pk.screen) return;
-  pk.a_pairs.assign(size_t(op.na * op.cp), 0u);
-  pk.b_pairs.assign(size_t(op.panels * op.cp * kTomePanel), 0u);
-  pk.zero_pairs.assign(size_t(op.cp), 0u);
-  op.a_pairs = pk.a_pairs.data();
-  op.b_pairs = pk.b_pairs.data();
-  op.zero_pairs = pk.zero_pairs.data();
   // |bf16 score - exact| <= (2^-8 + 2^-16) |a||b| from rounding both operands, plus the fp32
   // accumulation of either sum (<= (c + 2) 2^-24 each, with margin); |a|, |b| <= 1 + 1e-6.
   const double bound = (std::ldexp(1.0, -8) + std::ldexp(1.0, -16) +
                         3.0 * double(2 * op.cp + 2) * std::ldexp(1.0, -24)) * 1.01 + 1e-30;
   op.delta = float(bound);
-  (void)s;
-}
-
-// bf16 pairs (c padded to even with a zero): item < a_blocks packs a-rows, the rest b panels.
-void pack_pairs(BatchPack& pk, int64_t item) {
-  const TomeOperands& op = pk.op;
-  const int64_t c = op.c, cp = op.cp, a_blocks = (op.na + kTokenBlock - 1) / kTokenBlock;
-  uint16_t row16[kMaxScreenChannels + 2];
-  auto convert = [&](const float* row, uint16_t* out) {
-    for (int64_t k = 0; k < c; ++k) out[k] = uint16_t(bf16_bits(row[k]));
-    out[c] = 0;
-  };
-  if (item < a_blocks) {
-    for (int64_t i = item * kTokenBlock; i < std::min(op.na, (item + 1) * kTokenBlock); ++i) {
-      convert(op.a + i * c, row16);
-      std::memcpy(pk.a_pairs.data() + i * cp, row16, size_t(cp) * 4);
-    }
-    return;
-  }
-  const int64_t p = item - a_blocks;
-  for (int64_t l = 0; l < kTomePanel && p * kTomePanel + l < op.nb; ++l) {
-    convert(op.b + (p * kTomePanel + l) * c, row16);
-    uint32_t* dst = pk.b_pairs.data() + p * cp * kTomePanel + l;
-    for (int64_t k = 0; k < cp; ++k) dst[k * kTomePanel] = uint32_t(row16[2 * k]) | (uint32_t(row16[2 * k + 1]) << 16);
-  }
-}
-
-int64_t pair_items(const BatchPack& pk) {
-  return pk.screen ? (pk.op.na + kTokenBlock - 1) / kTokenBlock + pk.op.panels : 0;
 }
 
 // a-rows per scoring work item: a multiple of 8, several items per thread.
@@ -205,8 +190,7 @@ void score_rows(const BatchPack& pk, int64_t a0, int64_t a1, float* best, int64_
 // scored by one thread. Few: all packed at once, then scored, in one parallel region (each
 // region costs a scheduler slice when the cores are shared).
 void all_scores(const TensorView& metric, const TomeShape& s, float* best, int64_t* idx) {
-  const bool want = screening_enabled() && tome_kernels().rowmax_bf16 != nullptr &&
-                    s.channels <= kMaxScreenChannels;
+  const bool want = screening_enabled() && tome_kernels().rowmax_bf16 != nullptr;
   const int64_t na = s.na(), first = s.class_token ? 1 : 0, rows = na - first;
   const int64_t token_blocks = (s.tokens + kTokenBlock - 1) / kTokenBlock;
   for (int64_t batch = 0; batch < s.batch && first; ++batch) {
@@ -218,19 +202,17 @@ void all_scores(const TensorView& metric, const TomeShape& s, float* best, int64
   if (s.batch >= 2 * max_threads()) {
     parallel_for(s.batch, [&](int64_t batch) {
       thread_local BatchPack pk;
-      prepare_pack(s, pk);
+      prepare_pack(s, want, pk);
       for (int64_t blk = 0; blk < token_blocks; ++blk) normalise_tokens(metric, s, batch, blk, pk);
-      prepare_screening(s, want, pk);
-      for (int64_t item = 0; item < pair_items(pk); ++item) pack_pairs(pk, item);
+      prepare_screening(pk);
       for (int64_t a0 = first; a0 < na; a0 += kTomeMaxRows)
         score_rows(pk, a0, std::min(na, a0 + kTomeMaxRows), best + batch * na, idx + batch * na);
     });
     return;
   }
   std::vector<BatchPack> packs(static_cast<size_t>(s.batch));
-  for (auto& pk : packs) prepare_pack(s, pk);
+  for (auto& pk : packs) prepare_pack(s, want, pk);
   const int64_t per = rows_per_item(rows), score_items = (rows + per - 1) / per;
-  int64_t max_pairs = 0;
 #pragma omp parallel
   {
 #pragma omp for schedule(dynamic, 1)
@@ -238,17 +220,7 @@ void all_scores(const TensorView& metric, const TomeShape& s, float* best, int64
       normalise_tokens(metric, s, item / token_blocks, item % token_blocks,
                        packs[size_t(item / token_blocks)]);
 #pragma omp single
-    {
-      for (auto& pk : packs) {
-        prepare_screening(s, want, pk);
-        max_pairs = std::max(max_pairs, pair_items(pk));
-      }
-    }
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < s.batch * max_pairs; ++item) {
-      BatchPack& pk = packs[size_t(item / max_pairs)];
-      if (item % max_pairs < pair_items(pk)) pack_pairs(pk, item % max_pairs);
-    }
+    for (auto& pk : packs) prepare_screening(pk);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < s.batch * score_items; ++item) {
       const int64_t batch = item / score_items, a0 = first + (item % score_items) * per;
