@@ -10,7 +10,11 @@ Peak memory: extra bytes over the inputs during one match + merge, each measured
 subprocess (CPU: peak RSS after resetting it through /proc/self/clear_refs; CUDA:
 torch.cuda.max_memory_allocated), outputs included.
 
-Usage: python benchmarks/bench_tome.py [--device cpu|cuda] [--reps N] [--txt PATH] [--json PATH]
+--threads N runs both sides on N threads (torch and fastmerge); --cpu-time reports process CPU
+time instead of wall-clock time (steadier on a shared machine; use with --threads 1).
+
+Usage: python benchmarks/bench_tome.py [--device cpu|cuda] [--threads N] [--cpu-time] [--reps N]
+           [--txt PATH] [--json PATH]
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from typing import Callable, Dict, List
 
 import torch
 
+import fastmerge
 from fastmerge import bench, ops
 from fastmerge.ops import _reference as R
 
@@ -98,12 +103,13 @@ def peak_extra_bytes(case: str, impl: str, device: str) -> int:
 
 
 def measure_memory(case: str, impl: str, device: str) -> int:
-    cmd = [sys.executable, __file__, "--child", case, impl, "--device", device]
+    cmd = [sys.executable, __file__, "--child", case, impl, "--device", device,
+           "--threads", str(torch.get_num_threads())]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return int(done.stdout.strip().splitlines()[-1])
 
 
-def time_case(case: str, device: str, reps: int) -> Dict[str, float]:
+def time_case(case: str, device: str, reps: int, cpu_time: bool = False) -> Dict[str, float]:
     metric, x, r, cls = inputs(case, device)
     fns = {impl: runner(impl, metric, x, r, cls) for impl in IMPLS}
     times: Dict[str, List[float]] = {impl: [] for impl in IMPLS}
@@ -111,11 +117,12 @@ def time_case(case: str, device: str, reps: int) -> Dict[str, float]:
         fns[impl]()
     for _ in range(reps):  # interleaved: load changes hit every implementation alike
         for impl in IMPLS:
+            clock = time.process_time if cpu_time else time.perf_counter
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             fns[impl]()
             sync(device)
-            times[impl].append((time.perf_counter() - start) * 1e3)
+            times[impl].append((clock() - start) * 1e3)
     return {impl: statistics.median(t) for impl, t in times.items()}
 
 
@@ -127,11 +134,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--reps", type=int, default=0, help="runs per case (default: by size)")
+    p.add_argument("--threads", type=int, default=0, help="threads for both sides (default: all)")
+    p.add_argument("--cpu-time", action="store_true", help="process CPU time, not wall clock")
     p.add_argument("--cases", nargs="*", default=list(CASES))
     p.add_argument("--txt")
     p.add_argument("--json")
     p.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        fastmerge.set_num_threads(args.threads)
     if args.child:
         print(peak_extra_bytes(args.child[0], args.child[1], args.device))
         return 0
@@ -140,7 +152,9 @@ def main(argv=None) -> int:
     lines = [f"ToMe match + merge, fastmerge vs ToMe's algorithm in torch ops, "
              f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}",
              bench.describe(machine), f"device: {args.device} ({device_name})",
-             "time: median of interleaved runs; memory: peak extra over the inputs, fresh process",
+             f"threads: {torch.get_num_threads()} (torch) / {fastmerge.get_num_threads()} (fastmerge); "
+             f"time: median of interleaved runs, {'process CPU time' if args.cpu_time else 'wall clock'}; "
+             "memory: peak extra over the inputs (outputs included), fresh process",
              f"{'case':22s} {'B':>3s} {'N':>6s} {'C':>4s} {'r':>5s} | {'reference':>10s} "
              f"{'fastmerge':>10s} {'speed-up':>8s} {'exact-only':>10s} | {'ref MiB':>8s} "
              f"{'ours MiB':>8s} {'ratio':>6s}"]
@@ -149,7 +163,7 @@ def main(argv=None) -> int:
     for case in args.cases:
         B, N, C, XC, r, cls = CASES[case]
         reps = args.reps or (3 if N >= 16384 else 5 if N >= 4096 else 15)
-        t = time_case(case, args.device, reps)
+        t = time_case(case, args.device, reps, args.cpu_time)
         mem = {impl: measure_memory(case, impl, args.device) for impl in ("reference", "fastmerge")}
         row = {"case": case, "B": B, "N": N, "C": C, "x_C": XC, "r": r, "class_token": cls,
                "reps": reps, "ms": t, "peak_extra_bytes": mem}
@@ -166,6 +180,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"machine": machine, "device": args.device, "device_name": device_name,
+                       "threads": torch.get_num_threads(), "cpu_time": args.cpu_time,
                        "rows": rows}, f, indent=1)
     return 0
 

@@ -201,7 +201,7 @@ void all_scores(const TensorView& metric, const TomeShape& s, float* best, int64
   if (rows <= 0) return;
   if (s.batch >= 2 * max_threads()) {
     parallel_for(s.batch, [&](int64_t batch) {
-      thread_local BatchPack pk;
+      BatchPack pk;  // per batch: nothing stays allocated after the call
       prepare_pack(s, want, pk);
       for (int64_t blk = 0; blk < token_blocks; ++blk) normalise_tokens(metric, s, batch, blk, pk);
       prepare_screening(pk);
