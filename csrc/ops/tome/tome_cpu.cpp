@@ -5,8 +5,11 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <new>
 #include <vector>
 
+#include "fastmerge/memory.h"
 #include "fastmerge/parallel.h"
 #include "tome.h"
 #include "tome_cpu_kernels.h"
@@ -67,10 +70,42 @@ void store_row(const TensorView& t, int64_t offset, int64_t len, const float* sr
 constexpr int64_t kScreenMinColumns = 512;
 constexpr int64_t kMaxScreenChannels = 8192;  // bf16 row buffer on the stack
 
+// Uninitialised host buffer; large ones 2 MiB aligned with a huge-page hint, so the first
+// touch (in the parallel normalisation) does not fault 4 KiB pages one at a time.
+template <typename T>
+class PackBuffer {
+ public:
+  void resize(int64_t n) {
+    if (n <= capacity_) return;
+    const size_t bytes = size_t(std::max<int64_t>(n, 1)) * sizeof(T);
+    constexpr size_t kHuge = size_t(1) << 21;
+    if (bytes >= 4 * kHuge) {
+      const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+      data_.reset(static_cast<T*>(std::aligned_alloc(kHuge, rounded)));
+      if (data_) advise_huge_pages(data_.get(), rounded);
+    } else {
+      data_.reset(static_cast<T*>(std::malloc(bytes)));
+    }
+    if (!data_) throw std::bad_alloc();
+    capacity_ = n;
+  }
+  T* data() const { return data_.get(); }
+  T& operator[](size_t i) const { return data_.get()[i]; }
+
+ private:
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> data_;
+  int64_t capacity_ = 0;
+};
+
 // One batch's normalised tokens and the packed copies the kernels read.
 struct BatchPack {
-  std::vector<float> a, b, b_panels, zero_row;
-  std::vector<uint32_t> a_pairs, b_pairs, zero_pairs;
+  PackBuffer<float> a, b, b_panels;
+  PackBuffer<uint32_t> a_pairs, b_pairs;
+  std::vector<float> zero_row;
+  std::vector<uint32_t> zero_pairs;
   std::vector<char> finite;  // per token
   TomeOperands op;
   bool screen = false;       // bf16 pairs packed, screening kernel used
@@ -83,9 +118,14 @@ constexpr int64_t kTokenBlock = 64;  // tokens per packing work item
 void prepare_pack(const TomeShape& s, bool want, BatchPack& pk) {
   const int64_t c = s.channels, na = s.na(), nb = s.nb();
   const int64_t panels = (nb + kTomePanel - 1) / kTomePanel, cp = (c + 1) / 2;
-  pk.a.resize(size_t(na * c));
-  pk.b.resize(size_t(nb * c));
-  pk.b_panels.assign(size_t(panels * c * kTomePanel), 0.0f);
+  pk.a.resize(na * c);
+  pk.b.resize(nb * c);
+  pk.b_panels.resize(panels * c * kTomePanel);
+  // Only the last panel has lanes past nb: zero them (the rest is written by normalisation).
+  const int64_t used = nb - (panels - 1) * kTomePanel;
+  for (int64_t k = 0; panels > 0 && k < c; ++k)
+    for (int64_t l = used; l < kTomePanel; ++l)
+      pk.b_panels[size_t(((panels - 1) * c + k) * kTomePanel + l)] = 0.0f;
   pk.zero_row.assign(size_t(c), 0.0f);
   pk.finite.assign(size_t(s.tokens), 1);
   pk.screen = false;
@@ -102,8 +142,11 @@ void prepare_pack(const TomeShape& s, bool want, BatchPack& pk) {
   op.panels = panels;
   op.b_begin = s.distill_token ? 1 : 0;
   if (!(want && nb >= kScreenMinColumns && c <= kMaxScreenChannels)) return;
-  pk.a_pairs.assign(size_t(na * cp), 0u);
-  pk.b_pairs.assign(size_t(panels * cp * kTomePanel), 0u);
+  pk.a_pairs.resize(na * cp);
+  pk.b_pairs.resize(panels * cp * kTomePanel);
+  for (int64_t k = 0; panels > 0 && k < cp; ++k)
+    for (int64_t l = used; l < kTomePanel; ++l)
+      pk.b_pairs[size_t(((panels - 1) * cp + k) * kTomePanel + l)] = 0u;
   pk.zero_pairs.assign(size_t(cp), 0u);
   op.a_pairs = pk.a_pairs.data();
   op.b_pairs = pk.b_pairs.data();
@@ -346,6 +389,7 @@ void tome_merge_cpu(const TensorView& x, const TensorView* size, const TensorVie
     for (int64_t o = 0; o < rows; ++o) FM_CHECK(off[o] < off[o + 1], "corrupt merge offsets");
     for (int64_t p = 0; p < off[rows]; ++p) FM_CHECK(mem[p] >= 0 && mem[p] < n, "corrupt merge members");
   }
+  advise_huge_pages(out.data, size_t(B * rows * c) * size_t(dtype_size(out.dtype)));
   const int64_t per = std::max<int64_t>(1, 4096 / std::max<int64_t>(c, 1));
   const int64_t blocks = (rows + per - 1) / per;
   parallel_for(B * blocks, [&](int64_t item) {
