@@ -154,9 +154,21 @@ def test_compiled_patched_model_matches_eager():
     assert_close(run(compiled, x), eager, "tome_model")
 
 
+def test_training_backward_flows_through_merges():
+    model = make("layerscale")
+    tome_timm.patch(model, r=5)
+    model.train()
+    model(images()).square().sum().backward()
+    for block in model.blocks:
+        assert float(block.attn.qkv.weight.grad.abs().sum()) > 0
+    assert float(model.patch_embed.proj.weight.grad.abs().sum()) > 0
+
+
 def test_bad_arguments():
     with pytest.raises(InvalidArgumentError, match="VisionTransformer"):
         tome_timm.patch(torch.nn.Linear(2, 2))
+    with pytest.raises(InvalidArgumentError, match="register tokens"):
+        tome_timm.patch(make("vit", reg_tokens=4, no_embed_class=True))
     model = make("vit")
     with pytest.raises(InvalidArgumentError, match="r must be"):
         tome_timm.patch(model, r=1.5)

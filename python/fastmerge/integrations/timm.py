@@ -122,6 +122,10 @@ def patch(model: torch.nn.Module, r=0, *, trace_source: bool = False,
             f"patch() takes a timm VisionTransformer, got {type(model).__name__}")
     if hasattr(type(model), _ORIGINAL):
         raise FastmergeError("this model is already ToMe-patched; unpatch() it first")
+    if getattr(model, "num_reg_tokens", 0):
+        raise InvalidArgumentError(
+            f"the model has {model.num_reg_tokens} register tokens; ToMe protects only the class "
+            f"and distill tokens")
     blocks = list(model.blocks)
     for i, block in enumerate(blocks):
         if type(block) is not Block or type(block.attn) is not Attention:

@@ -87,9 +87,10 @@ def maps_from_scores(node_max: torch.Tensor, node_idx: torch.Tensor, r: int, tok
     rank = torch.zeros(B, tokens, dtype=_I64, device=dev)
     rank.scatter_(1, 2 * src, torch.arange(1, r + 1, device=dev).expand(B, r))
     members = torch.argsort(dest * (r + 1) + rank, dim=1)
-    counts = torch.ones(B, tokens - r, dtype=_I64, device=dev)
-    counts.scatter_add_(1, src_rows, torch.ones_like(src_rows))
-    offsets = torch.cat([torch.zeros(B, 1, dtype=_I64, device=dev), counts.cumsum(1)], dim=1)
+    # Row boundaries in the sorted rows (no atomics, also under deterministic algorithms).
+    sorted_rows = dest.gather(1, members)
+    bounds = torch.arange(tokens - r + 1, device=dev).expand(B, tokens - r + 1).contiguous()
+    offsets = torch.searchsorted(sorted_rows, bounds)
     return TomeMaps(unm, src, dst, offsets, members, dest, r, tokens, class_token, distill_token)
 
 
