@@ -60,6 +60,18 @@ TOLERANCES = {
         "kv_merge's Gaussian weights and weighted sums are fp64 in both the kernel (token order) "
         "and the reference (index_add_ order); the fp64 results differ by ~1e-16 relative, so "
         "the single rounding to the output dtype may flip by one ulp, nothing more."),
+    "tome_merge": Tol(2e-6, 1.0,
+        "ToMe merges: the same fp32 products x * size summed per merged token; torch's "
+        "scatter_reduce may add the sources in another order than our fixed one (kept token, then "
+        "edge order): a few fp32 ulps of the largest |merged token|, plus one output-dtype "
+        "rounding flip."),
+    "tome_similarity": Tol(2e-6, 0.0,
+        "ToMe similarities: our sequential fp32 dot products of the normalised tokens vs torch's "
+        "matmul (blocked, FMA) of tokens normalised by torch's norm: a few fp32 ulps of 1."),
+    "tome_model": Tol(2e-5, 0.0,
+        "A ToMe-patched timm ViT vs the step-by-step ToMe forward: the same merges (tie-free "
+        "matches), but attention through SDPA vs matmul + softmax and 12 layers of fp32 "
+        "rounding in other orders; relative to the largest |logit|."),
     # Native vs mergekit 0.1.5, fp32, tie-free inputs.
     "mergekit_exact": Tol(0.0, 0.0,
         "Deterministic GTA methods without rescale, slerp and flat model_stock: mergekit performs "

@@ -62,5 +62,6 @@ void bind_svd(py::module_& m);
 void bind_consensus(py::module_& m);
 void bind_sphere(py::module_& m);
 void bind_kvmerge(py::module_& m);
+void bind_tome(py::module_& m);
 
 }  // namespace fastmerge::bindings

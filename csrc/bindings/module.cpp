@@ -26,6 +26,7 @@ TensorView view_of(const py::capsule& cap) {
   else if (t->dtype.code == dlpack::kFloat && t->dtype.bits == 16) v.dtype = DType::f16;
   else if (t->dtype.code == dlpack::kBfloat && t->dtype.bits == 16) v.dtype = DType::bf16;
   else if ((t->dtype.code == dlpack::kUInt || t->dtype.code == dlpack::kBool) && t->dtype.bits == 8) v.dtype = DType::u8;
+  else if (t->dtype.code == dlpack::kInt && t->dtype.bits == 64) v.dtype = DType::i64;
   else fail("fastmerge: unsupported dtype code ", int(t->dtype.code), " bits ", int(t->dtype.bits));
   if (t->device.device_type == dlpack::kCPU || t->device.device_type == dlpack::kCUDAHost) {
     v.device = DeviceKind::cpu;
@@ -104,4 +105,5 @@ PYBIND11_MODULE(_C, m) {
   bind_consensus(m);
   bind_sphere(m);
   bind_kvmerge(m);
+  bind_tome(m);
 }

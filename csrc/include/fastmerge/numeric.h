@@ -9,7 +9,7 @@
 
 namespace fastmerge {
 
-enum class DType : int { f32 = 0, f16 = 1, bf16 = 2, u8 = 3 };  // u8: masks only
+enum class DType : int { f32 = 0, f16 = 1, bf16 = 2, u8 = 3, i64 = 4 };  // u8: masks, i64: index maps
 
 inline const char* dtype_name(DType d) {
   switch (d) {
@@ -17,11 +17,14 @@ inline const char* dtype_name(DType d) {
     case DType::f16: return "float16";
     case DType::bf16: return "bfloat16";
     case DType::u8: return "uint8";
+    case DType::i64: return "int64";
   }
   return "?";
 }
 
-inline int dtype_size(DType d) { return d == DType::f32 ? 4 : d == DType::u8 ? 1 : 2; }
+inline int dtype_size(DType d) {
+  return d == DType::f32 ? 4 : d == DType::u8 ? 1 : d == DType::i64 ? 8 : 2;
+}
 
 // Storage types for the 16-bit formats: plain bit containers.
 struct bf16_t { uint16_t bits; };

@@ -22,6 +22,7 @@ from .select import magnitude_mask
 from .sphere import karcher, multislerp, nuslerp
 from .subspace import cart, dc_merge, iso_c, iso_cts, tsv
 from .svd import batched_svd, polar, randomized_svd
+from .tome import TomeMaps, tome_match, tome_merge, tome_merge_source, tome_unmerge
 
 __all__ = [
     "arcee_fusion",
@@ -60,4 +61,9 @@ __all__ = [
     "task_arithmetic",
     "ties",
     "tsv",
+    "TomeMaps",
+    "tome_match",
+    "tome_merge",
+    "tome_merge_source",
+    "tome_unmerge",
 ]

@@ -55,6 +55,15 @@ from .sphere import (
     multislerp,
     nuslerp,
 )
+from .tome import (
+    tome_clamp_r,
+    tome_match,
+    tome_merge_source,
+    tome_merge_sum,
+    tome_merge_wavg,
+    tome_scores,
+    tome_unmerge,
+)
 
 __all__ = [
     "arcee_fusion",
@@ -84,4 +93,11 @@ __all__ = [
     "sce_keep_mask",
     "slerp",
     "sparsify",
+    "tome_clamp_r",
+    "tome_match",
+    "tome_merge_source",
+    "tome_merge_sum",
+    "tome_merge_wavg",
+    "tome_scores",
+    "tome_unmerge",
 ]
