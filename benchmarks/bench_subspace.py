@@ -8,7 +8,7 @@
 * batched_svd vs torch.linalg.svd on batches of 64x64 and 256x256 matrices (CPU here; on a GPU
   with --device cuda).
 
-Usage: python benchmarks/bench_subspace.py [--llama] [--reps 3] [--device cpu] [--json PATH]
+Usage: python benchmarks/bench_subspace.py [--llama | --only-llama] [--reps 3] [--device cpu] [--json PATH]
            [--txt PATH]
 """
 from __future__ import annotations
@@ -61,6 +61,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--llama", action="store_true", help="also 4096x4096 x 4 tasks (minutes)")
+    p.add_argument("--only-llama", action="store_true",
+                   help="only the 4096x4096 x 4 cases (fastmerge timed once: minutes each)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None)
@@ -75,9 +77,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     say(f"subspace merges and batched SVD vs full-SVD references, "
         f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}")
     say(bench.describe(bench.machine_description()))
-    say(f"median of {args.reps} run(s); references run once per shape (they take seconds)")
+    say(f"median of {args.reps} run(s) (4096x4096: one run); references run once per shape")
     rows: List[Dict[str, object]] = []
-    cases = [((768, 768), 8), ((768, 3072), 8)] + ([((4096, 4096), 4)] if args.llama else [])
+    cases = [] if args.only_llama else [((768, 768), 8), ((768, 3072), 8)]
+    if args.llama or args.only_llama:
+        cases.append(((4096, 4096), 4))
     methods = {"tsv": (ops.tsv, reference.tsv), "iso_cts": (ops.iso_cts, reference.iso_cts),
                "iso_c": (ops.iso_c, reference.iso_c),
                "dc_merge": (ops.dc_merge, reference.dc_merge),
@@ -92,7 +96,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             expected = ref(deltas) if args.device == "cpu" else ref([d.cpu() for d in deltas])
             ref_s = time.perf_counter() - started
             ours = op(zero, deltas)
-            ours_s = seconds(lambda: op(zero, deltas), args.reps)
+            reps = 1 if shape[0] >= 4096 else args.reps  # a Llama-shape merge takes a minute
+            ours_s = seconds(lambda: op(zero, deltas), reps)
             err = rel_err(ours.cpu(), expected.cpu())
             rows.append({"kind": "merge", "method": name, "shape": list(shape), "tasks": tasks,
                          "reference_s": ref_s, "fastmerge_s": ours_s,
@@ -100,6 +105,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             say(f"{name:<8} {shape[0]:>4}x{shape[1]:<5} {tasks:>5} | {ref_s:9.2f}s {ours_s:9.3f}s "
                 f"{ref_s / ours_s:7.1f}x | {err:.1e}")
 
+    if args.only_llama:
+        return _write(args, rows, lines)
     say()
     say(f"{'batched_svd':<14} {'batch':>7} | {'torch.linalg.svd':>16} {'fastmerge':>10} "
         f"{'speed-up':>8} | max reconstruction error")
@@ -124,6 +131,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                      "fastmerge_s": ours_s, "speedup": torch_s / ours_s, "max_error": err})
         say(f"{size:>4}x{size:<9} {batch:>7} | {torch_s * 1e3:14.1f}ms {ours_s * 1e3:8.1f}ms "
             f"{torch_s / ours_s:7.2f}x | {err:.1e}")
+    return _write(args, rows, lines)
+
+
+def _write(args, rows, lines) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": bench.machine_description(), "device": args.device,

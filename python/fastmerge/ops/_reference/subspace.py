@@ -32,7 +32,13 @@ def _mean(deltas: List[torch.Tensor]) -> torch.Tensor:
 
 
 def _orthogonalise(x: torch.Tensor) -> torch.Tensor:
-    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    try:
+        u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        # LAPACK's fp32 divide-and-conquer SVD can fail to converge on the nearly rank-deficient
+        # concatenated bases of large layers (seen at 4096x4096 x 4 tasks); float64 converges.
+        u, _, vh = torch.linalg.svd(x.double(), full_matrices=False)
+        return (u @ vh).to(x.dtype)
     return u @ vh
 
 
