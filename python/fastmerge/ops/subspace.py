@@ -32,7 +32,7 @@ from ._validate import (
     check_tensor,
     resolve_out_dtype,
 )
-from .svd import polar
+from .svd import gram_route_pays, polar
 from ._reference.subspace import (
     _keep_top_fraction,
     _sign_elected_mean,
@@ -105,11 +105,13 @@ def _kept_ratio(eigenvalues, count: int) -> float:
 def _top_triplets(d: torch.Tensor, count: int, exact: bool):
     """Top `count` singular triplets of every matrix in d [..., m, n]: full SVDs in exact mode;
     otherwise from the eigh of the smaller Gram matrix: in fp32 when the kept eigenvalues stand
-    well above fp32 roundoff, in float64 when they are smaller, and by SVD when even float64
-    would lose them."""
+    well above fp32 roundoff, in float64 when they are smaller (rectangular matrices only: for
+    square ones that costs as much as the SVD), and by SVD when even float64 would lose them."""
     if not exact:
-        for dtype, min_ratio in ((torch.float32, _FP32_GRAM_MIN_RATIO),
-                                 (torch.float64, _FP64_GRAM_MIN_RATIO)):
+        routes = ((torch.float32, _FP32_GRAM_MIN_RATIO), (torch.float64, _FP64_GRAM_MIN_RATIO))
+        if not gram_route_pays(*d.shape[-2:]):
+            routes = routes[:1]  # square: a float64 eigh plus GEMMs costs as much as the SVD
+        for dtype, min_ratio in routes:
             t, tall, eigenvalues, vectors = _gram_eig(d, dtype)
             if _kept_ratio(eigenvalues, count) >= min_ratio:
                 return _triplets_from_gram(t, tall, eigenvalues, vectors, count)
