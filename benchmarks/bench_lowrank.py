@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import time
 import warnings
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 
 from fastmerge import bench, ops
 from fastmerge.ops._reference import lowrank as reference
+
+from bench_subspace import rel_err, seconds  # benchmarks/ is the script's directory
 
 
 def lora_factors(m: int, n: int, count: int, rank: int, seed: int = 0):
@@ -30,19 +31,6 @@ def lora_factors(m: int, n: int, count: int, rank: int, seed: int = 0):
     bs = [torch.randn(m, rank, generator=g) * 0.02 for _ in range(count)]
     as_ = [torch.randn(rank, n, generator=g) / n ** 0.5 for _ in range(count)]
     return bs, as_
-
-
-def seconds(fn: Callable[[], object], reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def knots_rows(say, reps: int) -> None:

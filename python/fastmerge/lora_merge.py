@@ -18,12 +18,13 @@ from typing import Dict, List, Optional
 import torch
 
 from . import __version__
-from .config import MergeConfig, resolve
+from .config import MergeConfig
 from .errors import ConfigError, FastmergeError, MergeInputError
 from .io.peft_adapter import KEYS, PREFIX, LoraAdapter, merged_adapter_config, write_adapter
 from .io.staging import StagedOutput
 from .methods import LoraMergeCall, get_method
 from .methods.registry import INPUT_SCOPES, SHARED
+from .plan import parameter_value
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -44,15 +45,6 @@ def _positions(modules: List[str]) -> Dict[str, float]:
     index = {m: int(found.group(1)) for m in modules if (found := _LAYER.search(m))}
     last = max(index.values(), default=0)
     return {m: (index.get(m, 0) / last if last else 0.0) for m in modules}
-
-
-def _value(spec, levels, tensor_name: str, t: float, where: str):
-    value = resolve(spec.name, levels, tensor_name, t, spec.coerce)
-    if value is None:
-        if spec.required:
-            raise ConfigError(f"missing required parameter {spec.name!r} for {where}")
-        return spec.default
-    return value
 
 
 def run_lora_merge(config: MergeConfig, out_dir, options):
@@ -86,12 +78,12 @@ def run_lora_merge(config: MergeConfig, out_dir, options):
             raise FastmergeError(f"module {module} is an embedding in some adapters and a "
                                  f"linear layer in others")
         tensor_name, t = f"{module}.weight", positions[module]
-        shared = {p.name: _value(p, shared_levels, tensor_name, t, f"module {module}")
+        shared = {p.name: parameter_value(p, shared_levels, tensor_name, t, f"module {module}")
                   for p in method.parameters if p.scope == SHARED}
         per_input, lora_b, lora_a = [], [], []
         for s in used:
             levels = [s.parameters] + shared_levels
-            per_input.append({p.name: _value(p, levels, tensor_name, t,
+            per_input.append({p.name: parameter_value(p, levels, tensor_name, t,
                                              f"adapter {s.model}, module {module}")
                               for p in method.parameters if p.scope in INPUT_SCOPES})
             b, a = adapters[s.model].factors(module)

@@ -36,6 +36,17 @@ TIED_HEADS: Dict[str, Dict[str, Tuple[str, ...]]] = {
 }
 
 
+def parameter_value(spec, levels, tensor_name: str, t: float, where: str):
+    """A method parameter's value for one tensor: the first level (highest precedence first)
+    that sets it, else its default; a required parameter nobody sets is a ConfigError."""
+    value = resolve(spec.name, levels, tensor_name, t, spec.coerce)
+    if value is None:
+        if spec.required:
+            raise ConfigError(f"missing required parameter {spec.name!r} for {where}")
+        return spec.default
+    return value
+
+
 @dataclass(frozen=True)
 class InputTensor:
     model: str               # the model as named in the config
@@ -164,26 +175,17 @@ class Planner:
             return TensorJob(out_name, (first,), 0, {}, ({},), shape, first.dtype, copy_only=True)
 
         shared_levels = [out_slice.parameters, self.config.parameters]
-        shared = {p.name: self._value(p, shared_levels, out_name, t, where)
+        shared = {p.name: parameter_value(p, shared_levels, out_name, t, where)
                   for p in self.method.parameters if p.scope == "shared"}
         per_input = []
         for model, x in zip(models, inputs):
             levels = [s.parameters for s in out_slice.sources if s.model == model] + shared_levels
             scopes = INPUT_SCOPES if model != base else ("input",)
-            per_input.append({p.name: self._value(p, levels, x.tensor, t,
+            per_input.append({p.name: parameter_value(p, levels, x.tensor, t,
                                                   f"model {model}, tensor {x.tensor}")
                               for p in self.method.parameters if p.scope in scopes})
         out_dtype = self.config.out_dtype or self.config.dtype or first.dtype
         return TensorJob(out_name, inputs, base_index, shared, tuple(per_input), shape, out_dtype)
-
-    @staticmethod
-    def _value(spec, levels, tensor_name: str, t: float, where: str):
-        value = resolve(spec.name, levels, tensor_name, t, spec.coerce)
-        if value is None:
-            if spec.required:
-                raise ConfigError(f"missing required parameter {spec.name!r} for {where}")
-            return spec.default
-        return value
 
     # ---- the whole output ----
 
