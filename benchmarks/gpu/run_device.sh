@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine should run, in one call: build with CUDA, the whole test suite
-# (CUDA cases included), compute-sanitizer over every launcher, and the GPU benchmark.
+# (CUDA cases included), compute-sanitizer over every launcher, and the GPU benchmarks.
 # Outputs go to $OUT (or ./gpu-out). The device has torch, pybind11, scikit-build-core, cmake,
 # ninja and nvcc but no network: the build runs without isolation.
 # QUICK=1 (a short lease): CUDA-parametrised tests only, memcheck only, no profile.
@@ -28,3 +28,13 @@ step profile
 [ -n "${QUICK:-}" ] || python3 benchmarks/gpu/profile_ops.py >"$out/profile.txt" 2>&1; grep -E "==|Self CUDA time total|Kernel|kernel|Memcpy|Memset|cub" "$out/profile.txt" | head -60
 step bench
 python3 benchmarks/gpu/bench_gpu.py --json "$out/bench_gpu.json" 2>&1 | tee "$out/bench_gpu.txt"
+# The families benchmarked against their torch references on the GPU (issue 5: batched_svd
+# >= 3x torch.linalg.svd; issue 6: ToMe and kv_merge >= 3x). QUICK=1 skips them.
+if [ -z "${QUICK:-}" ]; then
+  step "bench subspace + batched_svd"
+  python3 benchmarks/bench_subspace.py --device cuda --txt "$out/subspace-gpu.txt" --json "$out/subspace-gpu.json" 2>&1 | tail -20
+  step "bench tome"
+  python3 benchmarks/bench_tome.py --device cuda --txt "$out/tome-gpu.txt" --json "$out/tome-gpu.json" 2>&1 | tail -12
+  step "bench kv_merge"
+  python3 benchmarks/bench_kvmerge.py --device cuda --skip-loop --txt "$out/kvmerge-gpu.txt" --json "$out/kvmerge-gpu.json" 2>&1 | tail -8
+fi

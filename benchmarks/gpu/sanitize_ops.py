@@ -24,6 +24,47 @@ def main():
         ops.model_stock(base, experts)
         ops.model_stock(base, experts, filter_wise=True)
         ops.ties(base, [base.float() + 1 for _ in range(10)], 1.0, 0.5)
+        # PEFT's conventions in the GTA kernel, and the stacked-tensor PEFT kernels
+        ops.generalized_task_arithmetic(None, experts, w, density=0.4, sparsification="magnitude",
+                                        consensus="sum", normalize="count", rescale="density",
+                                        sign_from="unweighted", min_keep=0)
+        stacked = torch.stack([e.float() for e in experts])
+        mask = ops.majority_sign_mask(stacked)
+        ops.disjoint_merge(stacked, mask)
+        # interp, consensus and sphere families
+        ops.nearswap(base, experts[0], 0.01)
+        ops.sce(base, experts, select_topk=0.5)
+        ops.ram(base, experts)
+        ops.ramplus_tl(base, experts)
+        ops.arcee_fusion(base, experts[0])
+        if len(shape) == 2:
+            ops.nuslerp(0.3, experts[0], experts[1], base=base)
+        ops.multislerp(experts, w, base=base)
+        ops.karcher(experts)
+    # svd family: batched Jacobi SVD, polar (Jacobi inside), randomized SVD
+    for batch, size in ((33, 16), (5, 64), (2, 256)):
+        x = torch.randn(batch, size, size + 3, device="cuda")
+        ops.batched_svd(x)
+        ops.polar(x)
+    ops.randomized_svd(torch.randn(300, 200, device="cuda"), 20)
+    # ToMe: match with and without protected tokens, merge, unmerge, source tracking
+    for tokens, channels in ((197, 64), (1025, 320)):
+        metric = torch.randn(3, tokens, channels, device="cuda")
+        x = torch.randn(3, tokens, 96, device="cuda").bfloat16()
+        for class_token, distill_token in ((False, False), (True, False), (True, True)):
+            maps = ops.tome_match(metric, tokens // 4, class_token=class_token,
+                                  distill_token=distill_token)
+            merged, size = ops.tome_merge(x, maps)
+            ops.tome_merge(merged, ops.tome_match(merged.float()[..., :64], 8), size)
+            ops.tome_unmerge(merged, maps)
+            ops.tome_merge_source(None, maps)
+    # KV-cache merging: GQA-shaped cache, protected sinks and window
+    keys = torch.randn(2, 4, 700, 64, device="cuda").half()
+    values = torch.randn(2, 4, 700, 64, device="cuda").half()
+    scores = torch.rand(2, 4, 700, device="cuda")
+    ops.kv_merge(keys, values, scores, ratio=0.5, eps=-1.0, sigma=4.0, window=32, sinks=4)
+    ops.kv_merge(keys, values, scores, ratio=0.3, eps=0.1, sigma=4.0, window=0, sinks=0,
+                 return_positions=True)
     torch.cuda.synchronize()
     print("sanitize_ops: all launchers ran")
 
