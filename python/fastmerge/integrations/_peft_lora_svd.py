@@ -28,9 +28,13 @@ from ..ops.subspace import _FP64_GRAM_MIN_RATIO, _gram_eig, _kept_ratio, _triple
 METHOD = "_svd_generalized_task_arithmetic_weighted_adapter"
 
 
-def _reason(model, combination_type, adapters, new_rank, target, clamp) -> Optional[str]:
-    lora_model_types = _lora_layer_types()
-    if isinstance(target, lora_model_types["conv"]):
+def _reason(adapters, new_rank, target, clamp) -> Optional[str]:
+    """Why PEFT's own code must serve this layer, or None."""
+    from peft.tuners.lora import layer
+
+    convolutions = tuple(getattr(layer, name) for name in ("Conv1d", "Conv2d", "Conv3d")
+                         if hasattr(layer, name))
+    if isinstance(target, convolutions):
         return "conv layers"
     if clamp is not None:
         return "svd_clamp (clamped factors depend on the SVD's sign convention)"
@@ -47,13 +51,6 @@ def _reason(model, combination_type, adapters, new_rank, target, clamp) -> Optio
     if new_rank > min(b.shape[0], lora_a.shape[1]):
         return "new_rank above the update's smaller side"
     return None
-
-
-def _lora_layer_types():
-    from peft.tuners.lora import layer
-
-    return {"conv": (layer.Conv2d, getattr(layer, "Conv1d", layer.Conv2d),
-                     getattr(layer, "Conv3d", layer.Conv2d))}
 
 
 def _factors(target, adapter):
@@ -85,18 +82,19 @@ def accelerated(original: Callable) -> Callable:
                              clamp=None, full_matrices=True, driver=None):
         from .peft import _say_once  # the integration's once-per-reason warning
 
-        reason = _reason(self, combination_type, adapters, new_rank, target, clamp)
-        if reason is not None:
-            _say_once("add_weighted_adapter SVD", reason)
+        def peft_own():
             return original(self, combination_type, adapters, weights, new_rank, target,
                             target_lora_A, target_lora_B, density, majority_sign_method,
                             clamp=clamp, full_matrices=full_matrices, driver=driver)
+
+        reason = _reason(adapters, new_rank, target, clamp)
+        if reason is not None:
+            _say_once("add_weighted_adapter SVD", reason)
+            return peft_own()
         used = [(a, w) for a, w in zip(adapters, weights)
                 if a in target.lora_A or a in target.lora_embedding_A]
         if not used:
-            return original(self, combination_type, adapters, weights, new_rank, target,
-                            target_lora_A, target_lora_B, density, majority_sign_method,
-                            clamp=clamp, full_matrices=full_matrices, driver=driver)
+            return peft_own()
         with torch.no_grad():
             if combination_type == "svd":
                 lefts, rights = zip(*(_factors(target, a) for a, _ in used))
@@ -105,13 +103,10 @@ def accelerated(original: Callable) -> Callable:
                                          [x.detach() for x in rights], weights=scaled)
                 u, s, vh = u[:, :new_rank], s[:new_rank], vh[:new_rank]
             else:
-                delta = _combined_update(self, combination_type, used, target, density,
+                delta = _combined_update(combination_type, used, target, density,
                                          majority_sign_method)
                 if delta is None:
-                    return original(self, combination_type, adapters, weights, new_rank,
-                                    target, target_lora_A, target_lora_B, density,
-                                    majority_sign_method, clamp=clamp,
-                                    full_matrices=full_matrices, driver=driver)
+                    return peft_own()
                 u, s, vh = _top_triplets_fp64(delta, new_rank)
             lora_b = _pad_rows((u * s).mT, new_rank).mT.contiguous()
             lora_a = _pad_rows(vh, new_rank).contiguous()
@@ -122,7 +117,7 @@ def accelerated(original: Callable) -> Callable:
     return svd_weighted_adapter
 
 
-def _combined_update(model, combination_type, used, target, density, majority_sign_method):
+def _combined_update(combination_type, used, target, density, majority_sign_method):
     """The dense combined update as PEFT forms it (its merge functions, patched or not, from
     peft.tuners.lora.model), in the orientation PEFT decomposes; None for a type PEFT should
     report itself."""

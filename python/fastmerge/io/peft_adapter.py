@@ -14,6 +14,7 @@ trainable tokens, convolutions) are refused with the name of the first such tens
 from __future__ import annotations
 
 import json
+from collections import Counter
 import math
 import re
 from dataclasses import dataclass
@@ -161,8 +162,7 @@ def merged_adapter_config(first: dict, ranks: Mapping[str, int],
     """The config of a merged adapter whose factors carry the whole update (scaling 1): r and
     lora_alpha equal, per module through rank_pattern/alpha_pattern when the ranks differ."""
     config = dict(first)
-    values = sorted(set(ranks.values()))
-    common = max(set(ranks.values()), key=list(ranks.values()).count) if values else 1
+    common = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
     patterns = {re.escape(m): r for m, r in ranks.items() if r != common}
     config.update(r=common, lora_alpha=common, use_rslora=False, rank_pattern=patterns,
                   alpha_pattern=dict(patterns), target_modules=target_modules,
