@@ -46,6 +46,21 @@ FM_HD bool is_candidate(float sim, int64_t i, const KvMergeParams& p) {
   return i >= p.lo && i + 1 < p.hi && double(sim) >= p.eps;
 }
 
+// Views of the apply step (both devices): flat contiguous buffers of the expected sizes.
+inline void check_apply_views(const TensorView& keys, const TensorView& values,
+                              const TensorView& scores, const TensorView& sims,
+                              const KvMergeParams& p, int64_t removed,
+                              const TensorView& keys_out, const TensorView& values_out) {
+  const int64_t S = p.seq, BH = p.batch_heads, out_len = S - removed;
+  FM_CHECK(S >= 2 && removed >= 0 && removed < S, "kv_merge: bad removal count ", removed);
+  check_flat(keys, "keys", BH * S * p.key_dim);
+  check_flat(values, "values", BH * S * p.value_dim);
+  check_flat(scores, "scores", BH * S);
+  check_flat(sims, "sims", BH * (S - 1));
+  check_flat(keys_out, "keys_out", BH * out_len * p.key_dim);
+  check_flat(values_out, "values_out", BH * out_len * p.value_dim);
+}
+
 // ---- CPU (kvmerge_cpu.cpp) ----
 // keys (BH, S, D), sims (BH, S - 1) fp32 out; returns the tokens removed per head.
 int64_t kv_merge_plan_cpu(const TensorView& keys, const TensorView& sims, const KvMergeParams& p);

@@ -201,13 +201,7 @@ void kv_merge_apply_cpu(const TensorView& keys, const TensorView& values, const 
                         const TensorView& keys_out, const TensorView& values_out,
                         int64_t* positions) {
   const int64_t S = p.seq, pairs = S - 1, BH = p.batch_heads, out_len = S - removed;
-  FM_CHECK(S >= 2 && removed >= 0 && removed < S, "kv_merge: bad removal count ", removed);
-  check_flat(keys, "keys", BH * S * p.key_dim);
-  check_flat(values, "values", BH * S * p.value_dim);
-  check_flat(scores, "scores", BH * S);
-  check_flat(sims, "sims", BH * pairs);
-  check_flat(keys_out, "keys_out", BH * out_len * p.key_dim);
-  check_flat(values_out, "values_out", BH * out_len * p.value_dim);
+  check_apply_views(keys, values, scores, sims, p, removed, keys_out, values_out);
   advise_huge_pages(keys_out.data, size_t(keys_out.numel()) * size_t(dtype_size(keys_out.dtype)));
   advise_huge_pages(values_out.data,
                     size_t(values_out.numel()) * size_t(dtype_size(values_out.dtype)));

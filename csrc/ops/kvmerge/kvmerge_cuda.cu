@@ -263,14 +263,8 @@ void kv_merge_apply_cuda(const TensorView& keys, const TensorView& values,
                          const KvMergeParams& p, int64_t removed, const TensorView& keys_out,
                          const TensorView& values_out, int64_t* positions,
                          StreamHandle stream_handle) {
-  const int64_t S = p.seq, pairs = S - 1, BH = p.batch_heads, out_len = S - removed;
-  FM_CHECK(S >= 2 && removed >= 0 && removed < S, "kv_merge: bad removal count ", removed);
-  check_flat(keys, "keys", BH * S * p.key_dim);
-  check_flat(values, "values", BH * S * p.value_dim);
-  check_flat(scores, "scores", BH * S);
-  check_flat(sims, "sims", BH * pairs);
-  check_flat(keys_out, "keys_out", BH * out_len * p.key_dim);
-  check_flat(values_out, "values_out", BH * out_len * p.value_dim);
+  const int64_t S = p.seq, BH = p.batch_heads, out_len = S - removed;
+  check_apply_views(keys, values, scores, sims, p, removed, keys_out, values_out);
   FM_CHECK(BH < (int64_t(1) << 31), "kv_merge: too many (batch, head) pairs");
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const KernelParams k = kernel_params(keys, &values, &scores, sims, p);

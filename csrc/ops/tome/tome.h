@@ -61,6 +61,21 @@ struct TomeMapViews {
   TensorView unm_idx, src_idx, dst_idx, offsets, members, dest;
 };
 
+// Views of the merge (both devices): x [B, N, C] -> out [B, rows, C], the maps' offsets and
+// members, optional sizes; flat contiguous buffers of those sizes.
+inline void check_merge_views(const TensorView& x, const TensorView* size,
+                              const TensorView& offsets, const TensorView& members,
+                              const TensorView& out, const TensorView* size_out) {
+  FM_CHECK(x.ndim() == 3 && out.ndim() == 3, "x and out must be [B, N, C]");
+  const int64_t B = x.shape[0], n = x.shape[1], c = x.shape[2], rows = out.shape[1];
+  check_flat(x, "x", B * n * c);
+  check_flat(out, "out", B * rows * c);
+  check_flat(offsets, "offsets", B * (rows + 1));
+  check_flat(members, "members", B * n);
+  if (size) check_flat(*size, "size", B * n);
+  if (size_out) check_flat(*size_out, "size_out", B * rows);
+}
+
 // ---- CPU (tome_cpu.cpp) ----
 
 // Row max / argmax of every a-token (node_max [B, na] f32, node_idx [B, na] i64).

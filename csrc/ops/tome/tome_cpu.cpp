@@ -373,14 +373,8 @@ void tome_match_cpu(const TensorView& metric, const TomeShape& s, const TomeMapV
 void tome_merge_cpu(const TensorView& x, const TensorView* size, const TensorView& offsets,
                     const TensorView& members, const TensorView& out, const TensorView* size_out,
                     TomeReduce mode) {
-  FM_CHECK(x.ndim() == 3 && out.ndim() == 3, "x and out must be [B, N, C]");
+  check_merge_views(x, size, offsets, members, out, size_out);
   const int64_t B = x.shape[0], n = x.shape[1], c = x.shape[2], rows = out.shape[1];
-  check_flat(x, "x", B * n * c);
-  check_flat(out, "out", B * rows * c);
-  check_flat(offsets, "offsets", B * (rows + 1));
-  check_flat(members, "members", B * n);
-  if (size) check_flat(*size, "size", B * n);
-  if (size_out) check_flat(*size_out, "size_out", B * rows);
   // Malformed maps would read out of bounds: check them before the (non-throwing) parallel part.
   for (int64_t batch = 0; batch < B; ++batch) {
     const int64_t* off = offsets.ptr<const int64_t>() + batch * (rows + 1);

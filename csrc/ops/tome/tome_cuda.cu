@@ -188,14 +188,8 @@ void tome_scores_cuda(const TensorView& metric, const TomeShape& s, const Tensor
 void tome_merge_cuda(const TensorView& x, const TensorView* size, const TensorView& offsets,
                      const TensorView& members, const TensorView& out,
                      const TensorView* size_out, TomeReduce mode, StreamHandle stream) {
-  FM_CHECK(x.ndim() == 3 && out.ndim() == 3, "x and out must be [B, N, C]");
+  check_merge_views(x, size, offsets, members, out, size_out);
   const int64_t B = x.shape[0], n = x.shape[1], c = x.shape[2], rows = out.shape[1];
-  check_flat(x, "x", B * n * c);
-  check_flat(out, "out", B * rows * c);
-  check_flat(offsets, "offsets", B * (rows + 1));
-  check_flat(members, "members", B * n);
-  if (size) check_flat(*size, "size", B * n);
-  if (size_out) check_flat(*size_out, "size_out", B * rows);
   FM_CHECK(B <= 65535, "at most 65535 batches on CUDA");
   if (B == 0 || rows == 0) return;
   auto st = reinterpret_cast<cudaStream_t>(stream);
