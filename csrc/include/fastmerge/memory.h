@@ -6,6 +6,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
 
 namespace fastmerge {
 
@@ -23,6 +26,17 @@ inline void advise_huge_pages(void* data, size_t bytes) {
 #else
   (void)data;
   (void)bytes;
+#endif
+}
+
+// Outputs at least this large are written with non-temporal stores: they outgrow the caches, so
+// caching them only costs the read of every line before its write.
+constexpr size_t kStreamingStoreBytes = size_t(8) << 20;
+
+// Orders this thread's non-temporal stores before what follows (they are weakly ordered).
+inline void stream_fence() {
+#if defined(__x86_64__) || defined(_M_X64)
+  _mm_sfence();
 #endif
 }
 

@@ -75,16 +75,14 @@ uint64_t kth_largest(int64_t n, int64_t k, const ValueAt& value_at) {
       above[size_t(c)] = up;
     });
     int64_t total_above = 0;
-    size_t total = 0;
+    std::vector<CandidateSpan> spans;
     for (int64_t c = 0; c < chunks; ++c) {
       total_above += above[size_t(c)];
-      total += found[size_t(c)].size();
+      spans.push_back({found[size_t(c)].data(), int64_t(found[size_t(c)].size())});
     }
-    std::vector<uint64_t> candidates;
-    candidates.reserve(total);
-    for (auto& f : found) candidates.insert(candidates.end(), f.begin(), f.end());
+    std::vector<uint64_t> scratch;
     uint64_t boundary = 0;
-    if (resolve_topk(candidates, total_above, k, &boundary)) return boundary;
+    if (resolve_topk(spans, total_above, w, scratch, &boundary)) return boundary;
     w = full_topk_window(k);  // the sample missed the k-th (rare): scan everything
   }
 }

@@ -197,7 +197,8 @@ uint64_t kth_largest_cuda(int64_t n, int64_t k, Fn fn, cudaStream_t stream) {
                                     cudaMemcpyDeviceToHost, stream));
     FM_CUDA_CHECK(cudaStreamSynchronize(stream));
     uint64_t boundary = 0;
-    if (resolve_topk(host, int64_t(host_counters[0]), k, &boundary)) return boundary;
+    std::vector<uint64_t> scratch;
+    if (resolve_topk({{host.data(), found}}, int64_t(host_counters[0]), w, scratch, &boundary)) return boundary;
     w = full_topk_window(k);  // the sample missed the k-th (rare): every element is a candidate
     cap = n;
   }

@@ -31,11 +31,11 @@ struct RangeStats {
 };
 
 // Candidate buffers that keep their capacity across calls (no page faults in the hot pass):
-// one per worker thread and selection, plus one contiguous array per selection to select in.
+// one per worker thread and selection, plus one scratch array per selection to select in.
 // Owned by the calling thread, so concurrent merges from several Python threads never share.
 struct CandidatePool {
   std::vector<std::vector<std::vector<uint64_t>>> by_thread;
-  std::vector<std::vector<uint64_t>> merged;
+  std::vector<std::vector<uint64_t>> select_scratch;
 };
 
 CandidatePool& candidate_pool(size_t selections) {
@@ -45,7 +45,7 @@ CandidatePool& candidate_pool(size_t selections) {
     per_thread.resize(std::max(per_thread.size(), selections));
     for (auto& buf : per_thread) buf.clear();
   }
-  pool.merged.resize(std::max(pool.merged.size(), selections));
+  pool.select_scratch.resize(std::max(pool.select_scratch.size(), selections));
   return pool;
 }
 
@@ -222,7 +222,7 @@ void stats_pass(const MergeInputs& in, GtaPlan& plan, std::vector<Selection>& se
           if (sels[size_t(i)].expert != t) continue;
           const TopkWindow& w = sels[size_t(i)].window;
           TopkScanResult& scan = st.scans[size_t(i)];
-          K.topk_scan(src, s.base.data(), len, w.lo, w.hi, &scan, s.cand.data());
+          K.topk_scan(src, s.base.data(), len, w.lo, w.hi, x.rescale, &scan, s.cand.data());
           bufs[size_t(i)].insert(bufs[size_t(i)].end(), s.cand.begin(),
                                  s.cand.begin() + scan.candidates);
         }
@@ -253,31 +253,28 @@ void stats_pass(const MergeInputs& in, GtaPlan& plan, std::vector<Selection>& se
   std::vector<char> hit(sels.size(), 0);
   std::vector<uint64_t> boundary(sels.size(), 0);
   std::vector<double> top_l1(sels.size(), 0.0);
-  // Each selection independently: gather its candidates in range order, select the k-th.
+  // Each selection independently: select the k-th among its candidates, range by range.
   parallel_for(int64_t(active.size()), [&](int64_t a) {
     const size_t i = size_t(active[size_t(a)]);
     const Selection& sel = sels[i];
     int64_t above = 0;
     double above_l1 = 0.0;
-    std::vector<uint64_t>& merged = pool.merged[i];
-    merged.clear();
+    std::vector<CandidateSpan> spans;
+    spans.reserve(stats.size());
     for (const RangeStats& st : stats) {
       above += st.scans[i].above;
       above_l1 += st.scans[i].above_l1;
-      const uint64_t* src = pool.by_thread[size_t(st.cand_thread[i])][i].data() + st.cand_offset[i];
-      merged.insert(merged.end(), src, src + st.cand_count[i]);
+      spans.push_back({pool.by_thread[size_t(st.cand_thread[i])][i].data() + st.cand_offset[i], st.cand_count[i]});
     }
-    if (!resolve_topk(merged, above, sel.window.k, &boundary[i])) return;
+    if (!resolve_topk(spans, above, sel.window, pool.select_scratch[i], &boundary[i])) return;
     hit[i] = 1;
     if (!plan.experts[size_t(sel.expert)].rescale) return;
     // L1 of the top k: the part above the window plus the kept candidates in range order
     // (|delta| is the float whose bits are the composite's key).
     double l1 = above_l1;
-    for (const RangeStats& st : stats) {
-      const uint64_t* src = pool.by_thread[size_t(st.cand_thread[i])][i].data() + st.cand_offset[i];
-      for (int64_t c = 0; c < st.cand_count[i]; ++c)
-        if (src[c] >= boundary[i]) l1 += double(bits_float(uint32_t(src[c] >> kIndexBits)));
-    }
+    for (const CandidateSpan& span : spans)
+      for (int64_t c = 0; c < span.count; ++c)
+        if (span.data[c] >= boundary[i]) l1 += double(bits_float(uint32_t(span.data[c] >> kIndexBits)));
     top_l1[i] = l1;
   });
   for (int a : active) {
@@ -294,8 +291,43 @@ void stats_pass(const MergeInputs& in, GtaPlan& plan, std::vector<Selection>& se
   }
 }
 
+// The composites of expert t at the s sampled positions. Positions come in runs of
+// kSampleRun consecutive elements (sample_position), loaded a run at a time.
+void sample_composites(const MergeInputs& in, int t, int64_t s, const GtaBlockKernels& K,
+                       std::vector<uint64_t>& sample) {
+  const int64_t n = in.n;
+  const TensorView& e = (*in.experts)[size_t(t)];
+  sample.resize(size_t(s));
+  const int64_t run = s % kSampleRun == 0 ? kSampleRun : 1;
+  float delta[kSampleRun], base[kSampleRun] = {};
+  const int64_t esize = dtype_size(e.dtype), bsize = in.base ? dtype_size(in.base->dtype) : 0;
+  constexpr int64_t kAhead = 16;  // runs in flight: each is a cache and TLB miss
+  for (int64_t j = 0; j < s; j += run) {
+    if (j + kAhead * run < s) {
+      const int64_t ahead = sample_position(j + kAhead * run, n, s);
+      __builtin_prefetch(static_cast<const char*>(e.data) + ahead * esize);
+      if (in.base) __builtin_prefetch(static_cast<const char*>(in.base->data) + ahead * bsize);
+    }
+    const int64_t pos = sample_position(j, n, s);
+    // Runs are consecutive positions; check it rather than assume it of sample_position.
+    const bool consecutive = run > 1 && sample_position(j + run - 1, n, s) == pos + run - 1;
+    if (!consecutive) {
+      for (int64_t r = 0; r < run; ++r) {
+        const int64_t at = sample_position(j + r, n, s);
+        const float d = load_host(e, at) - (in.base ? load_host(*in.base, at) : 0.0f);
+        sample[size_t(j + r)] = composite_key(magnitude_key(d), at);
+      }
+      continue;
+    }
+    K.load(e.data, e.dtype, pos, run, delta);
+    if (in.base) K.load(in.base->data, in.base->dtype, pos, run, base);
+    for (int64_t r = 0; r < run; ++r)
+      sample[size_t(j + r)] = composite_key(magnitude_key(delta[r] - base[r]), pos + r);
+  }
+}
+
 // Plans the selections of every top-k expert from a sample of its composites.
-std::vector<Selection> plan_selections(const MergeInputs& in, GtaPlan& plan) {
+std::vector<Selection> plan_selections(const MergeInputs& in, GtaPlan& plan, const GtaBlockKernels& K) {
   const int64_t n = in.n, s = sample_count(n);
   std::vector<int> topk;
   for (int t = 0; t < int(plan.experts.size()); ++t)
@@ -307,20 +339,11 @@ std::vector<Selection> plan_selections(const MergeInputs& in, GtaPlan& plan) {
     const ExpertPlan& x = plan.experts[size_t(t)];
     std::vector<uint64_t> sample;
     const bool sampled = n > 4 * kSampleSize && ((x.k_keep > 0 && x.k_keep < n) || (x.k_drop > 0 && x.k_drop < n));
-    if (sampled) {
-      sample.resize(size_t(s));
-      const TensorView& e = (*in.experts)[size_t(t)];
-      for (int64_t j = 0; j < s; ++j) {
-        const int64_t pos = sample_position(j, n, s);
-        const float d = load_host(e, pos) - (in.base ? load_host(*in.base, pos) : 0.0f);
-        sample[size_t(j)] = composite_key(magnitude_key(d), pos);
-      }
-    }
+    if (sampled) sample_composites(in, t, s, K, sample);
     for (int side = 0; side < 2; ++side) {
       const bool keep_side = side == 0;
-      std::vector<uint64_t> work = sample;  // plan_topk_window reorders its sample
       sels[size_t(i) * 2 + side] =
-          Selection{t, keep_side, plan_topk_window(work, n, keep_side ? x.k_keep : x.k_drop)};
+          Selection{t, keep_side, plan_topk_window(sample, n, keep_side ? x.k_keep : x.k_drop)};
     }
   });
   for (Selection& sel : sels) {
@@ -353,6 +376,9 @@ void merge_pass(const MergeInputs& in, const GtaPlan& plan, const TensorView& ou
       std::all_of(in.experts->begin(), in.experts->end(),
                   [&](const TensorView& e) { return e.dtype == (*in.experts)[0].dtype; });
 
+  const bool streaming = size_t(in.n) * size_t(dtype_size(out.dtype)) >= kStreamingStoreBytes;
+  const auto store = streaming ? K.stream_store : K.store;
+
   for_each_range(ranges, [&](int64_t r) {
     Scratch& s = scratch_for(T);
     std::vector<BlockSource> sources(static_cast<size_t>(T));
@@ -366,9 +392,10 @@ void merge_pass(const MergeInputs& in, const GtaPlan& plan, const TensorView& ou
           const TensorView& e = (*in.experts)[size_t(t)];
           sources[size_t(t)] = BlockSource{e.data, e.dtype, b};
         }
-        K.merge_ranges(sources.data(), T, plan.experts.data(), cp, s.base.data(), len, s.delta.data());
-        K.store(out.data, out.dtype, b, len, s.delta.data());
-        continue;
+        if (K.merge_ranges(sources.data(), T, plan.experts.data(), cp, s.base.data(), len, s.delta.data())) {
+          store(out.data, out.dtype, b, len, s.delta.data());
+          continue;
+        }
       }
       for (int t = 0; t < T; ++t) {
         const ExpertPlan& x = plan.experts[size_t(t)];
@@ -382,8 +409,9 @@ void merge_pass(const MergeInputs& in, const GtaPlan& plan, const TensorView& ou
                        s.v.data() + size_t(t) * kBlock);
       }
       K.combine(s.v.data(), kBlock, T, plan.experts.data(), cp, s.base.data(), len, s.delta.data());
-      K.store(out.data, out.dtype, b, len, s.delta.data());
+      store(out.data, out.dtype, b, len, s.delta.data());
     }
+    if (streaming) stream_fence();
   });
 }
 
@@ -396,7 +424,7 @@ GtaPlan gta_prepare_cpu(const TensorView* base, const std::vector<TensorView>& e
   const GtaBlockKernels& K = gta_block_kernels();
   const MergeInputs in{base, &experts, &params, n};
   if (plan.needs_stats_pass) {
-    std::vector<Selection> sels = plan_selections(in, plan);
+    std::vector<Selection> sels = plan_selections(in, plan, K);
     stats_pass(in, plan, sels, /*gather_l1=*/true, K);
     // A window that missed the k-th (rare) is rescanned with the full window.
     while (std::any_of(sels.begin(), sels.end(), [](const Selection& s) { return !s.resolved; }))

@@ -45,6 +45,8 @@ struct GtaBlockKernels {
   void (*load)(const void* src, DType dtype, int64_t offset, int64_t len, float* dst);
   // dst[offset + j] = round(src[j])
   void (*store)(void* dst, DType dtype, int64_t offset, int64_t len, const float* src);
+  // store, with non-temporal writes on whole aligned cache lines (stream_fence before reading)
+  void (*stream_store)(void* dst, DType dtype, int64_t offset, int64_t len, const float* src);
   // d[j] = a[j] - b[j]; b may be null (then a copy)
   void (*subtract)(const float* a, const float* b, int64_t len, float* d);
   // u[j] = uniform for element first + j
@@ -53,10 +55,10 @@ struct GtaBlockKernels {
   void (*abs_sums)(const float* d, const float* u, const float* keep_prob, float p, int64_t len,
                    double* all, double* kept);
   // Window scan of the sample-window top-k over |expert - base| (base: the block as floats,
-  // zeros when there is no base): counts composites above hi, sums their |delta|, and writes
-  // the composites in [lo, hi] to candidates (room for kBlock + 8: writes may run past).
+  // zeros when there is no base): counts composites above hi, sums their |delta| when sum_l1,
+  // and writes the composites in [lo, hi] to candidates (room for kBlock + 8).
   void (*topk_scan)(BlockSource expert, const float* base, int64_t len, uint64_t lo, uint64_t hi,
-                    TopkScanResult* result, uint64_t* candidates);
+                    bool sum_l1, TopkScanResult* result, uint64_t* candidates);
   // v[j] = kept ? (delta[j] * scale) * weight : 0 for one expert, delta = expert - base
   // (u: uniforms for random masks, keep_prob: DELLA's per-element probabilities)
   void (*contribution)(BlockSource expert, const float* base, int64_t len, const ExpertPlan& plan,
@@ -66,7 +68,8 @@ struct GtaBlockKernels {
   void (*combine)(const float* v, int64_t stride, int experts, const ExpertPlan* plans,
                   const CombineParams& params, const float* base, int64_t len, float* out);
   // contribution + combine fused, for up to kMaxFusedExperts experts sharing one dtype whose
-  // masks are keep_all, drop_all or topk_range; returns false (nothing done) otherwise.
+  // masks are keep_all, drop_all or topk_range; returns false (nothing done) otherwise, and on
+  // the few blocks that hold a top-k boundary's own index (those take contribution + combine).
   bool (*merge_ranges)(const BlockSource* experts, int count, const ExpertPlan* plans,
                        const CombineParams& params, const float* base, int64_t len, float* out);
 };

@@ -33,15 +33,23 @@ constexpr int64_t kSampleRun = 16;  // consecutive elements per sampled run
 int64_t sample_position(int64_t j, int64_t n, int64_t samples);
 int64_t sample_count(int64_t n);
 
-// Window for the top-k given the sample's composites (any order; sorted in place).
-TopkWindow plan_topk_window(std::vector<uint64_t>& sample, int64_t n, int64_t k);
+// Window for the top-k given the sample's composites (any order).
+TopkWindow plan_topk_window(const std::vector<uint64_t>& sample, int64_t n, int64_t k);
 
 // Window covering every element: the exact fallback after a miss.
 TopkWindow full_topk_window(int64_t k);
 
-// k-th largest composite among candidates, given `above` elements lie strictly above the
-// window. Returns false when the window missed (the k-th is not among the candidates).
-bool resolve_topk(std::vector<uint64_t>& candidates, int64_t above, int64_t k, uint64_t* boundary);
+// One run of candidate composites: a range's share of a selection's candidates.
+struct CandidateSpan {
+  const uint64_t* data;
+  int64_t count;
+};
+
+// k-th largest composite (window.k) given `above` elements lie strictly above the window and
+// the spans hold every candidate inside it; scratch is working memory. Returns false when the
+// window missed (the k-th is not among the candidates).
+bool resolve_topk(const std::vector<CandidateSpan>& spans, int64_t above, const TopkWindow& window,
+                  std::vector<uint64_t>& scratch, uint64_t* boundary);
 
 // Launchers: mask[i] = 1 iff element i of x is among the top k = max(1, int(density * n)).
 void magnitude_mask_cpu(const TensorView& x, double density, const TensorView& mask);

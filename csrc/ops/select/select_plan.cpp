@@ -8,6 +8,36 @@
 
 namespace fastmerge {
 
+namespace {
+
+// The need-th largest (1 = the largest) of the composites in spans, all within [lo, hi].
+// They share the bits above the highest one where lo and hi differ, so the next 11 bits order
+// them in 2048 buckets: one histogram finds the bucket holding the need-th, and only that
+// bucket's members (a few hundred of a typical window's ~10^5) are partially sorted.
+uint64_t kth_largest(const std::vector<CandidateSpan>& spans, int64_t need, uint64_t lo, uint64_t hi,
+                     std::vector<uint64_t>& scratch) {
+  constexpr int kBucketBits = 11;
+  constexpr uint64_t kBuckets = uint64_t(1) << kBucketBits;
+  const uint64_t differ = lo ^ hi;
+  const int width = differ == 0 ? 0 : 64 - __builtin_clzll(differ);
+  const int shift = std::max(0, width - kBucketBits);
+  auto bucket = [&](uint64_t c) { return (c >> shift) & (kBuckets - 1); };
+  std::vector<int64_t> count(kBuckets, 0);
+  for (const CandidateSpan& span : spans)
+    for (int64_t c = 0; c < span.count; ++c) ++count[bucket(span.data[c])];
+  uint64_t b = kBuckets - 1;
+  while (count[b] < need) need -= count[b--];
+  scratch.clear();
+  scratch.reserve(size_t(count[b]));
+  for (const CandidateSpan& span : spans)
+    for (int64_t c = 0; c < span.count; ++c)
+      if (bucket(span.data[c]) == b) scratch.push_back(span.data[c]);
+  std::nth_element(scratch.begin(), scratch.begin() + (need - 1), scratch.end(), std::greater<uint64_t>());
+  return scratch[size_t(need - 1)];
+}
+
+}  // namespace
+
 int64_t magnitude_keep_count(double density, int64_t n) {
   if (n <= 0 || density <= 0.0) return 0;
   if (density >= 1.0) return n;
@@ -35,7 +65,7 @@ TopkWindow full_topk_window(int64_t k) {
   return w;
 }
 
-TopkWindow plan_topk_window(std::vector<uint64_t>& sample, int64_t n, int64_t k) {
+TopkWindow plan_topk_window(const std::vector<uint64_t>& sample, int64_t n, int64_t k) {
   TopkWindow w;
   w.k = k;
   if (k <= 0) {
@@ -57,32 +87,22 @@ TopkWindow plan_topk_window(std::vector<uint64_t>& sample, int64_t n, int64_t k)
   const double margin = 4.5 * std::sqrt(double(s) * p * (1.0 - p)) + 16.0;
   const int64_t hi_rank = int64_t(std::floor(center - margin));
   const int64_t lo_rank = int64_t(std::ceil(center + margin));
-  // Two order statistics of the sample (descending), no full sort; the second selection
-  // only looks right of the first, which nth_element left partitioned.
-  int64_t left = 0;
-  if (hi_rank >= 0) {
-    std::nth_element(sample.begin(), sample.begin() + hi_rank, sample.end(), std::greater<uint64_t>());
-    w.hi = sample[size_t(hi_rank)];
-    left = hi_rank + 1;
-  } else {
-    w.hi = ~uint64_t(0);
-  }
-  if (lo_rank < s) {
-    std::nth_element(sample.begin() + left, sample.begin() + lo_rank, sample.end(), std::greater<uint64_t>());
-    w.lo = sample[size_t(lo_rank)];
-  } else {
-    w.lo = 0;
-  }
+  // Two order statistics of the sample (descending), each by kth_largest.
+  const auto [low, high] = std::minmax_element(sample.begin(), sample.end());
+  const std::vector<CandidateSpan> spans{{sample.data(), s}};
+  std::vector<uint64_t> scratch;
+  w.hi = hi_rank >= 0 ? kth_largest(spans, hi_rank + 1, *low, *high, scratch) : ~uint64_t(0);
+  w.lo = lo_rank < s ? kth_largest(spans, lo_rank + 1, *low, *high, scratch) : 0;
   return w;
 }
 
-bool resolve_topk(std::vector<uint64_t>& candidates, int64_t above, int64_t k, uint64_t* boundary) {
-  const int64_t m = int64_t(candidates.size());
+bool resolve_topk(const std::vector<CandidateSpan>& spans, int64_t above, const TopkWindow& window,
+                  std::vector<uint64_t>& scratch, uint64_t* boundary) {
+  int64_t m = 0;
+  for (const CandidateSpan& span : spans) m += span.count;
+  const int64_t k = window.k;
   if (!(above < k && k <= above + m)) return false;
-  const int64_t need = k - above;
-  std::nth_element(candidates.begin(), candidates.begin() + (need - 1), candidates.end(),
-                   std::greater<uint64_t>());
-  *boundary = candidates[size_t(need - 1)];
+  *boundary = kth_largest(spans, k - above, window.lo, window.hi, scratch);
   return true;
 }
 
