@@ -3,6 +3,7 @@ generalized_task_arithmetic) against the pure-torch reference and mergekit 0.1.5
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -882,3 +883,88 @@ def test_stacked_ops_check_arguments():
         F.disjoint_merge(torch.ones(2, 3), torch.ones(2, 3))
     with pytest.raises(fastmerge.InvalidArgumentError):
         F.disjoint_merge(torch.ones(2, 3), torch.ones(3, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# out=: the result written into a caller's tensor
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_out_receives_the_same_result(method, device):
+    # Large enough for the sample-window top-k, the streaming store and several chunks.
+    base, ex = make_group((700, 1031), 3, seed=31, dtype=torch.bfloat16, device=device)
+    weight, density = [0.5, 0.3, 0.2], 0.4
+    fresh = run_method(method, base, ex, weight, density)
+    out = torch.full_like(fresh, float("nan"))
+    returned = run_method(method, base, ex, weight, density, out=out)
+    assert returned is out
+    assert torch.equal(out, fresh)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "float32", "float64"])
+def test_out_of_another_layout_or_dtype(layout, device):
+    base, ex = make_group((40, 70), 3, seed=32, device=device)
+    weight = [0.2, 0.5, 0.3]
+    if layout == "transposed":
+        out = torch.empty(70, 40, device=device).t()
+        expected = F.ties(base, ex, weight, 0.3)
+    else:
+        dtype = torch.float32 if layout == "float32" else torch.float64
+        out = torch.empty(40, 70, dtype=dtype, device=device)
+        base, ex = base.to(torch.bfloat16), [e.to(torch.bfloat16) for e in ex]
+        expected = F.ties(base, ex, weight, 0.3, out_dtype=dtype)
+    assert F.ties(base, ex, weight, 0.3, out=out) is out
+    assert out.dtype == expected.dtype and torch.equal(out, expected)
+
+
+def test_out_matches_mergekit_on_tie_free_data():
+    pytest.importorskip("mergekit")
+    base, ex = make_group((64, 129), 3, seed=33)
+    out = torch.empty_like(base)
+    F.ties(base, ex, [0.3, 0.3, 0.4], 0.5, out=out)
+    expected = mergekit_merge("ties", [base] + ex, {"weight": [0.3, 0.3, 0.4], "density": 0.5})
+    assert torch.equal(out, expected.to(out.dtype))
+
+
+@pytest.mark.parametrize("case", ["base", "expert_view", "shape", "dtype_clash", "grad", "type"])
+def test_bad_out_names_the_problem(case):
+    base, ex = make_group((16, 8), 2, seed=34)
+    kwargs = {}
+    if case == "base":
+        kwargs["out"], words = base, "overlaps base"
+    elif case == "expert_view":
+        kwargs["out"], words = ex[1][:, :], "overlaps experts[1]"
+    elif case == "shape":
+        kwargs["out"], words = torch.empty(8, 16), "shape (8, 16)"
+    elif case == "dtype_clash":
+        kwargs["out"], kwargs["out_dtype"], words = torch.empty(16, 8), torch.bfloat16, "disagrees"
+    elif case == "grad":
+        kwargs["out"], words = torch.empty(16, 8, requires_grad=True), "requires grad"
+    else:
+        kwargs["out"], words = [0.0] * 128, "must be a torch.Tensor"
+    with pytest.raises(fastmerge.FastmergeError, match=re.escape(words)):
+        F.ties(base, ex, [0.5, 0.5], 0.5, **kwargs)
+
+
+def test_out_disjoint_views_of_one_buffer_are_allowed():
+    base, ex = make_group((16, 8), 2, seed=35)
+    buffer = torch.empty(2, 16, 8)
+    F.ties(base, ex, [0.5, 0.5], 0.5, out=buffer[0])
+    F.task_arithmetic(base, ex, [0.5, 0.5], out=buffer[1])
+    assert torch.equal(buffer[0], F.ties(base, ex, [0.5, 0.5], 0.5))
+    assert torch.equal(buffer[1], F.task_arithmetic(base, ex, [0.5, 0.5]))
+
+
+@pytest.mark.parametrize("offset", [0, 3])
+def test_large_outputs_match_small_ones(offset):
+    """Outputs of 8 MiB and more are written with non-temporal stores (where 64-byte aligned:
+    offset 3 is not); an elementwise merge must equal the same merge done in small pieces."""
+    base, ex = make_group((2400, 1000), 3, seed=36)
+    weight = [0.2, 0.5, 0.3]
+    buffer = torch.full((base.numel() + 16,), float("nan"))
+    out = buffer[offset:offset + base.numel()].view(base.shape)
+    F.task_arithmetic(base, ex, weight, out=out)
+    pieces = [F.task_arithmetic(base[r:r + 100], [e[r:r + 100] for e in ex], weight)
+              for r in range(0, 2400, 100)]
+    assert torch.equal(out, torch.cat(pieces))
+    assert torch.isnan(buffer[:offset]).all() and torch.isnan(buffer[offset + base.numel():]).all()

@@ -69,6 +69,46 @@ def resolve_out_dtype(out_dtype, default: torch.dtype) -> torch.dtype:
 
 
 
+def check_out(out, reference: torch.Tensor, out_dtype, inputs: Sequence[tuple]) -> torch.dtype:
+    """Checks a caller's out= tensor against the result it will receive; returns its dtype,
+    which is the result's. inputs: (name, tensor or None) pairs that out must not overlap (the
+    kernels read inputs while they write out)."""
+    if not isinstance(out, torch.Tensor):
+        raise InvalidArgumentError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.shape != reference.shape:
+        raise InvalidArgumentError(f"out has shape {tuple(out.shape)} but the result has shape "
+                                   f"{tuple(reference.shape)}")
+    if out.device != reference.device:
+        raise InvalidArgumentError(f"out is on {out.device} but the inputs are on {reference.device}")
+    if out.dtype not in KERNEL_DTYPES and out.dtype != torch.float64:
+        raise InvalidArgumentError(f"out has dtype {out.dtype}; results are float32, float16, "
+                                   "bfloat16 or float64")
+    if out_dtype is not None and out_dtype != out.dtype:
+        raise InvalidArgumentError(f"out_dtype={out_dtype} disagrees with out, which has dtype {out.dtype}")
+    if out.requires_grad:
+        raise InvalidArgumentError("out requires grad; fastmerge ops do not record autograd history")
+    for name, t in inputs:
+        if t is not None and _shares_memory(out, t):
+            raise InvalidArgumentError(f"out overlaps {name} in memory; pass a separate tensor")
+    return out.dtype
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte extents of a and b in one storage intersect (a conservative test)."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def extent(t: torch.Tensor):
+        first = t.storage_offset()
+        last = first + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        return first * t.element_size(), (last + 1) * t.element_size()
+
+    (a_lo, a_hi), (b_lo, b_hi) = extent(a), extent(b)
+    return a_lo < b_hi and b_lo < a_hi
+
+
 def kernel_input(t: torch.Tensor) -> torch.Tensor:
     """Contiguous, kernel dtype (float64 is computed in fp32), no autograd."""
     t = t.detach()

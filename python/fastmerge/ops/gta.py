@@ -17,9 +17,11 @@ from . import _reference
 from .._params import CONSENSUS, SPARSIFICATION, della_rank_axis, gta_arguments  # noqa: F401
 from ..errors import InvalidArgumentError
 from ._validate import (
+    KERNEL_DTYPES,
     PerExpert,
     capsule,
     check_experts,
+    check_out,
     check_same_layout,
     check_tensor,
     cuda_stream,
@@ -47,6 +49,7 @@ def generalized_task_arithmetic(
     out_dtype: Optional[torch.dtype] = None,
     sign_from: str = "weighted",
     min_keep: int = 1,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The general form behind every task-vector op. base=None merges the experts themselves
     (deltas against zero), as linear merging and standalone sparsification do.
@@ -56,7 +59,11 @@ def generalized_task_arithmetic(
     normalize="count" (divide by the number of agreeing experts, or of all experts without
     consensus; True or "weights" divides by their weights' sum), sign_from="unweighted" (the
     sign election votes and agrees on the sparsified deltas before weights) and min_keep=0
-    (magnitude keeps int(density * numel) elements, possibly none; mergekit keeps at least 1)."""
+    (magnitude keeps int(density * numel) elements, possibly none; mergekit keeps at least 1).
+
+    out: a tensor of the result's shape on the inputs' device to write the result into (and
+    return), as torch's out= arguments do; its dtype is the result's. It must not overlap an
+    input. Reusing one avoids allocating, and faulting in, a fresh output per call."""
     experts = check_experts(experts)
     if base is not None:
         base = check_tensor(base, "base")
@@ -71,105 +78,113 @@ def generalized_task_arithmetic(
                          normalize=normalize, lambda_=lambda_, gamma=gamma, epsilon=epsilon,
                          seed=seed, name=name, sign_from=sign_from, min_keep=min_keep)
     kernel_args = args.pop("kernel")
-    dtype = resolve_out_dtype(out_dtype, reference.dtype)
+    if out is None:
+        dtype = resolve_out_dtype(out_dtype, reference.dtype)
+    else:
+        inputs = [("base", base)] + [(f"experts[{i}]", e) for i, e in enumerate(experts)]
+        dtype = check_out(out, reference, out_dtype, inputs)
 
     if not use_native(reference.device):
-        return _reference.generalized_task_arithmetic(base, experts, **args).to(dtype)
+        result = _reference.generalized_task_arithmetic(base, experts, **args).to(dtype)
+        return result if out is None else out.copy_(result)
 
     base_in = kernel_input(base) if base is not None else None
     expert_in = [kernel_input(e) for e in experts]
-    out = kernel_output(reference.shape, dtype, reference.device)
+    direct = out is not None and out.is_contiguous() and out.dtype in KERNEL_DTYPES
+    result = out if direct else kernel_output(reference.shape, dtype, reference.device)
     _native.native().gta_merge(
         capsule(base_in) if base_in is not None else None,
         [capsule(e) for e in expert_in],
-        capsule(out),
+        capsule(result),
         *kernel_args,
         cuda_stream(reference.device),
     )
-    return out.to(dtype) if out.dtype != dtype else out
+    if out is not None:
+        return out if direct else out.copy_(result)
+    return result.to(dtype) if result.dtype != dtype else result
 
 
-def task_arithmetic(base, experts, weight, *, lambda_=1.0, normalize=False, out_dtype=None):
+def task_arithmetic(base, experts, weight, *, lambda_=1.0, normalize=False, out_dtype=None, out=None):
     """base + lambda * sum_t weight_t (expert_t - base) (Ilharco et al., 2023)."""
     return generalized_task_arithmetic(base, experts, weight, lambda_=lambda_, normalize=normalize,
-                                       out_dtype=out_dtype)
+                                       out_dtype=out_dtype, out=out)
 
 
 def ties(base, experts, weight, density, *, lambda_=1.0, normalize=True, consensus="sum",
-         rescale=False, out_dtype=None):
+         rescale=False, out_dtype=None, out=None):
     """TIES-merging (Yadav et al., 2023): exact magnitude top-k, sign election, disjoint mean."""
     return generalized_task_arithmetic(base, experts, weight, density=density,
                                        sparsification="magnitude", consensus=consensus,
                                        rescale=rescale, normalize=normalize, lambda_=lambda_,
-                                       out_dtype=out_dtype)
+                                       out_dtype=out_dtype, out=out)
 
 
 def dare_ties(base, experts, weight, density, *, seed=0, name="", lambda_=1.0, normalize=False,
-              rescale=True, out_dtype=None):
+              rescale=True, out_dtype=None, out=None):
     """DARE (Yu et al., 2024) drop with L1 rescale, then TIES sign election."""
     return generalized_task_arithmetic(base, experts, weight, density=density,
                                        sparsification="random", consensus="sum", rescale=rescale,
                                        normalize=normalize, lambda_=lambda_, seed=seed, name=name,
-                                       out_dtype=out_dtype)
+                                       out_dtype=out_dtype, out=out)
 
 
 def dare_linear(base, experts, weight, density, *, seed=0, name="", lambda_=1.0, normalize=False,
-                rescale=True, out_dtype=None):
+                rescale=True, out_dtype=None, out=None):
     """DARE drop with L1 rescale, summed without sign election."""
     return generalized_task_arithmetic(base, experts, weight, density=density,
                                        sparsification="random", consensus=None, rescale=rescale,
                                        normalize=normalize, lambda_=lambda_, seed=seed, name=name,
-                                       out_dtype=out_dtype)
+                                       out_dtype=out_dtype, out=out)
 
 
 def breadcrumbs(base, experts, weight, density, *, gamma=0.01, lambda_=1.0, normalize=False,
-                rescale=False, out_dtype=None):
+                rescale=False, out_dtype=None, out=None):
     """Model Breadcrumbs (Davari & Belilovsky, 2023): drop the largest gamma and the smallest
     magnitudes, keeping density of each task vector."""
     return generalized_task_arithmetic(base, experts, weight, density=density, gamma=gamma,
                                        sparsification="magnitude_outliers", consensus=None,
                                        rescale=rescale, normalize=normalize, lambda_=lambda_,
-                                       out_dtype=out_dtype)
+                                       out_dtype=out_dtype, out=out)
 
 
 def breadcrumbs_ties(base, experts, weight, density, *, gamma=0.01, lambda_=1.0, normalize=False,
-                     rescale=False, out_dtype=None):
+                     rescale=False, out_dtype=None, out=None):
     """Breadcrumbs sparsification with TIES sign election."""
     return generalized_task_arithmetic(base, experts, weight, density=density, gamma=gamma,
                                        sparsification="magnitude_outliers", consensus="sum",
                                        rescale=rescale, normalize=normalize, lambda_=lambda_,
-                                       out_dtype=out_dtype)
+                                       out_dtype=out_dtype, out=out)
 
 
 def della(base, experts, weight, density, *, epsilon=0.15, seed=0, name="", lambda_=1.0,
-          normalize=True, rescale=True, out_dtype=None):
+          normalize=True, rescale=True, out_dtype=None, out=None):
     """DELLA (Deep et al., 2024): magnitude-ranked drop probabilities, rescale, sign election."""
     return generalized_task_arithmetic(base, experts, weight, density=density, epsilon=epsilon,
                                        sparsification="della_magprune", consensus="sum",
                                        rescale=rescale, normalize=normalize, lambda_=lambda_,
-                                       seed=seed, name=name, out_dtype=out_dtype)
+                                       seed=seed, name=name, out_dtype=out_dtype, out=out)
 
 
 def della_linear(base, experts, weight, density, *, epsilon=0.15, seed=0, name="", lambda_=1.0,
-                 normalize=False, rescale=True, out_dtype=None):
+                 normalize=False, rescale=True, out_dtype=None, out=None):
     """DELLA drop without sign election."""
     return generalized_task_arithmetic(base, experts, weight, density=density, epsilon=epsilon,
                                        sparsification="della_magprune", consensus=None,
                                        rescale=rescale, normalize=normalize, lambda_=lambda_,
-                                       seed=seed, name=name, out_dtype=out_dtype)
+                                       seed=seed, name=name, out_dtype=out_dtype, out=out)
 
 
-def linear(experts, weight, *, normalize=True, out_dtype=None):
+def linear(experts, weight, *, normalize=True, out_dtype=None, out=None):
     """Weighted average sum_t w_t x_t / sum_t w_t (Wortsman et al., 2022); mergekit's linear."""
     return generalized_task_arithmetic(None, experts, weight, normalize=normalize,
-                                       out_dtype=out_dtype)
+                                       out_dtype=out_dtype, out=out)
 
 
-def dare_drop(x, density, *, seed=0, name="", rescale=True, out_dtype=None):
+def dare_drop(x, density, *, seed=0, name="", rescale=True, out_dtype=None, out=None):
     """DARE's drop on one tensor: keep each element with probability density (Philox stream of
     (seed, name, expert 0)), rescaled to the original L1 norm when rescale."""
     return generalized_task_arithmetic(None, [x], 1.0, density=density, sparsification="random",
-                                       rescale=rescale, seed=seed, name=name, out_dtype=out_dtype)
+                                       rescale=rescale, seed=seed, name=name, out_dtype=out_dtype, out=out)
 
 
 # ---- PEFT's TIES steps on stacked tensors ----
