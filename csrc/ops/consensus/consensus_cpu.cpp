@@ -82,7 +82,7 @@ uint64_t kth_largest(int64_t n, int64_t k, const ValueAt& value_at) {
     }
     std::vector<uint64_t> scratch;
     uint64_t boundary = 0;
-    if (resolve_topk(spans, total_above, w, scratch, &boundary)) return boundary;
+    if (resolve_topk(spans, total_above, w, nullptr, scratch, &boundary)) return boundary;
     w = full_topk_window(k);  // the sample missed the k-th (rare): scan everything
   }
 }

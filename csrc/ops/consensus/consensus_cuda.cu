@@ -198,7 +198,7 @@ uint64_t kth_largest_cuda(int64_t n, int64_t k, Fn fn, cudaStream_t stream) {
     FM_CUDA_CHECK(cudaStreamSynchronize(stream));
     uint64_t boundary = 0;
     std::vector<uint64_t> scratch;
-    if (resolve_topk({{host.data(), found}}, int64_t(host_counters[0]), w, scratch, &boundary)) return boundary;
+    if (resolve_topk({{host.data(), found}}, int64_t(host_counters[0]), w, nullptr, scratch, &boundary)) return boundary;
     w = full_topk_window(k);  // the sample missed the k-th (rare): every element is a candidate
     cap = n;
   }

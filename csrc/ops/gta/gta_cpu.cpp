@@ -33,8 +33,11 @@ struct RangeStats {
 // Candidate buffers that keep their capacity across calls (no page faults in the hot pass):
 // one per worker thread and selection, plus one scratch array per selection to select in.
 // Owned by the calling thread, so concurrent merges from several Python threads never share.
+// Each thread also counts its candidates per window slice (window_slice_shift), which spares
+// the selection a counting pass over them.
 struct CandidatePool {
   std::vector<std::vector<std::vector<uint64_t>>> by_thread;
+  std::vector<std::vector<std::vector<int64_t>>> slice_counts;  // thread, selection, slice
   std::vector<std::vector<uint64_t>> select_scratch;
 };
 
@@ -44,6 +47,11 @@ CandidatePool& candidate_pool(size_t selections) {
   for (auto& per_thread : pool.by_thread) {
     per_thread.resize(std::max(per_thread.size(), selections));
     for (auto& buf : per_thread) buf.clear();
+  }
+  pool.slice_counts.resize(size_t(max_threads()));
+  for (auto& per_thread : pool.slice_counts) {
+    per_thread.resize(std::max(per_thread.size(), selections));
+    for (auto& counts : per_thread) counts.assign(size_t(kWindowSlices), 0);
   }
   pool.select_scratch.resize(std::max(pool.select_scratch.size(), selections));
   return pool;
@@ -83,7 +91,7 @@ void for_each_range(const Ranges& ranges, Fn&& fn) {
 // Per-thread scratch of one range (reused across ranges and calls: see scratch_for).
 struct Scratch {
   std::vector<float> base, delta, u, v;
-  std::vector<uint64_t> cand;
+  std::vector<uint64_t> cand;  // window candidates of one range (sized per range)
   std::vector<float> slab_base, slab_delta;  // DELLA
   std::vector<float> probs;                  // DELLA: experts x slab
   std::vector<uint32_t> keys, keys_tmp, order, order_tmp;  // DELLA: one rank group
@@ -93,7 +101,6 @@ struct Scratch {
     delta.resize(kBlock);
     u.resize(kBlock);
     v.resize(size_t(experts) * kBlock);
-    cand.resize(kBlock + 8);
   }
 };
 
@@ -211,22 +218,30 @@ void stats_pass(const MergeInputs& in, GtaPlan& plan, std::vector<Selection>& se
     for (int i : active) st.cand_offset[size_t(i)] = int64_t(bufs[size_t(i)].size());
     const int64_t begin = ranges.begin(r), end = ranges.end(r, in.n);
     if (ranges.slabs) della_probs(in, plan, K, begin, end, s);
-    for (int64_t b = begin; b < end; b += kBlock) {
+    // Window scans take the whole range in one call (one expert at a time: the range of the
+    // base is re-read from cache, not memory).
+    if (!active.empty()) s.cand.resize(size_t(end - begin) + 16);
+    for (int i : active) {
+      const Selection& sel = sels[size_t(i)];
+      const TensorView& e = (*in.experts)[size_t(sel.expert)];
+      const BlockSource base{in.base ? in.base->data : nullptr, in.base ? in.base->dtype : e.dtype, begin};
+      TopkScanResult& scan = st.scans[size_t(i)];
+      K.topk_scan(BlockSource{e.data, e.dtype, begin}, in.base ? &base : nullptr, end - begin, sel.window.lo,
+                  sel.window.hi, plan.experts[size_t(sel.expert)].rescale, &scan, s.cand.data());
+      bufs[size_t(i)].insert(bufs[size_t(i)].end(), s.cand.begin(), s.cand.begin() + scan.candidates);
+      int64_t* counts = pool.slice_counts[size_t(thread_index())][size_t(i)].data();
+      const int shift = window_slice_shift(sel.window.lo, sel.window.hi);
+      for (int64_t c = 0; c < scan.candidates; ++c) ++counts[(s.cand[size_t(c)] - sel.window.lo) >> shift];
+    }
+    const bool any_l1 = gather_l1 && std::any_of(plan.experts.begin(), plan.experts.end(),
+                                                 [](const ExpertPlan& x) { return x.rescale; });
+    for (int64_t b = begin; any_l1 && b < end; b += kBlock) {
       const int64_t len = std::min(kBlock, end - b);
       if (in.base) K.load(in.base->data, in.base->dtype, b, len, s.base.data());
       for (int t = 0; t < T; ++t) {
         const ExpertPlan& x = plan.experts[size_t(t)];
         const TensorView& e = (*in.experts)[size_t(t)];
-        const BlockSource src{e.data, e.dtype, b};
-        for (int i : active) {
-          if (sels[size_t(i)].expert != t) continue;
-          const TopkWindow& w = sels[size_t(i)].window;
-          TopkScanResult& scan = st.scans[size_t(i)];
-          K.topk_scan(src, s.base.data(), len, w.lo, w.hi, x.rescale, &scan, s.cand.data());
-          bufs[size_t(i)].insert(bufs[size_t(i)].end(), s.cand.begin(),
-                                 s.cand.begin() + scan.candidates);
-        }
-        if (!(gather_l1 && x.rescale)) continue;
+        if (!x.rescale) continue;
         K.load(e.data, e.dtype, b, len, s.delta.data());
         K.subtract(s.delta.data(), s.base.data(), len, s.delta.data());
         const float* u = nullptr;
@@ -266,7 +281,10 @@ void stats_pass(const MergeInputs& in, GtaPlan& plan, std::vector<Selection>& se
       above_l1 += st.scans[i].above_l1;
       spans.push_back({pool.by_thread[size_t(st.cand_thread[i])][i].data() + st.cand_offset[i], st.cand_count[i]});
     }
-    if (!resolve_topk(spans, above, sel.window, pool.select_scratch[i], &boundary[i])) return;
+    std::vector<int64_t> counts(size_t(kWindowSlices), 0);
+    for (const auto& per_thread : pool.slice_counts)
+      for (int64_t b = 0; b < kWindowSlices; ++b) counts[size_t(b)] += per_thread[i][size_t(b)];
+    if (!resolve_topk(spans, above, sel.window, counts.data(), pool.select_scratch[i], &boundary[i])) return;
     hit[i] = 1;
     if (!plan.experts[size_t(sel.expert)].rescale) return;
     // L1 of the top k: the part above the window plus the kept candidates in range order

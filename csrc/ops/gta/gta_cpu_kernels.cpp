@@ -323,44 +323,115 @@ inline void classify_block(const T* e, const float* base, int32_t len, BlockBoun
 }
 
 #if FM_ISA == 2
-// 16 elements of a block as floats; lanes outside `valid` read as zeros.
+// A range without a base: its deltas are the experts themselves.
+struct NoBase {};
+inline float element(const NoBase*, int64_t) { return 0.0f; }
+
+// 16 elements as floats; lanes outside `valid` read as zeros.
 inline __m512 load16(const float* p, __mmask16 valid) { return _mm512_maskz_loadu_ps(valid, p); }
 inline __m512 load16(const uint16_t* p, __mmask16 valid) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, p)), 16));
 }
 inline __m512 load16(const f16_t* p, __mmask16 valid) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, p)); }
+inline __m512 load16(const NoBase*, __mmask16) { return _mm512_setzero_ps(); }
 
-// classify_block<true> and the candidate gather in one AVX-512 loop, for blocks whose window
-// edges are uniform thresholds: per 16 elements two key comparisons, and the positions inside
-// the window compressed into a list with no branch (a few per block; their keys are recomputed).
-template <bool kL1, typename S>
-int64_t scan_uniform(const S* e, const float* base, int32_t len, int64_t first, uint32_t up_key,
-                     uint32_t in_key, int32_t* above_out, float* above_l1_out, uint64_t* candidates) {
-  alignas(64) uint32_t cand_at[kBlock + 16];
+// One window edge over a range, in groups of 16 elements: "composite >= boundary" is
+// abs_bits >= `before` in the groups before group `split` (their indices win an equal key),
+// abs_bits >= `after` in the groups after it, and the exact test in group `split` itself.
+struct EdgeThresholds {
+  uint32_t before, after;
+  int64_t split;  // -1: every group is after the boundary's index
+};
+
+// False for a boundary among the NaNs (raw bits and canonical keys disagree there).
+inline bool edge_thresholds(uint64_t boundary, int64_t first, EdgeThresholds* edge) {
+  const uint32_t key = uint32_t(boundary >> kIndexBits);
+  const int64_t index = int64_t(kIndexMask - (boundary & kIndexMask));
+  if (key > kMaxMagnitudeKey) {
+    *edge = EdgeThresholds{key + 1, key + 1, -1};  // above every key: nothing passes
+    return true;
+  }
+  if (key >= kInfinityKey) return false;
+  *edge = EdgeThresholds{key, key + 1, index < first ? -1 : (index - first) / 16};
+  return true;
+}
+
+// The exact window test of elements [from, to) of block `block` (a boundary's own index is
+// among them): appends in-window positions to at, returns how many it appended.
+template <bool kL1, typename SE, typename SB>
+inline int32_t scan_exact(const SE* e, const SB* b, int64_t block, int32_t from, int32_t to, int64_t first,
+                          uint64_t up_boundary, uint64_t lo, int64_t* above, double* above_l1, uint32_t* at) {
+  int32_t found = 0;
+  for (int32_t j = from; j < to; ++j) {
+    const float d = element(e, block + j) - element(b, block + j);
+    const uint64_t c = composite_key(magnitude_key(d), first + block + j);
+    const bool is_up = c >= up_boundary;
+    *above += is_up;
+    if (kL1 && is_up) *above_l1 += double(__builtin_fabsf(d));
+    at[found] = uint32_t(j);
+    found += !is_up && c >= lo;
+  }
+  return found;
+}
+
+// The window scan of a whole range in one AVX-512 loop, base read in its own storage type:
+// per 16 elements two key comparisons, and the positions inside the window compressed into a
+// list with no branch (a few per block of kBlock; their composites are formed per block).
+template <bool kL1, typename SE, typename SB>
+void scan_range(const SE* e, const SB* b, int64_t len, int64_t first, uint64_t up_boundary, uint64_t lo,
+                const EdgeThresholds& up, const EdgeThresholds& in, TopkScanResult* result,
+                uint64_t* candidates) {
+  constexpr int64_t kGroups = kBlock / 16;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i up = _mm512_set1_epi32(int(up_key)), in = _mm512_set1_epi32(int(in_key));
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
-  __m512 l1 = _mm512_setzero_ps();
-  int32_t above = 0;
-  int64_t m = 0;
-  for (int32_t g = 0; g < len; g += 16) {
-    const __mmask16 valid = len - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (len - g)) - 1);
-    const __m512 d = _mm512_sub_ps(load16(e + g, valid), _mm512_maskz_loadu_ps(valid, base + g));
-    const __m512i a = _mm512_and_si512(_mm512_castps_si512(d), abs_mask);  // abs_bits
-    const __mmask16 is_up = _mm512_mask_cmpge_epu32_mask(valid, a, up);
-    const __mmask16 is_in = _mm512_mask_cmpge_epu32_mask(__mmask16(valid & ~is_up), a, in);
-    above += __builtin_popcount(unsigned(is_up));
-    if (kL1) l1 = _mm512_mask_add_ps(l1, is_up, l1, _mm512_castsi512_ps(a));
-    _mm512_storeu_si512(cand_at + m, _mm512_maskz_compress_epi32(is_in, _mm512_add_epi32(_mm512_set1_epi32(g), lane)));
-    m += __builtin_popcount(unsigned(is_in));
+  int64_t above = 0, m = 0;
+  double above_l1 = 0.0;
+  alignas(64) uint32_t at[kBlock + 16];
+  for (int64_t block = 0; block < len; block += kBlock) {
+    const int32_t n = int32_t(len - block < kBlock ? len - block : kBlock);
+    prefetch_ahead(e + block, n * int64_t(sizeof(SE)));
+    const int64_t group0 = block / 16;
+    // A block holding a boundary's own index takes the exact test there (group by group).
+    const bool split = (up.split >= group0 && up.split < group0 + kGroups) ||
+                       (in.split >= group0 && in.split < group0 + kGroups);
+    const __m512i up_key = _mm512_set1_epi32(int(group0 < up.split ? up.before : up.after));
+    const __m512i in_key = _mm512_set1_epi32(int(group0 < in.split ? in.before : in.after));
+    const int32_t full = split ? 0 : n & ~15;  // groups of the fast loop
+    __m512 l1 = _mm512_setzero_ps();
+    int32_t found = 0;
+    for (int32_t g = 0; g < full; g += 16) {
+      const __m512 d = _mm512_sub_ps(load16(e + block + g, 0xffff), load16(b + block + g, 0xffff));
+      const __m512i a = _mm512_and_si512(_mm512_castps_si512(d), abs_mask);  // abs_bits
+      const __mmask16 is_up = _mm512_cmpge_epu32_mask(a, up_key);
+      const __mmask16 is_in = _mm512_mask_cmpge_epu32_mask(__mmask16(~is_up), a, in_key);
+      above += __builtin_popcount(unsigned(is_up));
+      if (kL1) l1 = _mm512_mask_add_ps(l1, is_up, l1, _mm512_castsi512_ps(a));
+      _mm512_storeu_si512(at + found, _mm512_maskz_compress_epi32(is_in, _mm512_add_epi32(_mm512_set1_epi32(g), lane)));
+      found += __builtin_popcount(unsigned(is_in));
+    }
+    if (kL1) above_l1 += double(_mm512_reduce_add_ps(l1));
+    // The rest (a split block, or a range's last partial group) one element at a time.
+    if (full < n)
+      found += scan_exact<kL1>(e, b, block, full, n, first, up_boundary, lo, &above, &above_l1, at + found);
+    for (int32_t c = 0; c < found; ++c) {
+      const int64_t j = block + at[c];
+      candidates[m++] = composite_key(magnitude_key(element(e, j) - element(b, j)), first + j);
+    }
   }
-  for (int64_t c = 0; c < m; ++c) {
-    const int32_t j = int32_t(cand_at[c]);
-    candidates[c] = composite_key(magnitude_key(element(e, j) - base[j]), first + j);
+  result->above += above;
+  result->above_l1 += above_l1;
+  result->candidates = m;
+}
+
+template <bool kL1, typename SE>
+void scan_range_base(const SE* e, const BlockSource* base, int64_t len, int64_t first, uint64_t up_boundary,
+                     uint64_t lo, const EdgeThresholds& up, const EdgeThresholds& in, TopkScanResult* result,
+                     uint64_t* candidates) {
+  if (base == nullptr) {
+    const NoBase none;
+    return scan_range<kL1>(e, &none, len, first, up_boundary, lo, up, in, result, candidates);
   }
-  *above_out = above;
-  *above_l1_out = kL1 ? _mm512_reduce_add_ps(l1) : 0.0f;
-  return m;
+  with_storage(*base, [&](auto* b) { scan_range<kL1>(e, b, len, first, up_boundary, lo, up, in, result, candidates); });
 }
 #endif
 
@@ -380,16 +451,6 @@ void topk_scan_t(const T* e, const float* base, int64_t len, int64_t first, uint
   alignas(64) int32_t inside[kBlock];
   alignas(64) uint32_t keys_of[kBlock];
   const int32_t n = int32_t(len);
-#if FM_ISA == 2
-  if (uniform) {
-    const int64_t m = sum_l1 ? scan_uniform<true>(e, base, n, first, up_key, in_key, &above, &above_l1, candidates)
-                             : scan_uniform<false>(e, base, n, first, up_key, in_key, &above, &above_l1, candidates);
-    result->above += above;
-    result->above_l1 += double(above_l1);
-    result->candidates = m;
-    return;
-  }
-#endif
   if (uniform && sum_l1)
     classify_block<true, true>(e, base, n, up_from, in_from, up_key, in_key, &above, &above_l1, inside, keys_of);
   else if (uniform)
@@ -437,9 +498,35 @@ void topk_scan_t(const T* e, const float* base, int64_t len, int64_t first, uint
   result->candidates = m;
 }
 
-void topk_scan(BlockSource src, const float* base, int64_t len, uint64_t lo, uint64_t hi, bool sum_l1,
+void topk_scan(BlockSource src, const BlockSource* base, int64_t len, uint64_t lo, uint64_t hi, bool sum_l1,
                TopkScanResult* result, uint64_t* candidates) {
-  with_storage(src, [&](auto* e) { topk_scan_t(e, base, len, src.offset, lo, hi, sum_l1, result, candidates); });
+  // above: composite >= hi + 1; inside: composite >= lo and not above.
+  const uint64_t up_boundary = hi == ~uint64_t(0) ? hi : hi + 1;
+#if FM_ISA == 2
+  EdgeThresholds up, in;
+  if (edge_thresholds(up_boundary, src.offset, &up) && edge_thresholds(lo, src.offset, &in)) {
+    with_storage(src, [&](auto* e) {
+      if (sum_l1) scan_range_base<true>(e, base, len, src.offset, up_boundary, lo, up, in, result, candidates);
+      else scan_range_base<false>(e, base, len, src.offset, up_boundary, lo, up, in, result, candidates);
+    });
+    return;
+  }
+#endif
+  // Block by block, the base converted to floats.
+  alignas(64) float base_block[kBlock] = {};
+  int64_t m = 0;
+  for (int64_t b = 0; b < len; b += kBlock) {
+    const int64_t n = len - b < kBlock ? len - b : kBlock;
+    if (base) load(base->data, base->dtype, base->offset + b, n, base_block);
+    TopkScanResult part;
+    with_storage(BlockSource{src.data, src.dtype, src.offset + b}, [&](auto* e) {
+      topk_scan_t(e, base_block, n, src.offset + b, lo, hi, sum_l1, &part, candidates + m);
+    });
+    result->above += part.above;
+    result->above_l1 += part.above_l1;
+    m += part.candidates;
+  }
+  result->candidates = m;
 }
 
 template <typename T>
@@ -576,8 +663,9 @@ void merge_ranges_general(const S* const (&e)[T], const uint32_t (&keep_key)[T],
 
 // merge_ranges_general for the common plans whose optional steps are all exact no-ops (scale
 // 1, mix weight 1, lambda 1, no dropped top range): they are left out, which leaves the same
-// result. kDivide: the normalisation divides (by the agreeing weights, or a divisor other than 1).
-template <int T, typename S, Consensus C, bool kDivide>
+// result. kDivide: the normalisation divides (by the agreeing weights, or a divisor other than
+// 1); kMasked: some expert keeps less than everything on this block (else no key test).
+template <int T, typename S, Consensus C, bool kDivide, bool kMasked>
 void merge_ranges_lean(const S* const (&e)[T], const uint32_t (&keep_key)[T], const ExpertPlan* plans,
                        float fixed_divisor, const float* __restrict base, int32_t len, float* __restrict out) {
   float w[T], dw[T];
@@ -589,7 +677,7 @@ void merge_ranges_lean(const S* const (&e)[T], const uint32_t (&keep_key)[T], co
     float x[T];
     for (int t = 0; t < T; ++t) {
       const float d = element(e[t], j) - base[j];
-      x[t] = abs_bits(d) >= keep_key[t] ? d * w[t] : 0.0f;
+      x[t] = !kMasked || abs_bits(d) >= keep_key[t] ? d * w[t] : 0.0f;
     }
     float mixed;
     if (C == Consensus::none) {
@@ -620,7 +708,7 @@ bool merge_ranges_block(const BlockSource* experts, const ExpertPlan* plans, con
   const int64_t first = experts[0].offset;
   const S* e[T];
   uint32_t keep_key[T], drop_key[T];
-  bool lean = p.lambda == 1.0f;
+  bool lean = p.lambda == 1.0f, masked = false;
   for (int t = 0; t < T; ++t) {
     const ExpertPlan& x = plans[t];
     e[t] = static_cast<const S*>(experts[t].data) + first;
@@ -629,13 +717,16 @@ bool merge_ranges_block(const BlockSource* experts, const ExpertPlan* plans, con
         !uniform_threshold(x.drop_from, first, len, &drop_key[t]))
       return false;
     lean = lean && x.drop_from == kKeepNone && x.scale == 1.0f && x.mix_weight == 1.0f;
+    masked |= keep_key[t] != 0;
   }
   const int32_t n = int32_t(len);
   const float fixed_divisor = p.normalize ? p.divisor : 1.0f;
   const bool divide = C == Consensus::none ? fixed_divisor != 1.0f : p.normalize;
   if (!lean) merge_ranges_general<T, S, C>(e, keep_key, drop_key, plans, p, base, n, out);
-  else if (divide) merge_ranges_lean<T, S, C, true>(e, keep_key, plans, fixed_divisor, base, n, out);
-  else merge_ranges_lean<T, S, C, false>(e, keep_key, plans, fixed_divisor, base, n, out);
+  else if (divide && masked) merge_ranges_lean<T, S, C, true, true>(e, keep_key, plans, fixed_divisor, base, n, out);
+  else if (divide) merge_ranges_lean<T, S, C, true, false>(e, keep_key, plans, fixed_divisor, base, n, out);
+  else if (masked) merge_ranges_lean<T, S, C, false, true>(e, keep_key, plans, fixed_divisor, base, n, out);
+  else merge_ranges_lean<T, S, C, false, false>(e, keep_key, plans, fixed_divisor, base, n, out);
   return true;
 }
 

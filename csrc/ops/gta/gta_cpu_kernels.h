@@ -54,10 +54,11 @@ struct GtaBlockKernels {
   // sum |d|, and sum |d| where keep_prob[j] > u[j] (keep_prob null: the scalar p)
   void (*abs_sums)(const float* d, const float* u, const float* keep_prob, float p, int64_t len,
                    double* all, double* kept);
-  // Window scan of the sample-window top-k over |expert - base| (base: the block as floats,
-  // zeros when there is no base): counts composites above hi, sums their |delta| when sum_l1,
-  // and writes the composites in [lo, hi] to candidates (room for kBlock + 8).
-  void (*topk_scan)(BlockSource expert, const float* base, int64_t len, uint64_t lo, uint64_t hi,
+  // Window scan of the sample-window top-k over |expert - base| for the len elements of a
+  // range starting at expert.offset (base: the same range of the base tensor, or null for no
+  // base): counts composites above hi, sums their |delta| when sum_l1, and writes the
+  // composites in [lo, hi] to candidates (room for len + 16).
+  void (*topk_scan)(BlockSource expert, const BlockSource* base, int64_t len, uint64_t lo, uint64_t hi,
                     bool sum_l1, TopkScanResult* result, uint64_t* candidates);
   // v[j] = kept ? (delta[j] * scale) * weight : 0 for one expert, delta = expert - base
   // (u: uniforms for random masks, keep_prob: DELLA's per-element probabilities)

@@ -45,11 +45,22 @@ struct CandidateSpan {
   int64_t count;
 };
 
+// Candidates are counted in 2^11 equal slices of their window [lo, hi]: composite c falls in
+// slice (c - lo) >> window_slice_shift(lo, hi).
+constexpr int kWindowSliceBits = 11;
+constexpr int64_t kWindowSlices = int64_t(1) << kWindowSliceBits;
+inline int window_slice_shift(uint64_t lo, uint64_t hi) {
+  const uint64_t width = hi - lo;
+  const int bits = width == 0 ? 0 : 64 - __builtin_clzll(width);
+  return bits > kWindowSliceBits ? bits - kWindowSliceBits : 0;
+}
+
 // k-th largest composite (window.k) given `above` elements lie strictly above the window and
-// the spans hold every candidate inside it; scratch is working memory. Returns false when the
-// window missed (the k-th is not among the candidates).
+// the spans hold every candidate inside it; slice_counts: the candidates' counts per window
+// slice when the caller has them (else null: counted here); scratch is working memory.
+// Returns false when the window missed (the k-th is not among the candidates).
 bool resolve_topk(const std::vector<CandidateSpan>& spans, int64_t above, const TopkWindow& window,
-                  std::vector<uint64_t>& scratch, uint64_t* boundary);
+                  const int64_t* slice_counts, std::vector<uint64_t>& scratch, uint64_t* boundary);
 
 // Launchers: mask[i] = 1 iff element i of x is among the top k = max(1, int(density * n)).
 void magnitude_mask_cpu(const TensorView& x, double density, const TensorView& mask);

@@ -10,28 +10,28 @@ namespace fastmerge {
 
 namespace {
 
-// The need-th largest (1 = the largest) of the composites in spans, all within [lo, hi].
-// They share the bits above the highest one where lo and hi differ, so the next 11 bits order
-// them in 2048 buckets: one histogram finds the bucket holding the need-th, and only that
-// bucket's members (a few hundred of a typical window's ~10^5) are partially sorted.
+// The need-th largest (1 = the largest) of the composites in spans, all within [lo, hi]:
+// counts per slice of [lo, hi] (window_slice_shift; given, or counted here) find the slice
+// holding it, and only that slice's members (a few hundred of a typical window's ~10^5) are
+// partially sorted.
 uint64_t kth_largest(const std::vector<CandidateSpan>& spans, int64_t need, uint64_t lo, uint64_t hi,
-                     std::vector<uint64_t>& scratch) {
-  constexpr int kBucketBits = 11;
-  constexpr uint64_t kBuckets = uint64_t(1) << kBucketBits;
-  const uint64_t differ = lo ^ hi;
-  const int width = differ == 0 ? 0 : 64 - __builtin_clzll(differ);
-  const int shift = std::max(0, width - kBucketBits);
-  auto bucket = [&](uint64_t c) { return (c >> shift) & (kBuckets - 1); };
-  std::vector<int64_t> count(kBuckets, 0);
-  for (const CandidateSpan& span : spans)
-    for (int64_t c = 0; c < span.count; ++c) ++count[bucket(span.data[c])];
-  uint64_t b = kBuckets - 1;
-  while (count[b] < need) need -= count[b--];
+                     const int64_t* slice_counts, std::vector<uint64_t>& scratch) {
+  const int shift = window_slice_shift(lo, hi);
+  auto slice = [&](uint64_t c) { return int64_t((c - lo) >> shift); };
+  std::vector<int64_t> counted;
+  if (slice_counts == nullptr) {
+    counted.assign(size_t(kWindowSlices), 0);
+    for (const CandidateSpan& span : spans)
+      for (int64_t c = 0; c < span.count; ++c) ++counted[size_t(slice(span.data[c]))];
+    slice_counts = counted.data();
+  }
+  int64_t b = kWindowSlices - 1;
+  while (slice_counts[b] < need) need -= slice_counts[b--];
   scratch.clear();
-  scratch.reserve(size_t(count[b]));
+  scratch.reserve(size_t(slice_counts[b]));
   for (const CandidateSpan& span : spans)
     for (int64_t c = 0; c < span.count; ++c)
-      if (bucket(span.data[c]) == b) scratch.push_back(span.data[c]);
+      if (slice(span.data[c]) == b) scratch.push_back(span.data[c]);
   std::nth_element(scratch.begin(), scratch.begin() + (need - 1), scratch.end(), std::greater<uint64_t>());
   return scratch[size_t(need - 1)];
 }
@@ -91,18 +91,18 @@ TopkWindow plan_topk_window(const std::vector<uint64_t>& sample, int64_t n, int6
   const auto [low, high] = std::minmax_element(sample.begin(), sample.end());
   const std::vector<CandidateSpan> spans{{sample.data(), s}};
   std::vector<uint64_t> scratch;
-  w.hi = hi_rank >= 0 ? kth_largest(spans, hi_rank + 1, *low, *high, scratch) : ~uint64_t(0);
-  w.lo = lo_rank < s ? kth_largest(spans, lo_rank + 1, *low, *high, scratch) : 0;
+  w.hi = hi_rank >= 0 ? kth_largest(spans, hi_rank + 1, *low, *high, nullptr, scratch) : ~uint64_t(0);
+  w.lo = lo_rank < s ? kth_largest(spans, lo_rank + 1, *low, *high, nullptr, scratch) : 0;
   return w;
 }
 
 bool resolve_topk(const std::vector<CandidateSpan>& spans, int64_t above, const TopkWindow& window,
-                  std::vector<uint64_t>& scratch, uint64_t* boundary) {
+                  const int64_t* slice_counts, std::vector<uint64_t>& scratch, uint64_t* boundary) {
   int64_t m = 0;
   for (const CandidateSpan& span : spans) m += span.count;
   const int64_t k = window.k;
   if (!(above < k && k <= above + m)) return false;
-  *boundary = kth_largest(spans, k - above, window.lo, window.hi, scratch);
+  *boundary = kth_largest(spans, k - above, window.lo, window.hi, slice_counts, scratch);
   return true;
 }
 
