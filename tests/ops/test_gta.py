@@ -968,3 +968,22 @@ def test_large_outputs_match_small_ones(offset):
               for r in range(0, 2400, 100)]
     assert torch.equal(out, torch.cat(pieces))
     assert torch.isnan(buffer[:offset]).all() and torch.isnan(buffer[offset + base.numel():]).all()
+
+
+@pytest.mark.parametrize("shape", [(300, 1001), (70001,), (4097,)])
+def test_rescaled_drop_keeps_the_same_elements_as_plain_drop(shape):
+    """With the L1 rescale, the statistics pass draws the keep decisions and the merge pass
+    reuses them (packed as bits); without it, the merge pass draws them itself. Both must keep
+    the same elements, across chunks and a partial last word."""
+    x = randn(shape, seed=37, dtype=torch.bfloat16)
+    x[x == 0] = 1.0
+    plain = F.dare_drop(x, 0.3, seed=5, name="w", rescale=False, out_dtype=torch.float32)
+    rescaled = F.dare_drop(x, 0.3, seed=5, name="w", rescale=True, out_dtype=torch.float32)
+    assert torch.equal(plain != 0, rescaled != 0)
+    kept = plain != 0
+    scale = x.float().abs().sum() / plain.abs().sum()
+    assert_close(rescaled[kept], plain[kept] * scale, "l1_rescale", scale=float(rescaled.abs().max()))
+    base, ex = make_group(shape, 3, seed=38, dtype=torch.bfloat16)  # and within a merge
+    merged = F.dare_linear(base, ex, [0.2, 0.3, 0.5], 0.4, seed=9, name="m")
+    expected = ref_method("dare_linear", base, ex, [0.2, 0.3, 0.5], 0.4, seed=9, name="m")
+    check_against_reference(merged, expected, base, rescale=True)

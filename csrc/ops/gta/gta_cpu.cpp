@@ -65,6 +65,44 @@ struct MergeInputs {
   int64_t n;
 };
 
+// DARE's keep decisions, packed by the statistics pass (which draws them for the L1 rescale)
+// so that the merge pass reads one bit per element instead of drawing Philox uniforms again:
+// the draws cost more than the rest of both passes. One word array per expert, in a buffer
+// kept by the calling thread (no fresh pages per call), within a memory budget.
+struct KeepBits {
+  uint64_t* words = nullptr;
+  int64_t words_per_expert = 0;
+  std::vector<char> packed;  // per expert
+  const uint64_t* of(int t) const { return packed[size_t(t)] ? words + t * words_per_expert : nullptr; }
+};
+
+constexpr size_t kKeepBitsBudget = size_t(256) << 20;
+
+// Keep bits for the bernoulli experts of a chunked plan whose statistics pass draws them (the
+// rescaled ones); none when that would exceed the budget.
+KeepBits keep_bits_for(const GtaPlan& plan, int64_t n) {
+  KeepBits bits;
+  const int T = int(plan.experts.size());
+  bits.packed.assign(size_t(T), 0);
+  if (plan.has_della) return bits;  // rank slabs need not start on a word
+  bool any = false;
+  for (int t = 0; t < T; ++t) {
+    const ExpertPlan& x = plan.experts[size_t(t)];
+    bits.packed[size_t(t)] = x.kind == MaskKind::bernoulli && x.rescale;
+    any |= bits.packed[size_t(t)] != 0;
+  }
+  bits.words_per_expert = (n + 63) / 64;
+  const size_t words = size_t(T) * size_t(bits.words_per_expert);
+  if (!any || words * sizeof(uint64_t) > kKeepBitsBudget) {
+    bits.packed.assign(size_t(T), 0);
+    return bits;
+  }
+  thread_local std::vector<uint64_t> storage;
+  if (storage.size() < words) storage.resize(words);
+  bits.words = storage.data();
+  return bits;
+}
+
 // Ranges the passes iterate over: fixed chunks, or DELLA's rank slabs (one per dim-0 index).
 struct Ranges {
   bool slabs;
@@ -195,7 +233,7 @@ void della_probs(const MergeInputs& in, const GtaPlan& plan, const GtaBlockKerne
 // One pass over the inputs: scans the unresolved selections' windows and, when gather_l1,
 // the L1 norms of rescaled experts. Resolved selections write their boundaries into plan.
 void stats_pass(const MergeInputs& in, GtaPlan& plan, std::vector<Selection>& sels,
-                bool gather_l1, const GtaBlockKernels& K) {
+                bool gather_l1, const KeepBits& keep_bits, const GtaBlockKernels& K) {
   const GtaParams& p = *in.params;
   const int T = int(plan.experts.size());
   const Ranges ranges = make_ranges(plan, p, in.n);
@@ -250,6 +288,7 @@ void stats_pass(const MergeInputs& in, GtaPlan& plan, std::vector<Selection>& se
           K.uniforms(make_stream(p.seed, p.stream, uint32_t(t)), b, len, s.u.data());
           u = s.u.data();
           if (x.kind == MaskKind::della) prob = s.probs.data() + size_t(t) * (end - begin) + (b - begin);
+          if (keep_bits.of(t)) K.pack_keep(u, prob, x.keep_prob, len, keep_bits.words + t * keep_bits.words_per_expert + b / 64);
         }
         K.abs_sums(s.delta.data(), u, prob, x.keep_prob, len, &st.l1_all[size_t(t)],
                    &st.l1_kept[size_t(t)]);
@@ -373,7 +412,7 @@ std::vector<Selection> plan_selections(const MergeInputs& in, GtaPlan& plan, con
   return sels;
 }
 
-void merge_pass(const MergeInputs& in, const GtaPlan& plan, const TensorView& out,
+void merge_pass(const MergeInputs& in, const GtaPlan& plan, const KeepBits& keep_bits, const TensorView& out,
                 const GtaBlockKernels& K) {
   const GtaParams& p = *in.params;
   const int T = int(plan.experts.size());
@@ -419,7 +458,9 @@ void merge_pass(const MergeInputs& in, const GtaPlan& plan, const TensorView& ou
         const ExpertPlan& x = plan.experts[size_t(t)];
         const TensorView& e = (*in.experts)[size_t(t)];
         const float* prob = nullptr;
-        if (x.kind == MaskKind::bernoulli || x.kind == MaskKind::della) {
+        if (const uint64_t* bits = keep_bits.of(t)) {
+          K.unpack_keep(bits + b / 64, len, s.u.data());
+        } else if (x.kind == MaskKind::bernoulli || x.kind == MaskKind::della) {
           K.uniforms(make_stream(p.seed, p.stream, uint32_t(t)), b, len, s.u.data());
           if (x.kind == MaskKind::della) prob = s.probs.data() + size_t(t) * (end - begin) + (b - begin);
         }
@@ -433,20 +474,19 @@ void merge_pass(const MergeInputs& in, const GtaPlan& plan, const TensorView& ou
   });
 }
 
-}  // namespace
-
-GtaPlan gta_prepare_cpu(const TensorView* base, const std::vector<TensorView>& experts,
-                        const GtaParams& params, int64_t n) {
-  GtaPlan plan = make_gta_plan(params, n);
-  if (n == 0) return plan;
+// The plan, with its statistics pass when it needs one (which fills keep_bits where it has room).
+GtaPlan prepare(const MergeInputs& in, KeepBits* keep_bits) {
+  GtaPlan plan = make_gta_plan(*in.params, in.n);
+  if (in.n == 0) return plan;
   const GtaBlockKernels& K = gta_block_kernels();
-  const MergeInputs in{base, &experts, &params, n};
+  if (keep_bits) *keep_bits = keep_bits_for(plan, in.n);
+  const KeepBits none;
   if (plan.needs_stats_pass) {
     std::vector<Selection> sels = plan_selections(in, plan, K);
-    stats_pass(in, plan, sels, /*gather_l1=*/true, K);
+    stats_pass(in, plan, sels, /*gather_l1=*/true, keep_bits ? *keep_bits : none, K);
     // A window that missed the k-th (rare) is rescanned with the full window.
     while (std::any_of(sels.begin(), sels.end(), [](const Selection& s) { return !s.resolved; }))
-      stats_pass(in, plan, sels, /*gather_l1=*/false, K);
+      stats_pass(in, plan, sels, /*gather_l1=*/false, none, K);
     // Trivial sides of rescaled top-k experts: boundary 0 selects everything.
     for (const Selection& sel : sels) {
       ExpertPlan& x = plan.experts[size_t(sel.expert)];
@@ -458,13 +498,22 @@ GtaPlan gta_prepare_cpu(const TensorView* base, const std::vector<TensorView>& e
   return plan;
 }
 
+}  // namespace
+
+GtaPlan gta_prepare_cpu(const TensorView* base, const std::vector<TensorView>& experts,
+                        const GtaParams& params, int64_t n) {
+  return prepare(MergeInputs{base, &experts, &params, n}, nullptr);
+}
+
 void gta_merge_cpu(const TensorView* base, const std::vector<TensorView>& experts,
                    const TensorView& out, const GtaParams& params) {
   const int64_t n = check_gta_inputs(base, experts, out, params);
-  const GtaPlan plan = gta_prepare_cpu(base, experts, params, n);
+  const MergeInputs in{base, &experts, &params, n};
+  KeepBits keep_bits;
+  const GtaPlan plan = prepare(in, &keep_bits);
   if (n == 0) return;
   advise_huge_pages(out.data, size_t(n) * size_t(dtype_size(out.dtype)));
-  merge_pass(MergeInputs{base, &experts, &params, n}, plan, out, gta_block_kernels());
+  merge_pass(in, plan, keep_bits, out, gta_block_kernels());
 }
 
 }  // namespace fastmerge

@@ -204,6 +204,39 @@ void uniforms(const RandomStream& stream, int64_t first, int64_t len, float* u) 
   }
 }
 
+void pack_keep(const float* u, const float* keep_prob, float p, int64_t len, uint64_t* bits) {
+  for (int64_t w = 0; w * 64 < len; ++w) {
+    const int64_t first = w * 64, count = len - first < 64 ? len - first : 64;
+    uint64_t word = 0;
+#if FM_ISA == 2
+    if (count == 64) {
+      for (int q = 0; q < 4; ++q) {
+        const __m512 prob = keep_prob ? _mm512_loadu_ps(keep_prob + first + 16 * q) : _mm512_set1_ps(p);
+        const __mmask16 kept = _mm512_cmp_ps_mask(_mm512_loadu_ps(u + first + 16 * q), prob, _CMP_LT_OQ);
+        word |= uint64_t(kept) << (16 * q);
+      }
+      bits[w] = word;
+      continue;
+    }
+#endif
+    for (int64_t j = 0; j < count; ++j)
+      word |= uint64_t(u[first + j] < (keep_prob ? keep_prob[first + j] : p)) << j;
+    bits[w] = word;
+  }
+}
+
+void unpack_keep(const uint64_t* bits, int64_t len, float* u) {
+#if FM_ISA == 2
+  int64_t j = 0;
+  for (; j + 16 <= len; j += 16)
+    _mm512_storeu_ps(u + j, _mm512_mask_blend_ps(__mmask16(bits[j >> 6] >> (j & 63)), _mm512_set1_ps(2.0f),
+                                                 _mm512_set1_ps(-1.0f)));
+  for (; j < len; ++j) u[j] = (bits[j >> 6] >> (j & 63)) & 1 ? -1.0f : 2.0f;
+#else
+  for (int64_t j = 0; j < len; ++j) u[j] = (bits[j >> 6] >> (j & 63)) & 1 ? -1.0f : 2.0f;
+#endif
+}
+
 void abs_sums(const float* d, const float* u, const float* keep_prob, float p, int64_t len,
               double* all, double* kept) {
   float acc_all[kLanes] = {}, acc_kept[kLanes] = {};
@@ -833,8 +866,9 @@ void combine_any(const float* v, int64_t stride, int experts, const ExpertPlan* 
 }  // namespace
 
 const GtaBlockKernels& block_kernels() {
-  static const GtaBlockKernels table = {load,     store,     stream_store, subtract, uniforms, abs_sums,
-                                        topk_scan, contribution, combine,  merge_ranges};
+  static const GtaBlockKernels table = {load,     store,       stream_store, subtract,     uniforms,
+                                        pack_keep, unpack_keep, abs_sums,     topk_scan,    contribution,
+                                        combine,   merge_ranges};
   return table;
 }
 

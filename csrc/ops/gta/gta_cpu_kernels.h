@@ -51,6 +51,12 @@ struct GtaBlockKernels {
   void (*subtract)(const float* a, const float* b, int64_t len, float* d);
   // u[j] = uniform for element first + j
   void (*uniforms)(const RandomStream& stream, int64_t first, int64_t len, float* u);
+  // bits[j / 64] bit j % 64 = u[j] < (keep_prob ? keep_prob[j] : p), for the len elements of a
+  // block starting on a multiple of 64 (whole words; the last word's spare bits zero)
+  void (*pack_keep)(const float* u, const float* keep_prob, float p, int64_t len, uint64_t* bits);
+  // u[j] = -1 where bit j is set, else 2: against any keep probability in [0, 1], "u < p"
+  // then decides as the uniforms that were packed did
+  void (*unpack_keep)(const uint64_t* bits, int64_t len, float* u);
   // sum |d|, and sum |d| where keep_prob[j] > u[j] (keep_prob null: the scalar p)
   void (*abs_sums)(const float* d, const float* u, const float* keep_prob, float p, int64_t len,
                    double* all, double* kept);
