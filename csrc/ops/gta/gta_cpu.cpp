@@ -433,6 +433,8 @@ void merge_pass(const MergeInputs& in, const GtaPlan& plan, const KeepBits& keep
       std::all_of(in.experts->begin(), in.experts->end(),
                   [&](const TensorView& e) { return e.dtype == (*in.experts)[0].dtype; });
 
+  // The fused kernel reads a base of the experts' dtype in place (no block of floats to fill).
+  const void* base_same = fused && in.base && in.base->dtype == (*in.experts)[0].dtype ? in.base->data : nullptr;
   const bool streaming = size_t(in.n) * size_t(dtype_size(out.dtype)) >= kStreamingStoreBytes;
   const auto store = streaming ? K.stream_store : K.store;
 
@@ -443,17 +445,19 @@ void merge_pass(const MergeInputs& in, const GtaPlan& plan, const KeepBits& keep
     if (ranges.slabs) della_probs(in, plan, K, begin, end, s);
     for (int64_t b = begin; b < end; b += kBlock) {
       const int64_t len = std::min(kBlock, end - b);
-      if (in.base) K.load(in.base->data, in.base->dtype, b, len, s.base.data());
       if (fused) {
         for (int t = 0; t < T; ++t) {
           const TensorView& e = (*in.experts)[size_t(t)];
           sources[size_t(t)] = BlockSource{e.data, e.dtype, b};
         }
-        if (K.merge_ranges(sources.data(), T, plan.experts.data(), cp, s.base.data(), len, s.delta.data())) {
+        if (in.base && !base_same) K.load(in.base->data, in.base->dtype, b, len, s.base.data());
+        if (K.merge_ranges(sources.data(), T, plan.experts.data(), cp, s.base.data(), base_same, len,
+                           s.delta.data())) {
           store(out.data, out.dtype, b, len, s.delta.data());
           continue;
         }
       }
+      if (in.base) K.load(in.base->data, in.base->dtype, b, len, s.base.data());
       for (int t = 0; t < T; ++t) {
         const ExpertPlan& x = plan.experts[size_t(t)];
         const TensorView& e = (*in.experts)[size_t(t)];

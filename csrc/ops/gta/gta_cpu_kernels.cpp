@@ -670,9 +670,9 @@ void combine_experts(const float* v, int64_t stride, const ExpertPlan* plans, co
 // ranges (keep_all, drop_all and topk_range are ranges too) with uniform thresholds on this
 // block: deltas, masks, sign election and the weighted sum in registers, in the operation
 // order of contribution + combine_fixed.
-template <int T, typename S, Consensus C>
+template <int T, typename S, Consensus C, typename B>
 void merge_ranges_general(const S* const (&e)[T], const uint32_t (&keep_key)[T], const uint32_t (&drop_key)[T],
-                          const ExpertPlan* plans, const CombineParams& p, const float* __restrict base,
+                          const ExpertPlan* plans, const CombineParams& p, const B* __restrict base,
                           int32_t len, float* __restrict out) {
   float scale[T], w[T], mw[T], dw[T];
   for (int t = 0; t < T; ++t) {
@@ -684,13 +684,14 @@ void merge_ranges_general(const S* const (&e)[T], const uint32_t (&keep_key)[T],
   }
   const float fixed_divisor = p.normalize ? p.divisor : 1.0f;
   for (int32_t j = 0; j < len; ++j) {
+    const float b = element(base, j);
     float x[T];
     for (int t = 0; t < T; ++t) {
-      const float d = element(e[t], j) - base[j];
+      const float d = element(e[t], j) - b;
       const bool kept = (abs_bits(d) >= keep_key[t]) & (abs_bits(d) < drop_key[t]);
       x[t] = kept ? (d * scale[t]) * w[t] : 0.0f;
     }
-    out[j] = combine_element<T, C>(x, mw, dw, p.normalize, fixed_divisor, p.lambda, base[j]);
+    out[j] = combine_element<T, C>(x, mw, dw, p.normalize, fixed_divisor, p.lambda, b);
   }
 }
 
@@ -698,18 +699,19 @@ void merge_ranges_general(const S* const (&e)[T], const uint32_t (&keep_key)[T],
 // 1, mix weight 1, lambda 1, no dropped top range): they are left out, which leaves the same
 // result. kDivide: the normalisation divides (by the agreeing weights, or a divisor other than
 // 1); kMasked: some expert keeps less than everything on this block (else no key test).
-template <int T, typename S, Consensus C, bool kDivide, bool kMasked>
+template <int T, typename S, Consensus C, bool kDivide, bool kMasked, typename B>
 void merge_ranges_lean(const S* const (&e)[T], const uint32_t (&keep_key)[T], const ExpertPlan* plans,
-                       float fixed_divisor, const float* __restrict base, int32_t len, float* __restrict out) {
+                       float fixed_divisor, const B* __restrict base, int32_t len, float* __restrict out) {
   float w[T], dw[T];
   for (int t = 0; t < T; ++t) {
     w[t] = plans[t].weight;
     dw[t] = plans[t].divisor_weight;
   }
   for (int32_t j = 0; j < len; ++j) {
+    const float b = element(base, j);
     float x[T];
     for (int t = 0; t < T; ++t) {
-      const float d = element(e[t], j) - base[j];
+      const float d = element(e[t], j) - b;
       x[t] = !kMasked || abs_bits(d) >= keep_key[t] ? d * w[t] : 0.0f;
     }
     float mixed;
@@ -731,13 +733,13 @@ void merge_ranges_lean(const S* const (&e)[T], const uint32_t (&keep_key)[T], co
       }
       if (kDivide) mixed /= agreeing != 0.0f ? agreeing : 1.0f;
     }
-    out[j] = base[j] + mixed;
+    out[j] = b + mixed;
   }
 }
 
 template <int T, typename S, Consensus C>
 bool merge_ranges_block(const BlockSource* experts, const ExpertPlan* plans, const CombineParams& p,
-                        const float* base, int64_t len, float* out) {
+                        const float* base, const void* base_same, int64_t len, float* out) {
   const int64_t first = experts[0].offset;
   const S* e[T];
   uint32_t keep_key[T], drop_key[T];
@@ -755,47 +757,51 @@ bool merge_ranges_block(const BlockSource* experts, const ExpertPlan* plans, con
   const int32_t n = int32_t(len);
   const float fixed_divisor = p.normalize ? p.divisor : 1.0f;
   const bool divide = C == Consensus::none ? fixed_divisor != 1.0f : p.normalize;
-  if (!lean) merge_ranges_general<T, S, C>(e, keep_key, drop_key, plans, p, base, n, out);
-  else if (divide && masked) merge_ranges_lean<T, S, C, true, true>(e, keep_key, plans, fixed_divisor, base, n, out);
-  else if (divide) merge_ranges_lean<T, S, C, true, false>(e, keep_key, plans, fixed_divisor, base, n, out);
-  else if (masked) merge_ranges_lean<T, S, C, false, true>(e, keep_key, plans, fixed_divisor, base, n, out);
-  else merge_ranges_lean<T, S, C, false, false>(e, keep_key, plans, fixed_divisor, base, n, out);
+  auto run = [&](const auto* b) {
+    if (!lean) merge_ranges_general<T, S, C>(e, keep_key, drop_key, plans, p, b, n, out);
+    else if (divide && masked) merge_ranges_lean<T, S, C, true, true>(e, keep_key, plans, fixed_divisor, b, n, out);
+    else if (divide) merge_ranges_lean<T, S, C, true, false>(e, keep_key, plans, fixed_divisor, b, n, out);
+    else if (masked) merge_ranges_lean<T, S, C, false, true>(e, keep_key, plans, fixed_divisor, b, n, out);
+    else merge_ranges_lean<T, S, C, false, false>(e, keep_key, plans, fixed_divisor, b, n, out);
+  };
+  if (base_same != nullptr) run(static_cast<const S*>(base_same) + first);
+  else run(base);
   return true;
 }
 
 template <int T, typename S>
 bool merge_ranges_storage(const BlockSource* experts, const ExpertPlan* plans, const CombineParams& p,
-                          const float* base, int64_t len, float* out) {
+                          const float* base, const void* base_same, int64_t len, float* out) {
   switch (p.consensus) {
-    case Consensus::none: return merge_ranges_block<T, S, Consensus::none>(experts, plans, p, base, len, out);
-    case Consensus::sum: return merge_ranges_block<T, S, Consensus::sum>(experts, plans, p, base, len, out);
-    case Consensus::count: return merge_ranges_block<T, S, Consensus::count>(experts, plans, p, base, len, out);
+    case Consensus::none: return merge_ranges_block<T, S, Consensus::none>(experts, plans, p, base, base_same, len, out);
+    case Consensus::sum: return merge_ranges_block<T, S, Consensus::sum>(experts, plans, p, base, base_same, len, out);
+    case Consensus::count: return merge_ranges_block<T, S, Consensus::count>(experts, plans, p, base, base_same, len, out);
   }
   return false;
 }
 
 template <int T>
 bool merge_ranges_count(const BlockSource* experts, const ExpertPlan* plans, const CombineParams& p,
-                        const float* base, int64_t len, float* out) {
+                        const float* base, const void* base_same, int64_t len, float* out) {
   switch (experts[0].dtype) {
-    case DType::f32: return merge_ranges_storage<T, float>(experts, plans, p, base, len, out);
-    case DType::bf16: return merge_ranges_storage<T, uint16_t>(experts, plans, p, base, len, out);
-    case DType::f16: return merge_ranges_storage<T, f16_t>(experts, plans, p, base, len, out);
+    case DType::f32: return merge_ranges_storage<T, float>(experts, plans, p, base, base_same, len, out);
+    case DType::bf16: return merge_ranges_storage<T, uint16_t>(experts, plans, p, base, base_same, len, out);
+    case DType::f16: return merge_ranges_storage<T, f16_t>(experts, plans, p, base, base_same, len, out);
     default: return false;
   }
 }
 
 bool merge_ranges(const BlockSource* experts, int count, const ExpertPlan* plans,
-                  const CombineParams& p, const float* base, int64_t len, float* out) {
+                  const CombineParams& p, const float* base, const void* base_same, int64_t len, float* out) {
   switch (count) {
-    case 1: return merge_ranges_count<1>(experts, plans, p, base, len, out);
-    case 2: return merge_ranges_count<2>(experts, plans, p, base, len, out);
-    case 3: return merge_ranges_count<3>(experts, plans, p, base, len, out);
-    case 4: return merge_ranges_count<4>(experts, plans, p, base, len, out);
-    case 5: return merge_ranges_count<5>(experts, plans, p, base, len, out);
-    case 6: return merge_ranges_count<6>(experts, plans, p, base, len, out);
-    case 7: return merge_ranges_count<7>(experts, plans, p, base, len, out);
-    case 8: return merge_ranges_count<8>(experts, plans, p, base, len, out);
+    case 1: return merge_ranges_count<1>(experts, plans, p, base, base_same, len, out);
+    case 2: return merge_ranges_count<2>(experts, plans, p, base, base_same, len, out);
+    case 3: return merge_ranges_count<3>(experts, plans, p, base, base_same, len, out);
+    case 4: return merge_ranges_count<4>(experts, plans, p, base, base_same, len, out);
+    case 5: return merge_ranges_count<5>(experts, plans, p, base, base_same, len, out);
+    case 6: return merge_ranges_count<6>(experts, plans, p, base, base_same, len, out);
+    case 7: return merge_ranges_count<7>(experts, plans, p, base, base_same, len, out);
+    case 8: return merge_ranges_count<8>(experts, plans, p, base, base_same, len, out);
     default: return false;
   }
 }

@@ -77,8 +77,11 @@ struct GtaBlockKernels {
   // contribution + combine fused, for up to kMaxFusedExperts experts sharing one dtype whose
   // masks are keep_all, drop_all or topk_range; returns false (nothing done) otherwise, and on
   // the few blocks that hold a top-k boundary's own index (those take contribution + combine).
+  // base_same: the base tensor when it has the experts' dtype (read in place of base, the
+  // block as floats, which the caller then need not fill); else null.
   bool (*merge_ranges)(const BlockSource* experts, int count, const ExpertPlan* plans,
-                       const CombineParams& params, const float* base, int64_t len, float* out);
+                       const CombineParams& params, const float* base, const void* base_same, int64_t len,
+                       float* out);
 };
 
 const GtaBlockKernels& gta_block_kernels();
