@@ -987,3 +987,21 @@ def test_rescaled_drop_keeps_the_same_elements_as_plain_drop(shape):
     merged = F.dare_linear(base, ex, [0.2, 0.3, 0.5], 0.4, seed=9, name="m")
     expected = ref_method("dare_linear", base, ex, [0.2, 0.3, 0.5], 0.4, seed=9, name="m")
     check_against_reference(merged, expected, base, rescale=True)
+
+
+@pytest.mark.parametrize("shape", [(40, 1024), (40, 1000), (6, 64, 3)])
+def test_rescaled_della_keeps_the_same_elements_as_plain_della(shape):
+    """DELLA's keep decisions are packed by the statistics pass when every rank slab starts on
+    a 64-element word ((40, 1024), (6, 64, 3)), and drawn again by the merge pass otherwise."""
+    base, ex = make_group(shape, 2, seed=39, dtype=torch.bfloat16)
+    weight = [0.6, 0.4]
+    kept = []
+    for rescale in (False, True):
+        for e in range(2):  # one expert at a time: its kept deltas are the nonzero ones
+            merged = F.della_linear(base, [ex[e]], [weight[e]], 0.4, epsilon=0.1, seed=4, name="d",
+                                    rescale=rescale, out_dtype=torch.float32)
+            kept.append(merged != base.float())
+    assert all(torch.equal(kept[e], kept[2 + e]) for e in range(2))
+    merged = F.della(base, ex, weight, 0.4, epsilon=0.1, seed=4, name="d")
+    expected = ref_method("della", base, ex, weight, 0.4, epsilon=0.1, seed=4, name="d")
+    check_against_reference(merged, expected, base, rescale=True)

@@ -65,10 +65,11 @@ struct MergeInputs {
   int64_t n;
 };
 
-// DARE's keep decisions, packed by the statistics pass (which draws them for the L1 rescale)
-// so that the merge pass reads one bit per element instead of drawing Philox uniforms again:
-// the draws cost more than the rest of both passes. One word array per expert, in a buffer
-// kept by the calling thread (no fresh pages per call), within a memory budget.
+// DARE's and DELLA's keep decisions, packed by the statistics pass (which draws them for the
+// L1 rescale) so that the merge pass reads one bit per element instead of drawing the Philox
+// uniforms again (and, for DELLA, ranking every slab again): the draws cost more than the rest
+// of both passes, and the ranking far more. One word array per expert, in a buffer kept by the
+// calling thread (no fresh pages per call), within a memory budget.
 struct KeepBits {
   uint64_t* words = nullptr;
   int64_t words_per_expert = 0;
@@ -78,17 +79,18 @@ struct KeepBits {
 
 constexpr size_t kKeepBitsBudget = size_t(256) << 20;
 
-// Keep bits for the bernoulli experts of a chunked plan whose statistics pass draws them (the
-// rescaled ones); none when that would exceed the budget.
-KeepBits keep_bits_for(const GtaPlan& plan, int64_t n) {
+// Keep bits for the random-mask experts whose statistics pass draws them (the rescaled ones);
+// none when that would exceed the budget, or when DELLA's rank slabs do not start on a word
+// (each slab's words must belong to the one thread that ranks it).
+KeepBits keep_bits_for(const GtaPlan& plan, const GtaParams& p, int64_t n) {
   KeepBits bits;
   const int T = int(plan.experts.size());
   bits.packed.assign(size_t(T), 0);
-  if (plan.has_della) return bits;  // rank slabs need not start on a word
+  if (plan.has_della && (p.rank_len * p.rank_inner) % 64 != 0) return bits;
   bool any = false;
   for (int t = 0; t < T; ++t) {
     const ExpertPlan& x = plan.experts[size_t(t)];
-    bits.packed[size_t(t)] = x.kind == MaskKind::bernoulli && x.rescale;
+    bits.packed[size_t(t)] = (x.kind == MaskKind::bernoulli || x.kind == MaskKind::della) && x.rescale;
     any |= bits.packed[size_t(t)] != 0;
   }
   bits.words_per_expert = (n + 63) / 64;
@@ -433,6 +435,17 @@ void merge_pass(const MergeInputs& in, const GtaPlan& plan, const KeepBits& keep
       std::all_of(in.experts->begin(), in.experts->end(),
                   [&](const TensorView& e) { return e.dtype == (*in.experts)[0].dtype; });
 
+  // Experts whose keep decisions were packed replay them: stand-in uniforms (-1 kept, 2
+  // dropped) against a keep probability of 1, whatever their mask kind.
+  std::vector<ExpertPlan> plans = plan.experts;
+  bool rank_slabs = false;  // some DELLA expert still needs its ranks
+  for (int t = 0; t < T; ++t) {
+    if (keep_bits.of(t)) {
+      plans[size_t(t)].kind = MaskKind::bernoulli;
+      plans[size_t(t)].keep_prob = 1.0f;
+    }
+    rank_slabs |= plans[size_t(t)].kind == MaskKind::della;
+  }
   // The fused kernel reads a base of the experts' dtype in place (no block of floats to fill).
   const void* base_same = fused && in.base && in.base->dtype == (*in.experts)[0].dtype ? in.base->data : nullptr;
   const bool streaming = size_t(in.n) * size_t(dtype_size(out.dtype)) >= kStreamingStoreBytes;
@@ -442,7 +455,7 @@ void merge_pass(const MergeInputs& in, const GtaPlan& plan, const KeepBits& keep
     Scratch& s = scratch_for(T);
     std::vector<BlockSource> sources(static_cast<size_t>(T));
     const int64_t begin = ranges.begin(r), end = ranges.end(r, in.n);
-    if (ranges.slabs) della_probs(in, plan, K, begin, end, s);
+    if (rank_slabs) della_probs(in, plan, K, begin, end, s);
     for (int64_t b = begin; b < end; b += kBlock) {
       const int64_t len = std::min(kBlock, end - b);
       if (fused) {
@@ -459,7 +472,7 @@ void merge_pass(const MergeInputs& in, const GtaPlan& plan, const KeepBits& keep
       }
       if (in.base) K.load(in.base->data, in.base->dtype, b, len, s.base.data());
       for (int t = 0; t < T; ++t) {
-        const ExpertPlan& x = plan.experts[size_t(t)];
+        const ExpertPlan& x = plans[size_t(t)];
         const TensorView& e = (*in.experts)[size_t(t)];
         const float* prob = nullptr;
         if (const uint64_t* bits = keep_bits.of(t)) {
@@ -471,7 +484,7 @@ void merge_pass(const MergeInputs& in, const GtaPlan& plan, const KeepBits& keep
         K.contribution(BlockSource{e.data, e.dtype, b}, s.base.data(), len, x, s.u.data(), prob,
                        s.v.data() + size_t(t) * kBlock);
       }
-      K.combine(s.v.data(), kBlock, T, plan.experts.data(), cp, s.base.data(), len, s.delta.data());
+      K.combine(s.v.data(), kBlock, T, plans.data(), cp, s.base.data(), len, s.delta.data());
       store(out.data, out.dtype, b, len, s.delta.data());
     }
     if (streaming) stream_fence();
@@ -483,7 +496,7 @@ GtaPlan prepare(const MergeInputs& in, KeepBits* keep_bits) {
   GtaPlan plan = make_gta_plan(*in.params, in.n);
   if (in.n == 0) return plan;
   const GtaBlockKernels& K = gta_block_kernels();
-  if (keep_bits) *keep_bits = keep_bits_for(plan, in.n);
+  if (keep_bits) *keep_bits = keep_bits_for(plan, *in.params, in.n);
   const KeepBits none;
   if (plan.needs_stats_pass) {
     std::vector<Selection> sels = plan_selections(in, plan, K);
