@@ -350,19 +350,18 @@ void stats_pass(const MergeInputs& in, GtaPlan& plan, std::vector<Selection>& se
   }
 }
 
-// The composites of expert t at the s sampled positions. Positions come in runs of
-// kSampleRun consecutive elements (sample_position), loaded a run at a time.
-void sample_composites(const MergeInputs& in, int t, int64_t s, const GtaBlockKernels& K,
-                       std::vector<uint64_t>& sample) {
+// Samples [j0, j1) of the s composites of expert t (sample_position; j0 and j1 multiples of
+// kSampleRun). Positions come in runs of kSampleRun consecutive elements, loaded a run at a time.
+void sample_composites(const MergeInputs& in, int t, int64_t s, int64_t j0, int64_t j1,
+                       const GtaBlockKernels& K, uint64_t* sample) {
   const int64_t n = in.n;
   const TensorView& e = (*in.experts)[size_t(t)];
-  sample.resize(size_t(s));
   const int64_t run = s % kSampleRun == 0 ? kSampleRun : 1;
   float delta[kSampleRun], base[kSampleRun] = {};
   const int64_t esize = dtype_size(e.dtype), bsize = in.base ? dtype_size(in.base->dtype) : 0;
   constexpr int64_t kAhead = 16;  // runs in flight: each is a cache and TLB miss
-  for (int64_t j = 0; j < s; j += run) {
-    if (j + kAhead * run < s) {
+  for (int64_t j = j0; j < j1; j += run) {
+    if (j + kAhead * run < j1) {
       const int64_t ahead = sample_position(j + kAhead * run, n, s);
       __builtin_prefetch(static_cast<const char*>(e.data) + ahead * esize);
       if (in.base) __builtin_prefetch(static_cast<const char*>(in.base->data) + ahead * bsize);
@@ -374,14 +373,14 @@ void sample_composites(const MergeInputs& in, int t, int64_t s, const GtaBlockKe
       for (int64_t r = 0; r < run; ++r) {
         const int64_t at = sample_position(j + r, n, s);
         const float d = load_host(e, at) - (in.base ? load_host(*in.base, at) : 0.0f);
-        sample[size_t(j + r)] = composite_key(magnitude_key(d), at);
+        sample[j + r] = composite_key(magnitude_key(d), at);
       }
       continue;
     }
     K.load(e.data, e.dtype, pos, run, delta);
     if (in.base) K.load(in.base->data, in.base->dtype, pos, run, base);
     for (int64_t r = 0; r < run; ++r)
-      sample[size_t(j + r)] = composite_key(magnitude_key(delta[r] - base[r]), pos + r);
+      sample[j + r] = composite_key(magnitude_key(delta[r] - base[r]), pos + r);
   }
 }
 
@@ -393,12 +392,25 @@ std::vector<Selection> plan_selections(const MergeInputs& in, GtaPlan& plan, con
     if (plan.experts[size_t(t)].kind == MaskKind::topk_range) topk.push_back(t);
   // Two sides per expert: keep (top k_keep) and drop (top k_drop).
   std::vector<Selection> sels(topk.size() * 2);
+  // Samples first, each expert's split in parts so that the threads share the work evenly
+  // (three experts on two threads would otherwise leave one idle half the time).
+  std::vector<std::vector<uint64_t>> samples(topk.size());
+  for (size_t i = 0; i < topk.size(); ++i) {
+    const ExpertPlan& x = plan.experts[size_t(topk[i])];
+    if (n > 4 * kSampleSize && ((x.k_keep > 0 && x.k_keep < n) || (x.k_drop > 0 && x.k_drop < n)))
+      samples[i].resize(size_t(s));
+  }
+  constexpr int64_t kParts = 8;
+  const int64_t part = (s / kParts + kSampleRun - 1) / kSampleRun * kSampleRun;
+  parallel_for(int64_t(topk.size()) * kParts, [&](int64_t task) {
+    std::vector<uint64_t>& sample = samples[size_t(task / kParts)];
+    const int64_t j0 = std::min(s, (task % kParts) * part), j1 = std::min(s, j0 + part);
+    if (!sample.empty() && j0 < j1) sample_composites(in, topk[size_t(task / kParts)], s, j0, j1, K, sample.data());
+  });
   parallel_for(int64_t(topk.size()), [&](int64_t i) {
     const int t = topk[size_t(i)];
     const ExpertPlan& x = plan.experts[size_t(t)];
-    std::vector<uint64_t> sample;
-    const bool sampled = n > 4 * kSampleSize && ((x.k_keep > 0 && x.k_keep < n) || (x.k_drop > 0 && x.k_drop < n));
-    if (sampled) sample_composites(in, t, s, K, sample);
+    const std::vector<uint64_t>& sample = samples[size_t(i)];
     for (int side = 0; side < 2; ++side) {
       const bool keep_side = side == 0;
       sels[size_t(i) * 2 + side] =
