@@ -611,7 +611,10 @@ void contribution(BlockSource src, const float* base, int64_t len, const ExpertP
 // x * 1 are exact, so divisor 1, lambda 1 and mix weight 1 stand in for "no normalize", "no
 // lambda" and "x is already weighted". mw: mix weights (an agreeing x enters the sum as
 // x * mw), dw: divisor weights (what an agreeing expert adds to the divisor).
-template <int T, Consensus C>
+// kLean: every mix weight and lambda is 1, so those steps are left out, and the division
+// happens only when kDivide (normalize with consensus, a divisor other than 1 without): the
+// same result with fewer operations.
+template <int T, Consensus C, bool kLean = false, bool kDivide = true>
 __attribute__((always_inline)) inline float combine_element(const float (&x)[T], const float (&mw)[T],
                                                            const float (&dw)[T], bool normalize,
                                                            float fixed_divisor, float lambda, float base) {
@@ -629,11 +632,12 @@ __attribute__((always_inline)) inline float combine_element(const float (&x)[T],
     float agreeing = 0.0f;
     for (int t = 0; t < T; ++t) {
       const bool agree = x[t] * majority > 0.0f;
-      mixed += agree ? x[t] * mw[t] : 0.0f;
+      mixed += agree ? (kLean ? x[t] : x[t] * mw[t]) : 0.0f;
       agreeing += agree ? dw[t] : 0.0f;
     }
     divisor = normalize && agreeing != 0.0f ? agreeing : 1.0f;
   }
+  if (kLean) return base + (kDivide ? mixed / divisor : mixed);
   return base + (mixed / divisor) * lambda;
 }
 
@@ -702,9 +706,10 @@ void merge_ranges_general(const S* const (&e)[T], const uint32_t (&keep_key)[T],
 template <int T, typename S, Consensus C, bool kDivide, bool kMasked, typename B>
 void merge_ranges_lean(const S* const (&e)[T], const uint32_t (&keep_key)[T], const ExpertPlan* plans,
                        float fixed_divisor, const B* __restrict base, int32_t len, float* __restrict out) {
-  float w[T], dw[T];
+  float w[T], mw[T], dw[T];
   for (int t = 0; t < T; ++t) {
     w[t] = plans[t].weight;
+    mw[t] = plans[t].mix_weight;  // 1 here: unused
     dw[t] = plans[t].divisor_weight;
   }
   for (int32_t j = 0; j < len; ++j) {
@@ -714,26 +719,7 @@ void merge_ranges_lean(const S* const (&e)[T], const uint32_t (&keep_key)[T], co
       const float d = element(e[t], j) - b;
       x[t] = !kMasked || abs_bits(d) >= keep_key[t] ? d * w[t] : 0.0f;
     }
-    float mixed;
-    if (C == Consensus::none) {
-      mixed = x[0];
-      for (int t = 1; t < T; ++t) mixed += x[t];
-      if (kDivide) mixed /= fixed_divisor;
-    } else {
-      float vote = 0.0f;
-      for (int t = 0; t < T; ++t)
-        vote += C == Consensus::sum ? x[t] : float(x[t] > 0.0f) - float(x[t] < 0.0f);
-      const float majority = vote >= 0.0f ? 1.0f : -1.0f;
-      mixed = 0.0f;
-      float agreeing = 0.0f;
-      for (int t = 0; t < T; ++t) {
-        const bool agree = x[t] * majority > 0.0f;
-        mixed += agree ? x[t] : 0.0f;
-        agreeing += agree ? dw[t] : 0.0f;
-      }
-      if (kDivide) mixed /= agreeing != 0.0f ? agreeing : 1.0f;
-    }
-    out[j] = b + mixed;
+    out[j] = combine_element<T, C, true, kDivide>(x, mw, dw, kDivide, fixed_divisor, 1.0f, b);
   }
 }
 
