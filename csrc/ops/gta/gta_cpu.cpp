@@ -41,8 +41,19 @@ struct CandidatePool {
   std::vector<std::vector<uint64_t>> select_scratch;
 };
 
-CandidatePool& candidate_pool(size_t selections) {
+// Working memory a thread keeps between calls up to this size; beyond it (the candidates or
+// keep bits of a very large tensor) it is released after the call rather than held for the
+// life of the process.
+constexpr size_t kRetainedBytes = size_t(256) << 20;
+
+CandidatePool& thread_candidate_pool() {
   thread_local CandidatePool pool;
+  return pool;
+}
+
+// The calling thread's pool, emptied and sized for `selections`.
+CandidatePool& candidate_pool(size_t selections) {
+  CandidatePool& pool = thread_candidate_pool();
   pool.by_thread.resize(size_t(max_threads()));
   for (auto& per_thread : pool.by_thread) {
     per_thread.resize(std::max(per_thread.size(), selections));
@@ -55,6 +66,20 @@ CandidatePool& candidate_pool(size_t selections) {
   }
   pool.select_scratch.resize(std::max(pool.select_scratch.size(), selections));
   return pool;
+}
+
+// Releases the calling thread's candidate buffers when they hold more than kRetainedBytes.
+void trim_candidate_pool() {
+  CandidatePool& pool = thread_candidate_pool();
+  size_t bytes = 0;
+  for (const auto& per_thread : pool.by_thread)
+    for (const auto& buf : per_thread) bytes += buf.capacity() * sizeof(uint64_t);
+  for (const auto& buf : pool.select_scratch) bytes += buf.capacity() * sizeof(uint64_t);
+  if (bytes <= kRetainedBytes) return;
+  pool.by_thread.clear();
+  pool.select_scratch.clear();
+  pool.by_thread.shrink_to_fit();
+  pool.select_scratch.shrink_to_fit();
 }
 
 // Inputs shared by both passes.
@@ -79,6 +104,11 @@ struct KeepBits {
 
 constexpr size_t kKeepBitsBudget = size_t(256) << 20;
 
+std::vector<uint64_t>& keep_bit_storage() {
+  thread_local std::vector<uint64_t> storage;
+  return storage;
+}
+
 // Keep bits for the random-mask experts whose statistics pass draws them (the rescaled ones);
 // none when that would exceed the budget, or when DELLA's rank slabs do not start on a word
 // (each slab's words must belong to the one thread that ranks it).
@@ -99,10 +129,16 @@ KeepBits keep_bits_for(const GtaPlan& plan, const GtaParams& p, int64_t n) {
     bits.packed.assign(size_t(T), 0);
     return bits;
   }
-  thread_local std::vector<uint64_t> storage;
+  std::vector<uint64_t>& storage = keep_bit_storage();
   if (storage.size() < words) storage.resize(words);
   bits.words = storage.data();
   return bits;
+}
+
+// Releases the calling thread's keep bits when they hold more than kRetainedBytes.
+void trim_keep_bits() {
+  std::vector<uint64_t>& storage = keep_bit_storage();
+  if (storage.capacity() * sizeof(uint64_t) > kRetainedBytes) std::vector<uint64_t>().swap(storage);
 }
 
 // Ranges the passes iterate over: fixed chunks, or DELLA's rank slabs (one per dim-0 index).
@@ -522,6 +558,7 @@ GtaPlan prepare(const MergeInputs& in, KeepBits* keep_bits) {
       if (x.rescale && sel.window.trivial && sel.window.boundary == 0)
         x.l1_after += sel.keep_side ? x.l1_before : -x.l1_before;
     }
+    trim_candidate_pool();
   }
   finish_gta_plan(plan);
   return plan;
@@ -543,6 +580,7 @@ void gta_merge_cpu(const TensorView* base, const std::vector<TensorView>& expert
   if (n == 0) return;
   advise_huge_pages(out.data, size_t(n) * size_t(dtype_size(out.dtype)));
   merge_pass(in, plan, keep_bits, out, gta_block_kernels());
+  trim_keep_bits();
 }
 
 }  // namespace fastmerge
