@@ -506,19 +506,26 @@ void merge_pass(const MergeInputs& in, const GtaPlan& plan, const KeepBits& keep
     if (rank_slabs) della_probs(in, plan, K, begin, end, s);
     for (int64_t b = begin; b < end; b += kBlock) {
       const int64_t len = std::min(kBlock, end - b);
+      // The block of the base as floats: filled before the fused kernel unless it reads the
+      // base in place, and before the general path if not filled yet.
+      bool base_loaded = false;
+      auto load_base = [&] {
+        if (in.base && !base_loaded) K.load(in.base->data, in.base->dtype, b, len, s.base.data());
+        base_loaded = true;
+      };
       if (fused) {
         for (int t = 0; t < T; ++t) {
           const TensorView& e = (*in.experts)[size_t(t)];
           sources[size_t(t)] = BlockSource{e.data, e.dtype, b};
         }
-        if (in.base && !base_same) K.load(in.base->data, in.base->dtype, b, len, s.base.data());
+        if (!base_same) load_base();
         if (K.merge_ranges(sources.data(), T, plan.experts.data(), cp, s.base.data(), base_same, len,
                            s.delta.data())) {
           store(out.data, out.dtype, b, len, s.delta.data());
           continue;
         }
       }
-      if (in.base) K.load(in.base->data, in.base->dtype, b, len, s.base.data());
+      load_base();
       for (int t = 0; t < T; ++t) {
         const ExpertPlan& x = plans[size_t(t)];
         const TensorView& e = (*in.experts)[size_t(t)];
