@@ -456,10 +456,101 @@ void scan_range(const SE* e, const SB* b, int64_t len, int64_t first, uint64_t u
   result->candidates = m;
 }
 
+// 32 bf16 values as two vectors of floats: each 32-bit lane holds a pair, whose first element
+// widens with one shift and whose second with one mask (the "even" and "odd" elements).
+inline void widen32(const uint16_t* p, __m512& even, __m512& odd) {
+  const __m512i pair = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(int(0xffff0000u))));
+}
+inline void widen32(const NoBase*, __m512& even, __m512& odd) { even = odd = _mm512_setzero_ps(); }
+inline const uint16_t* advance(const uint16_t* p, int64_t i) { return p + i; }
+inline const NoBase* advance(const NoBase* p, int64_t) { return p; }
+
+// scan_range for bf16 experts over a bf16 base (or none), 32 elements per step through
+// widen32: half the widening work of two 16-element steps. Above-counts are kept per lane;
+// in-window positions are compressed per half step, even elements then odd ones (candidate
+// order within a block does not matter: composites are unique).
+template <bool kL1, typename SB>
+void scan_range_bf16(const uint16_t* e, const SB* b, int64_t len, int64_t first, uint64_t up_boundary,
+                     uint64_t lo, const EdgeThresholds& up, const EdgeThresholds& in, TopkScanResult* result,
+                     uint64_t* candidates) {
+  constexpr int64_t kGroups = kBlock / 16;
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  int64_t above = 0, m = 0;
+  double above_l1 = 0.0;
+  __m512i above_lanes = _mm512_setzero_si512();
+  // Element positions of a step's even and odd lanes.
+  const __m512i even_at = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd_at = _mm512_add_epi32(even_at, _mm512_set1_epi32(1));
+  alignas(64) uint32_t at[kBlock + 32];
+  for (int64_t block = 0; block < len; block += kBlock) {
+    const int32_t n = int32_t(len - block < kBlock ? len - block : kBlock);
+    prefetch_ahead(e + block, n * int64_t(sizeof(uint16_t)));
+    const int64_t group0 = block / 16;
+    const bool split = (up.split >= group0 && up.split < group0 + kGroups) ||
+                       (in.split >= group0 && in.split < group0 + kGroups);
+    const uint32_t up_key = group0 < up.split ? up.before : up.after;
+    const uint32_t in_key = group0 < in.split ? in.before : in.after;
+    // In the window: in_key <= a < up_key, one unsigned comparison of a - in_key (an empty
+    // window, in_key >= up_key, has width 0 and takes nothing).
+    const __m512i up_v = _mm512_set1_epi32(int(up_key));
+    const __m512i in_v = _mm512_set1_epi32(int(in_key));
+    const __m512i width_v = _mm512_set1_epi32(int(up_key > in_key ? up_key - in_key : 0));
+    const int32_t full = split ? 0 : n & ~31;
+    __m512 l1 = _mm512_setzero_ps();
+    int32_t found = 0;
+    for (int32_t g = 0; g < full; g += 32) {
+      __m512 e_even, e_odd, b_even, b_odd;
+      widen32(e + block + g, e_even, e_odd);
+      widen32(advance(b, block + g), b_even, b_odd);
+      const __m512i a_even = _mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(e_even, b_even)), abs_mask);
+      const __m512i a_odd = _mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(e_odd, b_odd)), abs_mask);
+      const __mmask16 up_even = _mm512_cmpge_epu32_mask(a_even, up_v);
+      const __mmask16 up_odd = _mm512_cmpge_epu32_mask(a_odd, up_v);
+      above_lanes = _mm512_mask_sub_epi32(above_lanes, up_even, above_lanes, _mm512_set1_epi32(-1));
+      above_lanes = _mm512_mask_sub_epi32(above_lanes, up_odd, above_lanes, _mm512_set1_epi32(-1));
+      if (kL1) {
+        l1 = _mm512_mask_add_ps(l1, up_even, l1, _mm512_castsi512_ps(a_even));
+        l1 = _mm512_mask_add_ps(l1, up_odd, l1, _mm512_castsi512_ps(a_odd));
+      }
+      const __mmask16 in_even = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(a_even, in_v), width_v);
+      const __mmask16 in_odd = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(a_odd, in_v), width_v);
+      const __m512i step_at = _mm512_set1_epi32(g);
+      _mm512_storeu_si512(at + found, _mm512_maskz_compress_epi32(in_even, _mm512_add_epi32(step_at, even_at)));
+      found += __builtin_popcount(unsigned(in_even));
+      _mm512_storeu_si512(at + found, _mm512_maskz_compress_epi32(in_odd, _mm512_add_epi32(step_at, odd_at)));
+      found += __builtin_popcount(unsigned(in_odd));
+    }
+    if (kL1) above_l1 += double(_mm512_reduce_add_ps(l1));
+    // The rest (a split block, or a range's last partial step) one element at a time.
+    if (full < n)
+      found += scan_exact<kL1>(e, b, block, full, n, first, up_boundary, lo, &above, &above_l1, at + found);
+    for (int32_t c = 0; c < found; ++c) {
+      const int64_t j = block + at[c];
+      candidates[m++] = composite_key(magnitude_key(element(e, j) - element(b, j)), first + j);
+    }
+  }
+  above += _mm512_reduce_add_epi32(above_lanes);
+  result->above += above;
+  result->above_l1 += above_l1;
+  result->candidates = m;
+}
+
 template <bool kL1, typename SE>
 void scan_range_base(const SE* e, const BlockSource* base, int64_t len, int64_t first, uint64_t up_boundary,
                      uint64_t lo, const EdgeThresholds& up, const EdgeThresholds& in, TopkScanResult* result,
                      uint64_t* candidates) {
+  if constexpr (std::is_same_v<SE, uint16_t>) {
+    if (base == nullptr) {
+      const NoBase none;
+      return scan_range_bf16<kL1>(e, &none, len, first, up_boundary, lo, up, in, result, candidates);
+    }
+    if (base->dtype == DType::bf16) {
+      const uint16_t* b = static_cast<const uint16_t*>(base->data) + base->offset;
+      return scan_range_bf16<kL1>(e, b, len, first, up_boundary, lo, up, in, result, candidates);
+    }
+  }
   if (base == nullptr) {
     const NoBase none;
     return scan_range<kL1>(e, &none, len, first, up_boundary, lo, up, in, result, candidates);
