@@ -63,5 +63,6 @@ void bind_consensus(py::module_& m);
 void bind_sphere(py::module_& m);
 void bind_kvmerge(py::module_& m);
 void bind_tome(py::module_& m);
+void bind_memory(py::module_& m);  // recycled output buffers for CPU results
 
 }  // namespace fastmerge::bindings

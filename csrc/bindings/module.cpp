@@ -106,4 +106,5 @@ PYBIND11_MODULE(_C, m) {
   bind_sphere(m);
   bind_kvmerge(m);
   bind_tome(m);
+  bind_memory(m);
 }

@@ -249,9 +249,10 @@ def format_table(rows: Sequence[Dict[str, Any]], copy_gbs: float) -> str:
     lines.append("GB/s min: (base + experts read once + output written once) / time; "
                  "GB/s pass: counting the inputs once per pass we make "
                  "(ties, dare_ties: statistics + merge = 2; task_arithmetic: 1).")
-    lines.append("ours ms: each call returns a fresh output tensor (its pages are faulted in "
-                 "by the call); out= ms and the last column: the same call writing into a "
-                 "reused tensor (out=), as the copy does.")
+    lines.append("ours ms: each call returns a new output tensor (the buffer of the previous "
+                 "call's result, freed, is recycled for it: FASTMERGE_OUTPUT_CACHE_MB=0 times "
+                 "fresh pages instead); out= ms and the last column: the same call writing into "
+                 "a reused tensor (out=), as the copy does.")
     return "\n".join(lines)
 
 

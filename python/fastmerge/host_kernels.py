@@ -8,6 +8,7 @@ bytes, DType says what they are). _C borrows a capsule for the duration of the c
 from __future__ import annotations
 
 import ctypes
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -36,7 +37,37 @@ class HostArray:
 
     @staticmethod
     def empty(shape: Sequence[int], dtype: DType) -> "HostArray":
-        return HostArray(np.empty(tuple(shape), dtype=dtype.storage), dtype)
+        shape = tuple(int(s) for s in shape)
+        storage = np.dtype(dtype.storage)
+        if (storage.name in _RECYCLED_STORAGE and _native.available() and hasattr(np, "from_dlpack")
+                and math.prod(shape) * storage.itemsize >= RECYCLED_OUTPUT_BYTES):
+            capsule = _native.native().output_buffer(list(shape), storage.name, versioned=True)
+            try:
+                return HostArray(np.from_dlpack(_ExportedBuffer(capsule)), dtype)
+            except BufferError:  # numpy < 2.1 reads only unversioned DLPack (as read-only arrays)
+                pass
+        return HostArray(np.empty(shape, dtype=storage), dtype)
+
+
+# Results at least this large come from _C's recycled output buffers (bind_memory.cpp), as the
+# torch ops' outputs do (ops/_validate.py): fresh pages cost a fault each on first write.
+RECYCLED_OUTPUT_BYTES = 4 << 20
+_RECYCLED_STORAGE = ("float32", "float16", "uint16")
+
+
+class _ExportedBuffer:
+    """What np.from_dlpack takes: an object whose __dlpack__ returns the capsule (once)."""
+
+    def __init__(self, capsule):
+        self._capsule = capsule
+
+    def __dlpack__(self, stream=None, max_version=None, **_):
+        if max_version is None or max_version[0] < 1:
+            raise BufferError("fastmerge output buffers are exported as versioned DLPack (1.0)")
+        return self._capsule
+
+    def __dlpack_device__(self):
+        return (DL_CPU, 0)
 
 
 class _DLDevice(ctypes.Structure):

@@ -5,6 +5,7 @@ faults. Every failure is an InvalidArgumentError naming the argument and the val
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import List, Sequence, Union
 
@@ -117,8 +118,20 @@ def kernel_input(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+# CPU results at least this large come from _C's recycled output buffers (bind_memory.cpp): a
+# fresh torch.empty of that size is untouched memory whose page faults can cost as much as the
+# merge that fills it. Smaller ones come from torch's allocator, which reuses them itself.
+RECYCLED_OUTPUT_BYTES = 4 << 20
+_DLPACK_FLOATS = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
 def kernel_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    return torch.empty(shape, dtype=torch.float32 if dtype == torch.float64 else dtype, device=device)
+    dtype = torch.float32 if dtype == torch.float64 else dtype
+    shape = tuple(int(s) for s in shape)
+    if (torch.device(device).type == "cpu" and _native.available()
+            and math.prod(shape) * dtype.itemsize >= RECYCLED_OUTPUT_BYTES):
+        return torch.utils.dlpack.from_dlpack(_native.native().output_buffer(list(shape), _DLPACK_FLOATS[dtype]))
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def capsule(t: torch.Tensor):
