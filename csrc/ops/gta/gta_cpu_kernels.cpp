@@ -823,8 +823,10 @@ bool merge_ranges_block(const BlockSource* experts, const ExpertPlan* plans, con
   bool lean = p.lambda == 1.0f, masked = false;
   for (int t = 0; t < T; ++t) {
     const ExpertPlan& x = plans[t];
+    // No software prefetch here: the fused loop reads its streams in lockstep, which the
+    // hardware prefetchers follow; the prefetches cost more than they saved (EPYC Zen 4,
+    // interleaved A/B: task_arithmetic 6.1 -> 5.3 ms, ties 19.4 -> 18.8 ms on 4096^2 x 3 bf16).
     e[t] = static_cast<const S*>(experts[t].data) + first;
-    prefetch_ahead(e[t], len * int64_t(sizeof(S)));
     if (!uniform_threshold(x.kind == MaskKind::drop_all ? kKeepNone : x.keep_from, first, len, &keep_key[t]) ||
         !uniform_threshold(x.drop_from, first, len, &drop_key[t]))
       return false;
