@@ -407,6 +407,33 @@ inline int32_t scan_exact(const SE* e, const SB* b, int64_t block, int32_t from,
   return found;
 }
 
+// The thresholds of one block of a range scan. A block holding a boundary's own index is
+// split: it takes the exact test (scan_exact) throughout.
+struct BlockKeys {
+  bool split;
+  uint32_t up, in;
+};
+inline BlockKeys block_keys(const EdgeThresholds& up, const EdgeThresholds& in, int64_t block) {
+  constexpr int64_t kGroups = kBlock / 16;
+  const int64_t group0 = block / 16;
+  return BlockKeys{(up.split >= group0 && up.split < group0 + kGroups) || (in.split >= group0 && in.split < group0 + kGroups),
+                   group0 < up.split ? up.before : up.after, group0 < in.split ? in.before : in.after};
+}
+
+// The end of a block of a range scan: the elements from `full` on (a split block, or a range's
+// last partial step) one at a time, then the composites of the block's `found` in-window
+// positions at[].
+template <bool kL1, typename SE, typename SB>
+inline void finish_block(const SE* e, const SB* b, int64_t block, int32_t full, int32_t n, int64_t first,
+                         uint64_t up_boundary, uint64_t lo, int64_t* above, double* above_l1, uint32_t* at,
+                         int32_t found, uint64_t* candidates, int64_t* m) {
+  if (full < n) found += scan_exact<kL1>(e, b, block, full, n, first, up_boundary, lo, above, above_l1, at + found);
+  for (int32_t c = 0; c < found; ++c) {
+    const int64_t j = block + at[c];
+    candidates[(*m)++] = composite_key(magnitude_key(element(e, j) - element(b, j)), first + j);
+  }
+}
+
 // The window scan of a whole range in one AVX-512 loop, base read in its own storage type:
 // per 16 elements two key comparisons, and the positions inside the window compressed into a
 // list with no branch (a few per block of kBlock; their composites are formed per block).
@@ -414,7 +441,6 @@ template <bool kL1, typename SE, typename SB>
 void scan_range(const SE* e, const SB* b, int64_t len, int64_t first, uint64_t up_boundary, uint64_t lo,
                 const EdgeThresholds& up, const EdgeThresholds& in, TopkScanResult* result,
                 uint64_t* candidates) {
-  constexpr int64_t kGroups = kBlock / 16;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   int64_t above = 0, m = 0;
@@ -423,13 +449,10 @@ void scan_range(const SE* e, const SB* b, int64_t len, int64_t first, uint64_t u
   for (int64_t block = 0; block < len; block += kBlock) {
     const int32_t n = int32_t(len - block < kBlock ? len - block : kBlock);
     prefetch_ahead(e + block, n * int64_t(sizeof(SE)));
-    const int64_t group0 = block / 16;
-    // A block holding a boundary's own index takes the exact test there (group by group).
-    const bool split = (up.split >= group0 && up.split < group0 + kGroups) ||
-                       (in.split >= group0 && in.split < group0 + kGroups);
-    const __m512i up_key = _mm512_set1_epi32(int(group0 < up.split ? up.before : up.after));
-    const __m512i in_key = _mm512_set1_epi32(int(group0 < in.split ? in.before : in.after));
-    const int32_t full = split ? 0 : n & ~15;  // groups of the fast loop
+    const BlockKeys keys = block_keys(up, in, block);
+    const __m512i up_key = _mm512_set1_epi32(int(keys.up));
+    const __m512i in_key = _mm512_set1_epi32(int(keys.in));
+    const int32_t full = keys.split ? 0 : n & ~15;  // groups of the fast loop
     __m512 l1 = _mm512_setzero_ps();
     int32_t found = 0;
     for (int32_t g = 0; g < full; g += 16) {
@@ -443,13 +466,7 @@ void scan_range(const SE* e, const SB* b, int64_t len, int64_t first, uint64_t u
       found += __builtin_popcount(unsigned(is_in));
     }
     if (kL1) above_l1 += double(_mm512_reduce_add_ps(l1));
-    // The rest (a split block, or a range's last partial group) one element at a time.
-    if (full < n)
-      found += scan_exact<kL1>(e, b, block, full, n, first, up_boundary, lo, &above, &above_l1, at + found);
-    for (int32_t c = 0; c < found; ++c) {
-      const int64_t j = block + at[c];
-      candidates[m++] = composite_key(magnitude_key(element(e, j) - element(b, j)), first + j);
-    }
+    finish_block<kL1>(e, b, block, full, n, first, up_boundary, lo, &above, &above_l1, at, found, candidates, &m);
   }
   result->above += above;
   result->above_l1 += above_l1;
@@ -475,7 +492,6 @@ template <bool kL1, typename SB>
 void scan_range_bf16(const uint16_t* e, const SB* b, int64_t len, int64_t first, uint64_t up_boundary,
                      uint64_t lo, const EdgeThresholds& up, const EdgeThresholds& in, TopkScanResult* result,
                      uint64_t* candidates) {
-  constexpr int64_t kGroups = kBlock / 16;
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   int64_t above = 0, m = 0;
   double above_l1 = 0.0;
@@ -487,17 +503,13 @@ void scan_range_bf16(const uint16_t* e, const SB* b, int64_t len, int64_t first,
   for (int64_t block = 0; block < len; block += kBlock) {
     const int32_t n = int32_t(len - block < kBlock ? len - block : kBlock);
     prefetch_ahead(e + block, n * int64_t(sizeof(uint16_t)));
-    const int64_t group0 = block / 16;
-    const bool split = (up.split >= group0 && up.split < group0 + kGroups) ||
-                       (in.split >= group0 && in.split < group0 + kGroups);
-    const uint32_t up_key = group0 < up.split ? up.before : up.after;
-    const uint32_t in_key = group0 < in.split ? in.before : in.after;
-    // In the window: in_key <= a < up_key, one unsigned comparison of a - in_key (an empty
-    // window, in_key >= up_key, has width 0 and takes nothing).
-    const __m512i up_v = _mm512_set1_epi32(int(up_key));
-    const __m512i in_v = _mm512_set1_epi32(int(in_key));
-    const __m512i width_v = _mm512_set1_epi32(int(up_key > in_key ? up_key - in_key : 0));
-    const int32_t full = split ? 0 : n & ~31;
+    const BlockKeys keys = block_keys(up, in, block);
+    // In the window: keys.in <= a < keys.up, one unsigned comparison of a - keys.in (an empty
+    // window, keys.in >= keys.up, has width 0 and takes nothing).
+    const __m512i up_v = _mm512_set1_epi32(int(keys.up));
+    const __m512i in_v = _mm512_set1_epi32(int(keys.in));
+    const __m512i width_v = _mm512_set1_epi32(int(keys.up > keys.in ? keys.up - keys.in : 0));
+    const int32_t full = keys.split ? 0 : n & ~31;
     __m512 l1 = _mm512_setzero_ps();
     int32_t found = 0;
     for (int32_t g = 0; g < full; g += 32) {
@@ -523,13 +535,7 @@ void scan_range_bf16(const uint16_t* e, const SB* b, int64_t len, int64_t first,
       found += __builtin_popcount(unsigned(in_odd));
     }
     if (kL1) above_l1 += double(_mm512_reduce_add_ps(l1));
-    // The rest (a split block, or a range's last partial step) one element at a time.
-    if (full < n)
-      found += scan_exact<kL1>(e, b, block, full, n, first, up_boundary, lo, &above, &above_l1, at + found);
-    for (int32_t c = 0; c < found; ++c) {
-      const int64_t j = block + at[c];
-      candidates[m++] = composite_key(magnitude_key(element(e, j) - element(b, j)), first + j);
-    }
+    finish_block<kL1>(e, b, block, full, n, first, up_boundary, lo, &above, &above_l1, at, found, candidates, &m);
   }
   above += _mm512_reduce_add_epi32(above_lanes);
   result->above += above;
