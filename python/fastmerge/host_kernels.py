@@ -49,8 +49,8 @@ class HostArray:
         return HostArray(np.empty(shape, dtype=storage), dtype)
 
 
-# Results at least this large come from _C's recycled output buffers (bind_memory.cpp), as the
-# torch ops' outputs do (ops/_validate.py): fresh pages cost a fault each on first write.
+# Results at least this large come from _C's recycled output buffers (bind_memory.cpp), here and
+# in the torch ops (ops/_validate.py): fresh pages cost a fault and a zeroing each on first write.
 RECYCLED_OUTPUT_BYTES = 4 << 20
 _RECYCLED_STORAGE = ("float32", "float16", "uint16")
 

@@ -15,6 +15,7 @@ import torch.utils.dlpack
 from .. import _native
 from .._params import check_scalar, check_seed, per_expert, stream_hash  # noqa: F401
 from ..errors import InvalidArgumentError
+from ..host_kernels import RECYCLED_OUTPUT_BYTES
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PerExpert = Union[float, Sequence[float], torch.Tensor]
@@ -118,10 +119,9 @@ def kernel_input(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-# CPU results at least this large come from _C's recycled output buffers (bind_memory.cpp): a
-# fresh torch.empty of that size is untouched memory whose page faults can cost as much as the
-# merge that fills it. Smaller ones come from torch's allocator, which reuses them itself.
-RECYCLED_OUTPUT_BYTES = 4 << 20
+# CPU results of RECYCLED_OUTPUT_BYTES or more come from _C's recycled output buffers
+# (bind_memory.cpp): a fresh torch.empty of that size is untouched memory whose page faults can
+# cost as much as the merge that fills it. Smaller ones come from torch's allocator.
 _DLPACK_FLOATS = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
