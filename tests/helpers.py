@@ -293,6 +293,19 @@ def _step(value: torch.Tensor, direction: float) -> torch.Tensor:
     return torch.tensor([new], dtype=torch.int32).to(torch.int16).view(dt)[0]
 
 
+def window_misses() -> dict:
+    """The native top-k's count of sample windows that missed so far (retried on one side,
+    rescanned whole): tests compare it before and after a call."""
+    from fastmerge import _C
+
+    return dict(_C.topk_window_misses())
+
+
+def misses_since(before: dict) -> dict:
+    after = window_misses()
+    return {key: after[key] - before[key] for key in after}
+
+
 def sampled_positions(n: int, samples: int = 1 << 16, run: int = 16) -> torch.Tensor:
     """Positions the native top-k planner samples (csrc/ops/select/select_plan.cpp,
     sample_position), under both of its layouts so far: plain even spacing and evenly spaced

@@ -19,6 +19,14 @@ void magnitude_mask(const py::capsule& x_cap, double density, const py::capsule&
 void bind_select(py::module_& m) {
   m.def("magnitude_mask", &magnitude_mask, py::arg("x"), py::arg("density"), py::arg("mask"),
         py::arg("cuda_stream"));
+  m.def("topk_window_misses", [] {
+    const TopkWindowMisses misses = topk_window_misses();
+    py::dict d;
+    d["retried"] = misses.retried;
+    d["rescanned_whole"] = misses.rescanned_whole;
+    return d;
+  }, "Sample windows of the top-k that missed the k-th since the process started: retried on "
+     "one side, and rescanned whole after a second miss.");
 }
 
 }  // namespace fastmerge::bindings

@@ -27,8 +27,10 @@ from helpers import (
     ref_gta,
     ref_method,
     bf16_errors,
+    misses_since,
     run_method,
     sampled_positions,
+    window_misses,
 )
 
 ODD_SHAPES = [(), (1,), (4097,), (3, 5, 7)]
@@ -379,6 +381,23 @@ def test_adversarial_sample_positions(rescale):
                            rescale=rescale)
         check_against_reference(out, expected, None, rescale)
         assert int((out != 0).sum()) == int(density * n)
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_biased_samples_retry_one_side_per_expert(rescale):
+    """Each expert's sampled elements are scaled a few percent (one down, one up), so both first
+    windows miss, on opposite sides; each is retried over its side alone. The merge, and with
+    rescale the L1 each retry gathers, still match the reference."""
+    n = 6 * 65536 + 5
+    base, experts = make_group((n,), 2, seed=8)
+    sampled = sampled_positions(n)
+    for expert, factor in zip(experts, (0.96, 1.03)):
+        expert[sampled] = base[sampled] + (expert[sampled] - base[sampled]) * factor
+    before = window_misses()
+    out = F.ties(base, experts, [0.6, 0.8], 0.4, rescale=rescale)
+    assert misses_since(before) == {"retried": 2, "rescanned_whole": 0}
+    expected = ref_method("ties", base, experts, [0.6, 0.8], 0.4, rescale=rescale)
+    check_against_reference(out, expected, base, rescale)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -83,7 +83,9 @@ uint64_t kth_largest(int64_t n, int64_t k, const ValueAt& value_at) {
     std::vector<uint64_t> scratch;
     uint64_t boundary = 0;
     if (resolve_topk(spans, total_above, w, nullptr, scratch, &boundary)) return boundary;
-    w = full_topk_window(k);  // the sample missed the k-th (rare): scan everything
+    int64_t candidates = 0;
+    for (const CandidateSpan& span : spans) candidates += span.count;
+    w = next_topk_window(sample, n, w, total_above, candidates);  // the sample missed the k-th
   }
 }
 

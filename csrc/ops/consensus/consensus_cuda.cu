@@ -199,8 +199,8 @@ uint64_t kth_largest_cuda(int64_t n, int64_t k, Fn fn, cudaStream_t stream) {
     uint64_t boundary = 0;
     std::vector<uint64_t> scratch;
     if (resolve_topk({{host.data(), found}}, int64_t(host_counters[0]), w, nullptr, scratch, &boundary)) return boundary;
-    w = full_topk_window(k);  // the sample missed the k-th (rare): every element is a candidate
-    cap = n;
+    w = next_topk_window(sample, n, w, int64_t(host_counters[0]), found);  // the sample missed the k-th
+    if (w.lo == 0 && w.hi == ~uint64_t(0)) cap = n;  // the last resort: every element a candidate
   }
 }
 

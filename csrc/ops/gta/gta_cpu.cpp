@@ -2,6 +2,7 @@
 // expert needs one, then one merge pass. Threads take fixed chunks (or, for DELLA, whole rank
 // slabs); per-chunk results are reduced in chunk order, so results never depend on threads.
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "fastmerge/memory.h"
@@ -19,6 +20,7 @@ struct Selection {
   bool keep_side;  // true: ExpertPlan::keep_from (top k_keep); false: drop_from (top k_drop)
   TopkWindow window;
   bool resolved = false;
+  std::shared_ptr<const std::vector<uint64_t>> sample;  // the expert's, for a retry's window
 };
 
 // Statistics of one range (chunk or slab).
@@ -343,6 +345,7 @@ void stats_pass(const MergeInputs& in, GtaPlan& plan, std::vector<Selection>& se
       plan.experts[size_t(t)].l1_after += st.l1_kept[size_t(t)];
     }
   std::vector<char> hit(sels.size(), 0);
+  std::vector<int64_t> above_of(sels.size(), 0), candidates_of(sels.size(), 0);  // for a miss
   std::vector<uint64_t> boundary(sels.size(), 0);
   std::vector<double> top_l1(sels.size(), 0.0);
   // Each selection independently: select the k-th among its candidates, range by range.
@@ -361,6 +364,8 @@ void stats_pass(const MergeInputs& in, GtaPlan& plan, std::vector<Selection>& se
     std::vector<int64_t> counts(size_t(kWindowSlices), 0);
     for (const auto& per_thread : pool.slice_counts)
       for (int64_t b = 0; b < kWindowSlices; ++b) counts[size_t(b)] += per_thread[i][size_t(b)];
+    above_of[i] = above;
+    for (const CandidateSpan& span : spans) candidates_of[i] += span.count;
     if (!resolve_topk(spans, above, sel.window, counts.data(), pool.select_scratch[i], &boundary[i])) return;
     hit[i] = 1;
     if (!plan.experts[size_t(sel.expert)].rescale) return;
@@ -376,7 +381,8 @@ void stats_pass(const MergeInputs& in, GtaPlan& plan, std::vector<Selection>& se
     const size_t i = size_t(a);
     Selection& sel = sels[i];
     if (!hit[i]) {
-      sel.window = full_topk_window(sel.window.k);  // rare miss: rescan everything
+      // A miss (~0.3% of windows): rescan this expert alone over the side the k-th lies on.
+      sel.window = next_topk_window(*sel.sample, in.n, sel.window, above_of[i], candidates_of[i]);
       continue;
     }
     sel.resolved = true;
@@ -446,11 +452,11 @@ std::vector<Selection> plan_selections(const MergeInputs& in, GtaPlan& plan, con
   parallel_for(int64_t(topk.size()), [&](int64_t i) {
     const int t = topk[size_t(i)];
     const ExpertPlan& x = plan.experts[size_t(t)];
-    const std::vector<uint64_t>& sample = samples[size_t(i)];
+    auto sample = std::make_shared<const std::vector<uint64_t>>(std::move(samples[size_t(i)]));
     for (int side = 0; side < 2; ++side) {
       const bool keep_side = side == 0;
       sels[size_t(i) * 2 + side] =
-          Selection{t, keep_side, plan_topk_window(sample, n, keep_side ? x.k_keep : x.k_drop)};
+          Selection{t, keep_side, plan_topk_window(*sample, n, keep_side ? x.k_keep : x.k_drop), false, sample};
     }
   });
   for (Selection& sel : sels) {
@@ -556,7 +562,7 @@ GtaPlan prepare(const MergeInputs& in, KeepBits* keep_bits) {
   if (plan.needs_stats_pass) {
     std::vector<Selection> sels = plan_selections(in, plan, K);
     stats_pass(in, plan, sels, /*gather_l1=*/true, keep_bits ? *keep_bits : none, K);
-    // A window that missed the k-th (rare) is rescanned with the full window.
+    // Windows that missed the k-th are rescanned, each with its next window.
     while (std::any_of(sels.begin(), sels.end(), [](const Selection& s) { return !s.resolved; }))
       stats_pass(in, plan, sels, /*gather_l1=*/false, none, K);
     // Trivial sides of rescaled top-k experts: boundary 0 selects everything.

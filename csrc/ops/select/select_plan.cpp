@@ -1,6 +1,7 @@
 // Host-side parts of the sample-window top-k: planning the window and resolving the k-th
 // largest among the candidates. Compiled once (generic ISA); used by the CPU and CUDA paths.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <functional>
 
@@ -9,6 +10,8 @@
 namespace fastmerge {
 
 namespace {
+
+std::atomic<int64_t> windows_retried{0}, windows_rescanned_whole{0};
 
 // The need-th largest (1 = the largest) of the composites in spans, all within [lo, hi]:
 // counts per slice of [lo, hi] (window_slice_shift; given, or counted here) find the slice
@@ -65,7 +68,7 @@ TopkWindow full_topk_window(int64_t k) {
   return w;
 }
 
-TopkWindow plan_topk_window(const std::vector<uint64_t>& sample, int64_t n, int64_t k) {
+TopkWindow plan_topk_window(const std::vector<uint64_t>& sample, int64_t n, int64_t k, double margin_sd) {
   TopkWindow w;
   w.k = k;
   if (k <= 0) {
@@ -81,10 +84,10 @@ TopkWindow plan_topk_window(const std::vector<uint64_t>& sample, int64_t n, int6
   const int64_t s = int64_t(sample.size());
   if (n <= 4 * kSampleSize || s == 0) return full_topk_window(k);
   // The k-th largest of n sits near rank k*s/n of the sample; the rank of a quantile in a
-  // sample of s has standard deviation sqrt(s p (1-p)): keep 4.5 of them plus slack.
+  // sample of s has standard deviation sqrt(s p (1-p)): keep margin_sd of them plus slack.
   const double p = double(k) / double(n);
   const double center = p * double(s);
-  const double margin = 4.5 * std::sqrt(double(s) * p * (1.0 - p)) + 16.0;
+  const double margin = margin_sd * std::sqrt(double(s) * p * (1.0 - p)) + 16.0;
   const int64_t hi_rank = int64_t(std::floor(center - margin));
   const int64_t lo_rank = int64_t(std::ceil(center + margin));
   // Two order statistics of the sample (descending), each by kth_largest.
@@ -94,6 +97,45 @@ TopkWindow plan_topk_window(const std::vector<uint64_t>& sample, int64_t n, int6
   w.hi = hi_rank >= 0 ? kth_largest(spans, hi_rank + 1, *low, *high, nullptr, scratch) : ~uint64_t(0);
   w.lo = lo_rank < s ? kth_largest(spans, lo_rank + 1, *low, *high, nullptr, scratch) : 0;
   return w;
+}
+
+namespace {
+
+// next_topk_window without the counting.
+TopkWindow next_window(const std::vector<uint64_t>& sample, int64_t n, const TopkWindow& missed,
+                       int64_t above, int64_t candidates) {
+  const int64_t k = missed.k;
+  TopkWindow next = full_topk_window(k);
+  if (missed.retries > 0) return next;
+  const TopkWindow wide = plan_topk_window(sample, n, k, kRetryMargin);
+  if (wide.trivial || wide.lo > wide.hi) return next;
+  if (above >= k) {
+    // At least k elements lie above the window: the k-th does too.
+    if (missed.hi == ~uint64_t(0)) return next;
+    next.lo = missed.hi + 1;
+    next.hi = std::max(wide.hi, next.lo);
+  } else if (above + candidates < k) {
+    // Fewer than k elements reach the window: the k-th lies below it.
+    if (missed.lo == 0) return next;
+    next.hi = missed.lo - 1;
+    next.lo = std::min(wide.lo, next.hi);
+  }
+  return next;
+}
+
+}  // namespace
+
+TopkWindow next_topk_window(const std::vector<uint64_t>& sample, int64_t n, const TopkWindow& missed,
+                            int64_t above, int64_t candidates) {
+  TopkWindow next = next_window(sample, n, missed, above, candidates);
+  next.retries = missed.retries + 1;
+  const bool whole = next.lo == 0 && next.hi == ~uint64_t(0);
+  (whole ? windows_rescanned_whole : windows_retried).fetch_add(1, std::memory_order_relaxed);
+  return next;
+}
+
+TopkWindowMisses topk_window_misses() {
+  return {windows_retried.load(std::memory_order_relaxed), windows_rescanned_whole.load(std::memory_order_relaxed)};
 }
 
 bool resolve_topk(const std::vector<CandidateSpan>& spans, int64_t above, const TopkWindow& window,
