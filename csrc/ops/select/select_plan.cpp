@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cmath>
 #include <functional>
+#include <utility>
 
 #include "select.h"
 
@@ -37,6 +38,44 @@ uint64_t kth_largest(const std::vector<CandidateSpan>& spans, int64_t need, uint
       if (slice(span.data[c]) == b) scratch.push_back(span.data[c]);
   std::nth_element(scratch.begin(), scratch.begin() + (need - 1), scratch.end(), std::greater<uint64_t>());
   return scratch[size_t(need - 1)];
+}
+
+// The need_a-th and need_b-th largest of the s values (1 = the largest; need_a <= need_b):
+// kth_largest's slices of [min, max], counted once for both, and the members of the one or two
+// slices that hold them collected in one more pass.
+std::pair<uint64_t, uint64_t> two_largest(const uint64_t* values, int64_t s, int64_t need_a, int64_t need_b) {
+  uint64_t lo = ~uint64_t(0), hi = 0;  // a plain loop: vectorised, unlike std::minmax_element
+  for (int64_t i = 0; i < s; ++i) {
+    lo = std::min(lo, values[i]);
+    hi = std::max(hi, values[i]);
+  }
+  const int shift = window_slice_shift(lo, hi);
+  auto slice = [&](uint64_t v) { return int64_t((v - lo) >> shift); };
+  std::vector<int64_t> counts(size_t(kWindowSlices), 0);
+  for (int64_t i = 0; i < s; ++i) ++counts[size_t(slice(values[i]))];
+  // Slice holding the need-th largest, and its rank inside that slice.
+  auto find = [&](int64_t need, int64_t* rank_in_slice) {
+    int64_t b = kWindowSlices - 1;
+    while (counts[size_t(b)] < need) need -= counts[size_t(b--)];
+    *rank_in_slice = need;
+    return b;
+  };
+  int64_t rank_a = 0, rank_b = 0;
+  const int64_t slice_a = find(need_a, &rank_a), slice_b = find(need_b, &rank_b);
+  std::vector<uint64_t> in_a, in_b;
+  in_a.reserve(size_t(counts[size_t(slice_a)]));
+  if (slice_b != slice_a) in_b.reserve(size_t(counts[size_t(slice_b)]));
+  for (int64_t i = 0; i < s; ++i) {
+    const int64_t b = slice(values[i]);
+    if (b == slice_a) in_a.push_back(values[i]);
+    else if (b == slice_b) in_b.push_back(values[i]);
+  }
+  auto nth = [](std::vector<uint64_t>& members, int64_t rank) {
+    std::nth_element(members.begin(), members.begin() + (rank - 1), members.end(), std::greater<uint64_t>());
+    return members[size_t(rank - 1)];
+  };
+  const uint64_t a = nth(in_a, rank_a);
+  return {a, nth(slice_b == slice_a ? in_a : in_b, rank_b)};
 }
 
 }  // namespace
@@ -90,12 +129,13 @@ TopkWindow plan_topk_window(const std::vector<uint64_t>& sample, int64_t n, int6
   const double margin = margin_sd * std::sqrt(double(s) * p * (1.0 - p)) + 16.0;
   const int64_t hi_rank = int64_t(std::floor(center - margin));
   const int64_t lo_rank = int64_t(std::ceil(center + margin));
-  // Two order statistics of the sample (descending), each by kth_largest.
-  const auto [low, high] = std::minmax_element(sample.begin(), sample.end());
-  const std::vector<CandidateSpan> spans{{sample.data(), s}};
-  std::vector<uint64_t> scratch;
-  w.hi = hi_rank >= 0 ? kth_largest(spans, hi_rank + 1, *low, *high, nullptr, scratch) : ~uint64_t(0);
-  w.lo = lo_rank < s ? kth_largest(spans, lo_rank + 1, *low, *high, nullptr, scratch) : 0;
+  // Two order statistics of the sample (descending), or one when the other edge is open.
+  const int64_t need_hi = hi_rank >= 0 ? hi_rank + 1 : 0, need_lo = lo_rank < s ? lo_rank + 1 : 0;
+  if (need_hi == 0 && need_lo == 0) return full_topk_window(k);
+  const auto [first, second] = two_largest(sample.data(), s, need_hi > 0 ? need_hi : need_lo,
+                                           need_lo > 0 ? need_lo : need_hi);
+  w.hi = need_hi > 0 ? first : ~uint64_t(0);
+  w.lo = need_lo > 0 ? second : 0;
   return w;
 }
 
