@@ -383,6 +383,22 @@ def test_adversarial_sample_positions(rescale):
         assert int((out != 0).sum()) == int(density * n)
 
 
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della"])
+@pytest.mark.parametrize("shape", [(4097,), (300, 700)], ids=str)
+def test_replayed_random_masks_beside_keep_all_and_drop_all(method, shape):
+    """Rescaled random masks are packed in the statistics pass and replayed in the fused merge;
+    experts of density 1 (keep all) and 0 (drop all) ride along as constant masks."""
+    base, experts = make_group(shape, 4, seed=12, dtype=torch.bfloat16)
+    weight, density = [0.7, 0.5, 0.9, 0.4], [0.4, 1.0, 0.0, 0.65]
+    kw = dict(seed=9, name="replay", rescale=True)
+    if method == "della":
+        density = [0.4, 0.99, 0.0, 0.65]  # della needs density +/- epsilon inside (0, 1)
+        kw["epsilon"] = 0.005
+    out = run_method(method, base, experts, weight, density, **kw)
+    expected = ref_method(method, base, experts, weight, density, **kw)
+    check_against_reference(out, expected, base, True, msg=method)
+
+
 @pytest.mark.parametrize("rescale", [False, True])
 def test_biased_samples_retry_one_side_per_expert(rescale):
     """Each expert's sampled elements are scaled a few percent (one down, one up), so both first

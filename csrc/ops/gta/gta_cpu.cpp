@@ -479,15 +479,18 @@ void merge_pass(const MergeInputs& in, const GtaPlan& plan, const KeepBits& keep
   cp.lambda = float(p.lambda);
   cp.divisor = plan.divisor;
 
-  // Top-k and unsparsified merges of up to kMaxFusedExperts same-dtype experts take the fused
-  // kernel: every expert's contribution stays in registers.
-  const bool fused =
-      T <= kMaxFusedExperts &&
-      std::all_of(plan.experts.begin(), plan.experts.end(), [](const ExpertPlan& x) {
-        return x.kind == MaskKind::keep_all || x.kind == MaskKind::drop_all || x.kind == MaskKind::topk_range;
-      }) &&
-      std::all_of(in.experts->begin(), in.experts->end(),
-                  [&](const TensorView& e) { return e.dtype == (*in.experts)[0].dtype; });
+  // Top-k, unsparsified and replayed random merges of up to kMaxFusedExperts same-dtype experts
+  // take the fused kernel: every expert's contribution stays in registers.
+  bool fused = T <= kMaxFusedExperts &&
+               std::all_of(in.experts->begin(), in.experts->end(),
+                           [&](const TensorView& e) { return e.dtype == (*in.experts)[0].dtype; });
+  bool any_bits = false;
+  for (int t = 0; t < T; ++t) {
+    const MaskKind kind = plan.experts[size_t(t)].kind;
+    const bool range = kind == MaskKind::keep_all || kind == MaskKind::drop_all || kind == MaskKind::topk_range;
+    fused = fused && (range || keep_bits.of(t) != nullptr);
+    any_bits |= keep_bits.of(t) != nullptr;
+  }
 
   // Experts whose keep decisions were packed replay them: stand-in uniforms (-1 kept, 2
   // dropped) against a keep probability of 1, whatever their mask kind.
@@ -508,6 +511,7 @@ void merge_pass(const MergeInputs& in, const GtaPlan& plan, const KeepBits& keep
   for_each_range(ranges, [&](int64_t r) {
     Scratch& s = scratch_for(T);
     std::vector<BlockSource> sources(static_cast<size_t>(T));
+    std::vector<const float*> keep_u(static_cast<size_t>(T), nullptr);  // fused, with keep bits
     const int64_t begin = ranges.begin(r), end = ranges.end(r, in.n);
     if (rank_slabs) della_probs(in, plan, K, begin, end, s);
     for (int64_t b = begin; b < end; b += kBlock) {
@@ -525,8 +529,14 @@ void merge_pass(const MergeInputs& in, const GtaPlan& plan, const KeepBits& keep
           sources[size_t(t)] = BlockSource{e.data, e.dtype, b};
         }
         if (!base_same) load_base();
-        if (K.merge_ranges(sources.data(), T, plan.experts.data(), cp, s.base.data(), base_same, len,
-                           s.delta.data())) {
+        // Replayed keep decisions as stand-in uniforms, one row of s.v per expert with bits.
+        for (int t = 0; any_bits && t < T; ++t)
+          if (const uint64_t* bits = keep_bits.of(t)) {
+            keep_u[size_t(t)] = s.v.data() + size_t(t) * kBlock;
+            K.unpack_keep(bits + b / 64, len, s.v.data() + size_t(t) * kBlock);
+          }
+        if (K.merge_ranges(sources.data(), T, plans.data(), cp, s.base.data(), base_same,
+                           any_bits ? keep_u.data() : nullptr, len, s.delta.data())) {
           store(out.data, out.dtype, b, len, s.delta.data());
           continue;
         }

@@ -2,6 +2,8 @@
 // written so the compiler vectorises them: no calls, no early exits, fixed-width partial sums.
 #include "gta_cpu_kernels.h"
 
+#include <array>
+
 #include "fastmerge/cpu_isa.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -769,12 +771,14 @@ void combine_experts(const float* v, int64_t stride, const ExpertPlan* plans, co
 
 // The whole merge of one block for T experts of storage type S whose masks are all top-k
 // ranges (keep_all, drop_all and topk_range are ranges too) with uniform thresholds on this
-// block: deltas, masks, sign election and the weighted sum in registers, in the operation
-// order of contribution + combine_fixed.
-template <int T, typename S, Consensus C, typename B>
+// block, or (kBits) keep decisions replayed from packed bits: keep_u[t][j] < 1 (unpack_keep's
+// stand-in uniforms against keep probability 1; constant rows for keep_all and drop_all).
+// Deltas, masks, sign election and the weighted sum in registers, in the operation order of
+// contribution + combine_fixed.
+template <int T, typename S, Consensus C, bool kBits, typename B>
 void merge_ranges_general(const S* const (&e)[T], const uint32_t (&keep_key)[T], const uint32_t (&drop_key)[T],
-                          const ExpertPlan* plans, const CombineParams& p, const B* __restrict base,
-                          int32_t len, float* __restrict out) {
+                          const float* const (&keep_u)[T], const ExpertPlan* plans, const CombineParams& p,
+                          const B* __restrict base, int32_t len, float* __restrict out) {
   float scale[T], w[T], mw[T], dw[T];
   for (int t = 0; t < T; ++t) {
     const ExpertPlan& x = plans[t];
@@ -789,7 +793,7 @@ void merge_ranges_general(const S* const (&e)[T], const uint32_t (&keep_key)[T],
     float x[T];
     for (int t = 0; t < T; ++t) {
       const float d = element(e[t], j) - b;
-      const bool kept = (abs_bits(d) >= keep_key[t]) & (abs_bits(d) < drop_key[t]);
+      const bool kept = kBits ? keep_u[t][j] < 1.0f : (abs_bits(d) >= keep_key[t]) & (abs_bits(d) < drop_key[t]);
       x[t] = kept ? (d * scale[t]) * w[t] : 0.0f;
     }
     out[j] = combine_element<T, C>(x, mw, dw, p.normalize, fixed_divisor, p.lambda, b);
@@ -820,12 +824,39 @@ void merge_ranges_lean(const S* const (&e)[T], const uint32_t (&keep_key)[T], co
   }
 }
 
+// Stand-in uniforms of a keep_all (-1: kept) or drop_all (2: dropped) expert beside experts
+// with packed keep bits.
+const float* constant_keep(bool kept) {
+  static const std::array<float, kBlock> all = [] {
+    std::array<float, kBlock> u;
+    u.fill(-1.0f);
+    return u;
+  }();
+  static const std::array<float, kBlock> none = [] {
+    std::array<float, kBlock> u;
+    u.fill(2.0f);
+    return u;
+  }();
+  return kept ? all.data() : none.data();
+}
+
 template <int T, typename S, Consensus C>
 bool merge_ranges_block(const BlockSource* experts, const ExpertPlan* plans, const CombineParams& p,
-                        const float* base, const void* base_same, int64_t len, float* out) {
+                        const float* base, const void* base_same, const float* const* keep_u, int64_t len,
+                        float* out) {
   const int64_t first = experts[0].offset;
   const S* e[T];
   uint32_t keep_key[T], drop_key[T];
+  // With packed keep bits the other experts must keep all or nothing (their masks become
+  // constant rows); any other mix takes contribution + combine.
+  const float* u[T] = {};
+  const bool bits = keep_u != nullptr;
+  for (int t = 0; t < T && bits; ++t) {
+    const MaskKind kind = plans[t].kind;
+    if (keep_u[t]) u[t] = keep_u[t];
+    else if (kind == MaskKind::keep_all || kind == MaskKind::drop_all) u[t] = constant_keep(kind == MaskKind::keep_all);
+    else return false;
+  }
   bool lean = p.lambda == 1.0f, masked = false;
   for (int t = 0; t < T; ++t) {
     const ExpertPlan& x = plans[t];
@@ -843,7 +874,10 @@ bool merge_ranges_block(const BlockSource* experts, const ExpertPlan* plans, con
   const float fixed_divisor = p.normalize ? p.divisor : 1.0f;
   const bool divide = C == Consensus::none ? fixed_divisor != 1.0f : p.normalize;
   auto run = [&](const auto* b) {
-    if (!lean) merge_ranges_general<T, S, C>(e, keep_key, drop_key, plans, p, b, n, out);
+    // Replayed masks take the general form only (DARE's rescale makes it the common case, and
+    // a lean form for them would add a third more instantiations to this file's build).
+    if (bits) merge_ranges_general<T, S, C, true>(e, keep_key, drop_key, u, plans, p, b, n, out);
+    else if (!lean) merge_ranges_general<T, S, C, false>(e, keep_key, drop_key, u, plans, p, b, n, out);
     else if (divide && masked) merge_ranges_lean<T, S, C, true, true>(e, keep_key, plans, fixed_divisor, b, n, out);
     else if (divide) merge_ranges_lean<T, S, C, true, false>(e, keep_key, plans, fixed_divisor, b, n, out);
     else if (masked) merge_ranges_lean<T, S, C, false, true>(e, keep_key, plans, fixed_divisor, b, n, out);
@@ -856,37 +890,40 @@ bool merge_ranges_block(const BlockSource* experts, const ExpertPlan* plans, con
 
 template <int T, typename S>
 bool merge_ranges_storage(const BlockSource* experts, const ExpertPlan* plans, const CombineParams& p,
-                          const float* base, const void* base_same, int64_t len, float* out) {
+                          const float* base, const void* base_same, const float* const* keep_u, int64_t len,
+                          float* out) {
   switch (p.consensus) {
-    case Consensus::none: return merge_ranges_block<T, S, Consensus::none>(experts, plans, p, base, base_same, len, out);
-    case Consensus::sum: return merge_ranges_block<T, S, Consensus::sum>(experts, plans, p, base, base_same, len, out);
-    case Consensus::count: return merge_ranges_block<T, S, Consensus::count>(experts, plans, p, base, base_same, len, out);
+    case Consensus::none: return merge_ranges_block<T, S, Consensus::none>(experts, plans, p, base, base_same, keep_u, len, out);
+    case Consensus::sum: return merge_ranges_block<T, S, Consensus::sum>(experts, plans, p, base, base_same, keep_u, len, out);
+    case Consensus::count: return merge_ranges_block<T, S, Consensus::count>(experts, plans, p, base, base_same, keep_u, len, out);
   }
   return false;
 }
 
 template <int T>
 bool merge_ranges_count(const BlockSource* experts, const ExpertPlan* plans, const CombineParams& p,
-                        const float* base, const void* base_same, int64_t len, float* out) {
+                        const float* base, const void* base_same, const float* const* keep_u, int64_t len,
+                        float* out) {
   switch (experts[0].dtype) {
-    case DType::f32: return merge_ranges_storage<T, float>(experts, plans, p, base, base_same, len, out);
-    case DType::bf16: return merge_ranges_storage<T, uint16_t>(experts, plans, p, base, base_same, len, out);
-    case DType::f16: return merge_ranges_storage<T, f16_t>(experts, plans, p, base, base_same, len, out);
+    case DType::f32: return merge_ranges_storage<T, float>(experts, plans, p, base, base_same, keep_u, len, out);
+    case DType::bf16: return merge_ranges_storage<T, uint16_t>(experts, plans, p, base, base_same, keep_u, len, out);
+    case DType::f16: return merge_ranges_storage<T, f16_t>(experts, plans, p, base, base_same, keep_u, len, out);
     default: return false;
   }
 }
 
 bool merge_ranges(const BlockSource* experts, int count, const ExpertPlan* plans,
-                  const CombineParams& p, const float* base, const void* base_same, int64_t len, float* out) {
+                  const CombineParams& p, const float* base, const void* base_same, const float* const* keep_u,
+                  int64_t len, float* out) {
   switch (count) {
-    case 1: return merge_ranges_count<1>(experts, plans, p, base, base_same, len, out);
-    case 2: return merge_ranges_count<2>(experts, plans, p, base, base_same, len, out);
-    case 3: return merge_ranges_count<3>(experts, plans, p, base, base_same, len, out);
-    case 4: return merge_ranges_count<4>(experts, plans, p, base, base_same, len, out);
-    case 5: return merge_ranges_count<5>(experts, plans, p, base, base_same, len, out);
-    case 6: return merge_ranges_count<6>(experts, plans, p, base, base_same, len, out);
-    case 7: return merge_ranges_count<7>(experts, plans, p, base, base_same, len, out);
-    case 8: return merge_ranges_count<8>(experts, plans, p, base, base_same, len, out);
+    case 1: return merge_ranges_count<1>(experts, plans, p, base, base_same, keep_u, len, out);
+    case 2: return merge_ranges_count<2>(experts, plans, p, base, base_same, keep_u, len, out);
+    case 3: return merge_ranges_count<3>(experts, plans, p, base, base_same, keep_u, len, out);
+    case 4: return merge_ranges_count<4>(experts, plans, p, base, base_same, keep_u, len, out);
+    case 5: return merge_ranges_count<5>(experts, plans, p, base, base_same, keep_u, len, out);
+    case 6: return merge_ranges_count<6>(experts, plans, p, base, base_same, keep_u, len, out);
+    case 7: return merge_ranges_count<7>(experts, plans, p, base, base_same, keep_u, len, out);
+    case 8: return merge_ranges_count<8>(experts, plans, p, base, base_same, keep_u, len, out);
     default: return false;
   }
 }

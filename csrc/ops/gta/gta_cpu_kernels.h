@@ -75,13 +75,15 @@ struct GtaBlockKernels {
   void (*combine)(const float* v, int64_t stride, int experts, const ExpertPlan* plans,
                   const CombineParams& params, const float* base, int64_t len, float* out);
   // contribution + combine fused, for up to kMaxFusedExperts experts sharing one dtype whose
-  // masks are keep_all, drop_all or topk_range; returns false (nothing done) otherwise, and on
-  // the few blocks that hold a top-k boundary's own index (those take contribution + combine).
-  // base_same: the base tensor when it has the experts' dtype (read in place of base, the
-  // block as floats, which the caller then need not fill); else null.
+  // masks are keep_all, drop_all or topk_range, or random masks replayed from packed keep
+  // bits; returns false (nothing done) otherwise, and on the few blocks that hold a top-k
+  // boundary's own index (those take contribution + combine). base_same: the base tensor when
+  // it has the experts' dtype (read in place of base, the block as floats, which the caller
+  // then need not fill); else null. keep_u: null, or per expert the block's stand-in uniforms
+  // from unpack_keep (null for an expert without keep bits).
   bool (*merge_ranges)(const BlockSource* experts, int count, const ExpertPlan* plans,
-                       const CombineParams& params, const float* base, const void* base_same, int64_t len,
-                       float* out);
+                       const CombineParams& params, const float* base, const void* base_same,
+                       const float* const* keep_u, int64_t len, float* out);
 };
 
 const GtaBlockKernels& gta_block_kernels();
