@@ -277,6 +277,16 @@ def test_cuda_batched_svd_rank_deficient_and_zero():
     svd_properties(zero, u, s, vh)
 
 
+def test_cuda_batched_svd_completes_one_missing_direction():
+    g = torch.Generator().manual_seed(5)
+    q1, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+    values = torch.linspace(2.0, 1.0, 64, dtype=torch.float64)
+    values[-1] = 1e-9
+    x = (q1 @ torch.diag(values) @ q2.T).float()
+    svd_properties(x, *ops.batched_svd(x.cuda()))
+
+
 def test_cuda_batched_svd_bf16_input():
     g = torch.Generator().manual_seed(17)
     x = torch.randn(16, 48, 24, generator=g).to(torch.bfloat16)

@@ -71,6 +71,19 @@ def test_rank_deficient_input_gets_orthonormal_completion():
     assert float(s[5:].max()) <= 1e-5 * float(s[0])
 
 
+@pytest.mark.parametrize("m,n", [(64, 64), (64, 40), (40, 64), (256, 256)])
+def test_one_numerically_zero_direction_is_completed(m, n):
+    """One singular value below fp32 resolution and generic singular vectors: the completion
+    has a one-dimensional complement to find, which no canonical vector covers by much (the
+    largest component of a random unit vector in 64 dims is ~0.3). It used to give up."""
+    k = min(m, n)
+    values = [1.0 + 0.1 * i for i in range(k - 1)][::-1] + [1e-9]
+    x = with_spectrum(m, n, values, seed=5).float()
+    u, s, vh = ops.batched_svd(x)
+    check_svd(x, u, s, vh)
+    assert float(s[-1]) <= 1e-5
+
+
 @pytest.mark.parametrize("shape", [(6, 4), (4, 6), (3, 5, 5)])
 def test_zero_matrix(shape):
     x = torch.zeros(shape)

@@ -48,32 +48,47 @@ void rotate(float* x, float* y, int64_t len, float cs, float sn) {
   rotate(x, y, len, cs, sn, nullptr, nullptr);
 }
 
-// Orthonormal completion: a unit vector orthogonal to the first `count` columns of `basis`
-// (each of length len), from the canonical vectors starting at *cursor.
-void complete_column(const double* basis, int64_t count, int64_t len, int64_t* cursor,
-                     double* out) {
-  for (int64_t tries = 0; tries < len; ++tries) {
-    const int64_t e = (*cursor + tries) % len;
-    std::fill(out, out + len, 0.0);
-    out[e] = 1.0;
-    for (int round = 0; round < 2; ++round) {  // Gram-Schmidt twice: orthogonal to roundoff
-      for (int64_t j = 0; j < count; ++j) {
-        const double* b = basis + j * len;
-        double proj = 0.0;
-        for (int64_t i = 0; i < len; ++i) proj += b[i] * out[i];
-        for (int64_t i = 0; i < len; ++i) out[i] -= proj * b[i];
-      }
-    }
-    double norm2 = 0.0;
-    for (int64_t i = 0; i < len; ++i) norm2 += out[i] * out[i];
-    if (norm2 > 0.25) {  // e had a component of at least 1/2 outside the span
-      const double inv = 1.0 / std::sqrt(norm2);
-      for (int64_t i = 0; i < len; ++i) out[i] *= inv;
-      *cursor = e + 1;
-      return;
+// out = e - B B^T e for the canonical vector e and the first `count` columns of `basis` (each of
+// length len), Gram-Schmidt twice so it is orthogonal to roundoff. Returns |out|^2.
+double canonical_residual(const double* basis, int64_t count, int64_t len, int64_t e,
+                          double* out) {
+  std::fill(out, out + len, 0.0);
+  out[e] = 1.0;
+  for (int round = 0; round < 2; ++round) {
+    for (int64_t j = 0; j < count; ++j) {
+      const double* b = basis + j * len;
+      double proj = 0.0;
+      for (int64_t i = 0; i < len; ++i) proj += b[i] * out[i];
+      for (int64_t i = 0; i < len; ++i) out[i] -= proj * b[i];
     }
   }
-  fail("fastmerge: batched_svd could not complete the singular vectors");  // len > count: unreachable
+  double norm2 = 0.0;
+  for (int64_t i = 0; i < len; ++i) norm2 += out[i] * out[i];
+  return norm2;
+}
+
+// Orthonormal completion: a unit vector orthogonal to the first `count` (< len) columns of
+// `basis`, from the canonical vectors starting at *cursor (see completion_acceptance); the
+// largest residual if rounding leaves none above the bar.
+void complete_column(const double* basis, int64_t count, int64_t len, int64_t* cursor,
+                     double* out) {
+  const double accept = completion_acceptance(len, count);
+  int64_t best = -1, held = -1;  // held: the canonical vector whose residual is in out
+  double best_norm2 = -1.0;
+  for (int64_t tries = 0; tries < len; ++tries) {
+    const int64_t e = (*cursor + tries) % len;
+    const double norm2 = canonical_residual(basis, count, len, e, out);
+    held = e;
+    if (norm2 > best_norm2) {
+      best = e;
+      best_norm2 = norm2;
+    }
+    if (norm2 >= accept) break;
+  }
+  if (held != best) canonical_residual(basis, count, len, best, out);
+  const double inv = 1.0 / std::sqrt(best_norm2);
+  for (int64_t i = 0; i < len; ++i) out[i] *= inv;
+  *cursor = best + 1;
 }
 
 void svd_one(const TensorView& x, int64_t b, int64_t m, int64_t n, const TensorView& u,

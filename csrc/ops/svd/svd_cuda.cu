@@ -37,6 +37,41 @@ __device__ __forceinline__ void circle_pair(int64_t round, int64_t i, int64_t pl
   *q = a < b ? b : a;
 }
 
+// y = e_e - B B^T e_e for the first `count` columns of `basis` (each of length len),
+// Gram-Schmidt twice. Called by the whole block; returns |y|^2 to every thread.
+__device__ double canonical_residual(float* y, const float* basis, int64_t count, int64_t len,
+                                     int64_t e, double* proj, double* norm2_slot) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t i = threadIdx.x; i < len; i += blockDim.x) y[i] = i == e ? 1.0f : 0.0f;
+  __syncthreads();
+  for (int round = 0; round < 2; ++round) {
+    for (int64_t j = warp; j < count; j += kWarps) {
+      const float* bj = basis + j * len;
+      double acc = 0.0;
+      for (int64_t i = lane; i < len; i += 32) acc += double(bj[i]) * double(y[i]);
+      acc = warp_sum(acc);
+      if (lane == 0) proj[j] = acc;
+    }
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
+      double value = y[i];
+      for (int64_t j = 0; j < count; ++j) value -= proj[j] * double(basis[j * len + i]);
+      y[i] = float(value);
+    }
+    __syncthreads();
+  }
+  if (warp == 0) {
+    double acc = 0.0;
+    for (int64_t i = lane; i < len; i += 32) acc += double(y[i]) * double(y[i]);
+    acc = warp_sum(acc);
+    if (lane == 0) *norm2_slot = acc;
+  }
+  __syncthreads();
+  const double norm2 = *norm2_slot;
+  __syncthreads();  // every thread has read the slot before the next call overwrites it
+  return norm2;
+}
+
 struct Workspace {
   float* w;      // k columns of length len
   float* v;      // k columns of length k
@@ -54,7 +89,7 @@ jacobi_svd_kernel(const void* x, int x_dtype, int64_t batch, int64_t m, int64_t 
   double* proj = shared + k;                                 // k
   int* order = reinterpret_cast<int*>(shared + 2 * k);       // k
   __shared__ int rotated;
-  __shared__ double accepted_norm2;
+  __shared__ double residual_norm2;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const double tol = jacobi_tolerance(len);
   const int64_t players = k + (k & 1);
@@ -151,43 +186,24 @@ jacobi_svd_kernel(const void* x, int x_dtype, int64_t batch, int64_t m, int64_t 
       const double sigma = sqrt(norm2[order[r]]);
       if (sigma > zero_below && sigma > 0.0) continue;
       float* y = ws.y + r * len;
+      const double accept = completion_acceptance(len, r);
+      int64_t best = -1, held = -1;  // held: the canonical vector whose residual is in y
+      double best_norm2 = -1.0;
       for (int64_t tries = 0; tries < len; ++tries) {
         const int64_t e = (cursor + tries) % len;
-        for (int64_t i = threadIdx.x; i < len; i += blockDim.x) y[i] = i == e ? 1.0f : 0.0f;
-        __syncthreads();
-        for (int round = 0; round < 2; ++round) {  // Gram-Schmidt twice
-          for (int64_t j = warp; j < r; j += kWarps) {
-            const float* bj = ws.y + j * len;
-            double acc = 0.0;
-            for (int64_t i = lane; i < len; i += 32) acc += double(bj[i]) * double(y[i]);
-            acc = warp_sum(acc);
-            if (lane == 0) proj[j] = acc;
-          }
-          __syncthreads();
-          for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
-            double value = y[i];
-            for (int64_t j = 0; j < r; ++j) value -= proj[j] * double(ws.y[j * len + i]);
-            y[i] = float(value);
-          }
-          __syncthreads();
+        const double norm2_y = canonical_residual(y, ws.y, r, len, e, proj, &residual_norm2);
+        held = e;
+        if (norm2_y > best_norm2) {
+          best = e;
+          best_norm2 = norm2_y;
         }
-        if (warp == 0) {
-          double acc = 0.0;
-          for (int64_t i = lane; i < len; i += 32) acc += double(y[i]) * double(y[i]);
-          acc = warp_sum(acc);
-          if (lane == 0) accepted_norm2 = acc;
-        }
-        __syncthreads();
-        const double norm2_y = accepted_norm2;
-        __syncthreads();
-        if (norm2_y > 0.25) {
-          const float inv = float(1.0 / sqrt(norm2_y));
-          for (int64_t i = threadIdx.x; i < len; i += blockDim.x) y[i] *= inv;
-          cursor = e + 1;
-          __syncthreads();
-          break;
-        }
+        if (norm2_y >= accept) break;
       }
+      if (held != best) canonical_residual(y, ws.y, r, len, best, proj, &residual_norm2);
+      const float inv = float(1.0 / sqrt(best_norm2));
+      for (int64_t i = threadIdx.x; i < len; i += blockDim.x) y[i] *= inv;
+      cursor = best + 1;
+      __syncthreads();
     }
 
     float* U = u + b * m * k;
