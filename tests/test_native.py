@@ -41,6 +41,8 @@ _SCRIPT = _INPUTS + textwrap.dedent("""
         "della": F.della(base, ex, w, 0.4, epsilon=0.1, seed=3),
         "slerp": F.slerp(b16, e16[0], 0.3),
         "model_stock": F.model_stock(b16, e16, filter_wise=True),
+        "batched_svd": torch.cat([t.flatten() for t in F.batched_svd(
+            torch.randn(5, 70, 40, generator=torch.Generator().manual_seed(1)))]),
     }
     torch.save(out, sys.argv[1])
 """)
@@ -78,9 +80,9 @@ def test_set_num_threads_round_trip(restore_threads):
 
 
 def test_results_do_not_depend_on_cpu_isa(tmp_path):
-    """FASTMERGE_CPU_ISA lowers the dispatched kernels. Masks and elementwise results must be
-    bit-identical across instruction sets (no FMA contraction); L1 sums and interpolation
-    statistics may differ in reduction order only."""
+    """FASTMERGE_CPU_ISA lowers the dispatched kernels. Masks, elementwise results and the
+    Jacobi SVD (fixed blocking) must be bit-identical across instruction sets (no FMA
+    contraction); L1 sums and interpolation statistics may differ in reduction order only."""
     runs = {}
     for isa in ("generic", "avx2", "avx512"):
         path = tmp_path / f"{isa}.pt"

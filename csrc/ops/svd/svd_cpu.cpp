@@ -1,5 +1,6 @@
-// CPU batched SVD: one matrix per task (OpenMP over the batch), cyclic-by-rows one-sided Jacobi
-// on fp32 columns with dot products accumulated in double.
+// CPU batched SVD: one matrix per task (OpenMP over the batch). The Jacobi sweeps themselves are
+// in svd_cpu_kernels.cpp (one build per instruction set); this file loads the columns, sorts
+// the singular values and forms the singular vectors.
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -7,46 +8,21 @@
 
 #include "fastmerge/parallel.h"
 #include "svd.h"
+#include "svd_cpu_kernels.h"
 
 namespace fastmerge {
 
 namespace {
 
+int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
 struct SvdWorkspace {
-  std::vector<float> w;          // k columns of length len: the matrix being orthogonalised
-  std::vector<float> v;          // k columns of length k: the accumulated rotations
+  std::vector<float> w;          // k columns of length len (padded): the matrix being orthogonalised
+  std::vector<float> v;          // k columns of length k (padded): the accumulated rotations
   std::vector<double> norm2;     // |w_j|^2
   std::vector<int64_t> order;    // columns by descending singular value
   std::vector<double> left;      // sorted, normalised (or completed) columns of w
 };
-
-double dot(const float* x, const float* y, int64_t len) {
-  double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < len; ++i) acc += double(x[i]) * double(y[i]);
-  return acc;
-}
-
-// Applies the rotation to columns x and y; returns their new squared norms.
-void rotate(float* x, float* y, int64_t len, float cs, float sn, double* xx, double* yy) {
-  double sx = 0.0, sy = 0.0;
-#pragma omp simd reduction(+ : sx, sy)
-  for (int64_t i = 0; i < len; ++i) {
-    const float a = x[i], b = y[i];
-    const float na = cs * a - sn * b;
-    const float nb = sn * a + cs * b;
-    x[i] = na;
-    y[i] = nb;
-    sx += double(na) * double(na);
-    sy += double(nb) * double(nb);
-  }
-  if (xx) *xx = sx;
-  if (yy) *yy = sy;
-}
-
-void rotate(float* x, float* y, int64_t len, float cs, float sn) {
-  rotate(x, y, len, cs, sn, nullptr, nullptr);
-}
 
 // out = e - B B^T e for the canonical vector e and the first `count` columns of `basis` (each of
 // length len), Gram-Schmidt twice so it is orthogonal to roundoff. Returns |out|^2.
@@ -97,35 +73,28 @@ void svd_one(const TensorView& x, int64_t b, int64_t m, int64_t n, const TensorV
   const bool transposed = m < n;  // orthogonalise the rows of A (the columns of A^T)
   const int64_t len = transposed ? n : m;
   const int64_t base = b * m * n;
-  ws.w.resize(size_t(k * len));
-  ws.v.assign(size_t(k * k), 0.0f);
+  const int64_t w_stride = round_up(len, kJacobiLanes), v_stride = round_up(k, kJacobiLanes);
+  ws.w.assign(size_t(k * w_stride), 0.0f);
+  ws.v.assign(size_t(k * v_stride), 0.0f);
   ws.norm2.resize(size_t(k));
   for (int64_t j = 0; j < k; ++j) {
-    float* col = ws.w.data() + j * len;
-    for (int64_t i = 0; i < len; ++i)
+    float* col = ws.w.data() + j * w_stride;
+    double norm2 = 0.0;
+    for (int64_t i = 0; i < len; ++i) {
       col[i] = load_host(x, base + (transposed ? j * n + i : i * n + j));
-    ws.v[size_t(j * k + j)] = 1.0f;
-    ws.norm2[size_t(j)] = dot(col, col, len);
-  }
-
-  const double tol = jacobi_tolerance(len);
-  for (int sweep = 0; sweep < kMaxJacobiSweeps; ++sweep) {
-    bool rotated = false;
-    for (int64_t p = 0; p + 1 < k; ++p) {
-      for (int64_t q = p + 1; q < k; ++q) {
-        float* wp = ws.w.data() + p * len;
-        float* wq = ws.w.data() + q * len;
-        const double a = ws.norm2[size_t(p)], bq = ws.norm2[size_t(q)];
-        const double c = dot(wp, wq, len);
-        if (c == 0.0 || std::fabs(c) <= tol * std::sqrt(a * bq)) continue;
-        const JacobiRotation r = jacobi_rotation(a, bq, c);
-        rotate(wp, wq, len, float(r.cs), float(r.sn), &ws.norm2[size_t(p)], &ws.norm2[size_t(q)]);
-        rotate(ws.v.data() + p * k, ws.v.data() + q * k, k, float(r.cs), float(r.sn));
-        rotated = true;
-      }
+      norm2 += double(col[i]) * double(col[i]);
     }
-    if (!rotated) break;
+    ws.v[size_t(j * v_stride + j)] = 1.0f;
+    ws.norm2[size_t(j)] = norm2;
   }
+  JacobiColumns cols;
+  cols.w = ws.w.data();
+  cols.v = ws.v.data();
+  cols.norm2 = ws.norm2.data();
+  cols.k = k;
+  cols.w_stride = w_stride;
+  cols.v_stride = v_stride;
+  jacobi_orthogonalise(cols, jacobi_tolerance(len), kMaxJacobiSweeps);
 
   // Sort by descending singular value; ties keep column order.
   ws.order.resize(size_t(k));
@@ -146,13 +115,13 @@ void svd_one(const TensorView& x, int64_t b, int64_t m, int64_t n, const TensorV
     const double sigma = std::sqrt(ws.norm2[size_t(j)]);
     double* y = ws.left.data() + r * len;
     if (sigma > zero_below && sigma > 0.0) {
-      const float* col = ws.w.data() + j * len;
+      const float* col = ws.w.data() + j * w_stride;
       for (int64_t i = 0; i < len; ++i) y[i] = double(col[i]) / sigma;
     } else {
       complete_column(ws.left.data(), r, len, &cursor, y);
     }
     S[r] = float(sigma);
-    const float* vj = ws.v.data() + j * k;
+    const float* vj = ws.v.data() + j * v_stride;
     if (!transposed) {  // A = Y S V^T: U = Y (m x k), Vh = V^T (k x n, n == k)
       for (int64_t i = 0; i < len; ++i) U[i * k + r] = float(y[i]);
       for (int64_t i = 0; i < k; ++i) Vh[r * n + i] = vj[i];
