@@ -9,7 +9,7 @@ from fastmerge import ops
 from fastmerge.errors import InvalidArgumentError
 
 SHAPES = [(1, 1), (5, 3), (3, 5), (1, 7), (7, 1), (64, 64), (4, 100, 30), (2, 3, 30, 100),
-          (300, 40), (256, 256)]
+          (300, 40), (256, 256), (400, 40), (2, 12, 200), (3, 1, 9), (9, 1)]
 
 
 def random_matrix(shape, seed=0, dtype=torch.float32):
@@ -71,7 +71,7 @@ def test_rank_deficient_input_gets_orthonormal_completion():
     assert float(s[5:].max()) <= 1e-5 * float(s[0])
 
 
-@pytest.mark.parametrize("m,n", [(64, 64), (64, 40), (40, 64), (256, 256)])
+@pytest.mark.parametrize("m,n", [(64, 64), (64, 40), (40, 64), (256, 256), (640, 40), (40, 640)])
 def test_one_numerically_zero_direction_is_completed(m, n):
     """One singular value below fp32 resolution and generic singular vectors: the completion
     has a one-dimensional complement to find, which no canonical vector covers by much (the
@@ -82,6 +82,29 @@ def test_one_numerically_zero_direction_is_completed(m, n):
     u, s, vh = ops.batched_svd(x)
     check_svd(x, u, s, vh)
     assert float(s[-1]) <= 1e-5
+
+
+@pytest.mark.parametrize("m,n", [(400, 24), (24, 400), (300, 70)])
+def test_rectangular_matrices_reduced_by_qr_first(m, n, monkeypatch):
+    """Clearly rectangular matrices go through QR + Jacobi on R (CPU): the same decomposition as Jacobi on the
+    whole matrix, also for rank-deficient and ill-conditioned inputs."""
+    from fastmerge.ops import svd as svd_module
+
+    from fastmerge.ops.svd import _reduce_by_qr_first
+
+    assert _reduce_by_qr_first(m, n)
+    low_rank = with_spectrum(m, n, [5.0, 2.0, 1.0], seed=6).float()
+    graded = with_spectrum(m, n, torch.logspace(0, -6, 24).tolist(), seed=7).float()
+    for x in (random_matrix((m, n), seed=8), low_rank, graded):
+        u, s, vh = ops.batched_svd(x)
+        check_svd(x, u, s, vh)
+        monkeypatch.setattr(svd_module, "_reduce_by_qr_first", lambda m, n: False)
+        whole = ops.batched_svd(x)
+        monkeypatch.undo()
+        assert torch.allclose(s, whole[1], rtol=0, atol=2e-6 * float(s[0]))
+        # Well separated leading singular values: the vectors agree up to sign.
+        assert torch.allclose((u[:, :3] * whole[0][:, :3]).sum(0).abs(), torch.ones(3), atol=1e-4)
+    assert float(ops.batched_svd(low_rank)[1][3:].max()) <= 1e-5 * 5.0
 
 
 @pytest.mark.parametrize("shape", [(6, 4), (4, 6), (3, 5, 5)])

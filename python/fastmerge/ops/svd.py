@@ -2,7 +2,8 @@
 
 batched_svd runs one-sided Jacobi on every matrix of a batch at once: the shape of work that
 subspace merges produce (one small matrix per task, head or block), where a LAPACK/cuSOLVER call
-per matrix spends most of its time in launch and dispatch overhead.
+per matrix spends most of its time in launch and dispatch overhead. Clearly rectangular CPU
+matrices are first reduced to their square R factor by torch's QR.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ def batched_svd(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tens
     returned as fp32. Singular vectors are unique only up to sign (and rotation within repeated
     singular values); the vectors of numerically zero singular values are completed to an
     orthonormal set, as torch.linalg.svd's are. Non-finite input gives non-finite output.
+    On the CPU, clearly rectangular matrices (aspect >= 8, or >= 4 from min(m, n) = 64) are
+    reduced by a QR first.
     """
     x = check_tensor(x, "x")
     if x.dim() < 2:
@@ -37,12 +40,50 @@ def batched_svd(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tens
     for d in batch_shape:
         batch *= d
     flat = kernel_input(x).reshape(batch, m, n)
-    u = torch.empty((batch, m, k), dtype=torch.float32, device=x.device)
-    s = torch.empty((batch, k), dtype=torch.float32, device=x.device)
-    vh = torch.empty((batch, k, n), dtype=torch.float32, device=x.device)
+    if x.device.type == "cpu" and batch and k and _reduce_by_qr_first(m, n):
+        u, s, vh = _svd_after_qr(flat, m >= n)
+        return (u.reshape(*batch_shape, m, k), s.reshape(*batch_shape, k),
+                vh.reshape(*batch_shape, k, n))
+    return _jacobi_svd(flat, batch_shape, x.device)
+
+
+# CPU matrices whose long side is at least this many times the short side k are first reduced
+# by a QR of their tall orientation (LAPACK), so that Jacobi sweeps k x k instead of k x len
+# columns. Measured on the 2-core EPYC, whole batched_svd, QR route vs Jacobi alone:
+#   k = 32:  0.81x / 0.90x / 0.97x / 1.14x at aspect 3 / 4 / 6 / 8
+#   k = 64:  1.0x  / 1.12x / 1.6-1.9x / 1.8-2.3x
+#   k = 104: 1.45x / 1.66x / 2.1x / 2.6x   (k = 128 alike)
+_QR_FIRST_ASPECT = 8
+_QR_FIRST_ASPECT_WIDE_K = 4   # from k >= 64 on
+_QR_WIDE_K = 64
+
+
+def _reduce_by_qr_first(m: int, n: int) -> bool:
+    k = min(m, n)
+    aspect = _QR_FIRST_ASPECT_WIDE_K if k >= _QR_WIDE_K else _QR_FIRST_ASPECT
+    return max(m, n) >= aspect * k
+
+
+def _svd_after_qr(flat: torch.Tensor, tall: bool):
+    """A = Q R (tall) or A^T = Q R (wide), R = U_r S Vh_r by Jacobi: A = (Q U_r) S Vh_r or
+    A = Vh_r^T S (Q U_r)^T. Q has orthonormal columns, so Q U_r keeps those of U_r, completed
+    singular vectors of a rank-deficient R included."""
+    q, r = torch.linalg.qr((flat if tall else flat.mT).float(), mode="reduced")
+    u_r, s, vh_r = _jacobi_svd(r, [r.shape[0]], r.device)
+    long_side = q @ u_r
+    return (long_side, s, vh_r) if tall else (vh_r.mT.contiguous(), s, long_side.mT.contiguous())
+
+
+def _jacobi_svd(flat: torch.Tensor, batch_shape, device):
+    batch, m, n = flat.shape
+    k = min(m, n)
+    flat = flat.contiguous()
+    u = torch.empty((batch, m, k), dtype=torch.float32, device=device)
+    s = torch.empty((batch, k), dtype=torch.float32, device=device)
+    vh = torch.empty((batch, k, n), dtype=torch.float32, device=device)
     if batch and k:
         _native.native().batched_svd(capsule(flat), capsule(u), capsule(s), capsule(vh),
-                                     cuda_stream(x.device))
+                                     cuda_stream(device))
     return (u.reshape(*batch_shape, m, k), s.reshape(*batch_shape, k),
             vh.reshape(*batch_shape, k, n))
 
