@@ -21,6 +21,7 @@ struct SvdWorkspace {
   std::vector<float> v;          // k columns of length k (padded): the accumulated rotations
   std::vector<double> norm2;     // |w_j|^2
   std::vector<int64_t> order;    // columns by descending singular value
+  std::vector<int64_t> sweep_order;  // the Jacobi kernel's scratch
   std::vector<double> left;      // sorted, normalised (or completed) columns of w
 };
 
@@ -91,6 +92,8 @@ void svd_one(const TensorView& x, int64_t b, int64_t m, int64_t n, const TensorV
   cols.w = ws.w.data();
   cols.v = ws.v.data();
   cols.norm2 = ws.norm2.data();
+  ws.sweep_order.resize(size_t(k));
+  cols.order = ws.sweep_order.data();
   cols.k = k;
   cols.w_stride = w_stride;
   cols.v_stride = v_stride;

@@ -14,10 +14,12 @@ struct JacobiColumns {
   float* w = nullptr;     // k columns being orthogonalised, w_stride floats apart
   float* v = nullptr;     // k columns of accumulated rotations, v_stride floats apart
   double* norm2 = nullptr;  // |w_j|^2, kept current by the rotations
+  int64_t* order = nullptr;  // k entries of scratch: the sweep order
   int64_t k = 0, w_stride = 0, v_stride = 0;
 };
 
-// Cyclic-by-rows sweeps over all pairs until one sweep rotates nothing or max_sweeps have run.
+// Cyclic-by-rows sweeps over all pairs, columns taken in descending norm order (sorted at the
+// start of each sweep), until one sweep rotates nothing or max_sweeps have run.
 // A pair is left alone when |<w_p, w_q>| <= tol * |w_p| |w_q|. Returns the sweeps run.
 int jacobi_orthogonalise(const JacobiColumns& cols, double tol, int max_sweeps);
 
