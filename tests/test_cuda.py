@@ -287,6 +287,18 @@ def test_cuda_batched_svd_completes_one_missing_direction():
     svd_properties(x, *ops.batched_svd(x.cuda()))
 
 
+def test_cuda_batched_svd_non_finite_input_matches_cpu():
+    g = torch.Generator().manual_seed(16)
+    x = torch.randn(3, 5, 3, generator=g)
+    x[0, 1, 1] = float("nan")
+    x[2, 0, 2] = float("inf")
+    for gpu, cpu in zip(ops.batched_svd(x.cuda()), ops.batched_svd(x)):
+        gpu = gpu.cpu()
+        assert torch.equal(gpu.isnan(), cpu.isnan())
+    assert torch.equal(ops.batched_svd(x.cuda())[0][0].cpu(), ops.batched_svd(x)[0][0])
+    svd_properties(x[1], *[t[1] for t in ops.batched_svd(x.cuda())])
+
+
 def test_cuda_batched_svd_bf16_input():
     g = torch.Generator().manual_seed(17)
     x = torch.randn(16, 48, 24, generator=g).to(torch.bfloat16)

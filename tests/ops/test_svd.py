@@ -107,6 +107,21 @@ def test_rectangular_matrices_reduced_by_qr_first(m, n, monkeypatch):
     assert float(ops.batched_svd(low_rank)[1][3:].max()) <= 1e-5 * 5.0
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_matrix_gives_non_finite_values_and_leaves_others_alone(bad):
+    x = random_matrix((3, 40, 24), seed=9)
+    x[1, 7, 5] = bad
+    u, s, vh = ops.batched_svd(x)
+    assert not bool(s[1].isfinite().all())
+    if bad != bad:
+        # A NaN reaches every column: NaN values and Vh, U the orthonormal completion.
+        assert bool(s[1].isnan().all()) and bool(vh[1].isnan().all())
+        eye = torch.eye(24, dtype=torch.float64)
+        assert float((u[1].double().mT @ u[1].double() - eye).abs().max()) <= 1e-6
+    for i in (0, 2):
+        check_svd(x[i], u[i], s[i], vh[i])
+
+
 @pytest.mark.parametrize("shape", [(6, 4), (4, 6), (3, 5, 5)])
 def test_zero_matrix(shape):
     x = torch.zeros(shape)

@@ -37,6 +37,10 @@ FM_HD double completion_acceptance(int64_t len, int64_t count) {
   return 0.5 * double(len - count) / double(len);
 }
 
+// Singular values are sorted by descending squared column norm with NaN last (a NaN input
+// turns every column NaN within one sweep); a plain > would not be a strict weak order.
+FM_HD double singular_sort_key(double norm2) { return norm2 == norm2 ? norm2 : -1.0; }
+
 // The rotation that orthogonalises columns p and q given a = |p|^2, b = |q|^2, c = <p, q> != 0:
 // p' = cs * p - sn * q, q' = sn * p + cs * q, the smaller angle, computed in double.
 // Rutishauser's t = sign(zeta) / (|zeta| + sqrt(1 + zeta^2)) with zeta = d / c, d = (b - a) / 2,

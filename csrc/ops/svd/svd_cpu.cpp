@@ -103,7 +103,7 @@ void svd_one(const TensorView& x, int64_t b, int64_t m, int64_t n, const TensorV
   ws.order.resize(size_t(k));
   std::iota(ws.order.begin(), ws.order.end(), int64_t(0));
   std::stable_sort(ws.order.begin(), ws.order.end(), [&](int64_t i, int64_t j) {
-    return ws.norm2[size_t(i)] > ws.norm2[size_t(j)];
+    return singular_sort_key(ws.norm2[size_t(i)]) > singular_sort_key(ws.norm2[size_t(j)]);
   });
   const double sigma_max = k ? std::sqrt(ws.norm2[size_t(ws.order[0])]) : 0.0;
   const double zero_below = double(zero_singular_threshold(len)) * sigma_max;

@@ -113,8 +113,14 @@ int jacobi_orthogonalise(const JacobiColumns& c, double tol, int max_sweeps) {
     ++sweep;
     // Norms are exact at the start of every sweep and updated from the rotations within it
     // (a' = a - t c, b' = b + t c), so rounding drift never outlives one sweep.
-    for (int64_t j = 0; j < c.k; ++j)
+    bool finite = true;
+    for (int64_t j = 0; j < c.k; ++j) {
       c.norm2[j] = column_dot(c.w + j * c.w_stride, c.w + j * c.w_stride, c.w_stride);
+      finite = finite && c.norm2[j] - c.norm2[j] == 0.0;
+    }
+    // A NaN or Inf has reached every column after one sweep (each pair meets): the result is
+    // NaN whatever follows, so do not run the 40 sweeps the stop rule would allow.
+    if (!finite && sweep > 1) break;
     // Sweeping the columns in descending norm order converges in fewer sweeps (de Rijk's
     // pivoting; 10 -> 7-8 sweeps on 64x64 Gaussian matrices).
     sort_by_norm(c.order, c.norm2, c.k);

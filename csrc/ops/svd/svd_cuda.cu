@@ -164,11 +164,15 @@ jacobi_svd_kernel(const void* x, int x_dtype, int64_t batch, int64_t m, int64_t 
       if (!again) break;
     }
 
-    // Descending order; ties keep column order.
+    // Descending order, NaN last; ties keep column order (every rank distinct, so order[] is a
+    // permutation even for NaN input).
     for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+      const double key = singular_sort_key(norm2[j]);
       int64_t rank = 0;
-      for (int64_t i = 0; i < k; ++i)
-        rank += norm2[i] > norm2[j] || (norm2[i] == norm2[j] && i < j);
+      for (int64_t i = 0; i < k; ++i) {
+        const double other = singular_sort_key(norm2[i]);
+        rank += other > key || (other == key && i < j);
+      }
       order[rank] = int(j);
     }
     __syncthreads();
