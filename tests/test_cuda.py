@@ -299,6 +299,17 @@ def test_cuda_batched_svd_non_finite_input_matches_cpu():
     svd_properties(x[1], *[t[1] for t in ops.batched_svd(x.cuda())])
 
 
+def test_cuda_wide_inputs_fall_back_beyond_the_kernels():
+    base, experts = group((64, 300), 10, torch.float32, seed=33)
+    for filter_wise in (False, True):
+        assert_same(ops.model_stock(base.cuda(), on_cuda(experts), filter_wise=filter_wise),
+                    ops.model_stock(base, experts, filter_wise=filter_wise), exact=False)
+    _, many = group((64, 30), 70, torch.float32, seed=34)
+    weights = [1.0 + 0.01 * i for i in range(70)]
+    assert_same(ops.multislerp(on_cuda(many), weights), ops.multislerp(many, weights), exact=False)
+    assert_same(ops.karcher(on_cuda(many), max_iter=4), ops.karcher(many, max_iter=4), exact=False)
+
+
 def test_cuda_batched_svd_bf16_input():
     g = torch.Generator().manual_seed(17)
     x = torch.randn(16, 48, 24, generator=g).to(torch.bfloat16)

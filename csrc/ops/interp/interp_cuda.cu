@@ -71,7 +71,7 @@ __global__ void stock_gram_kernel(StockInputs in, int64_t rows, int64_t row_len,
   }
   block_reduce<kThreads>(g);
   if (threadIdx.x == 0) {
-    double* out = gram + blockIdx.x * T * T;
+    double* out = gram + size_t(blockIdx.x) * T * T;
     int c = 0;
     for (int x = 0; x < T; ++x)
       for (int y = x; y < T; ++y) out[x * T + y] = out[y * T + x] = g[c++];
@@ -93,6 +93,7 @@ __global__ void stock_output_kernel(StockInputs in, int64_t n, int64_t row_len, 
 template <int T>
 void launch_gram(const StockInputs& in, int64_t rows, int64_t row_len, int64_t parts, double* gram,
                  cudaStream_t stream) {
+  FM_CHECK(rows * parts <= INT32_MAX, "model_stock: ", rows, " rows exceed one launch");
   stock_gram_kernel<T><<<int(rows * parts), kThreads, 0, stream>>>(in, rows, row_len, parts, gram);
 }
 

@@ -108,6 +108,7 @@ template <int T>
 void launch_gram(const GramInputs& in, const VectorLayout& L, bool rows, int64_t blocks,
                  int64_t parts_or_rows_per, int64_t segments, double* partial,
                  cudaStream_t stream) {
+  FM_CHECK(blocks <= INT32_MAX, "sphere merge: ", blocks, " blocks exceed one launch");
   if (rows) {
     row_gram_kernel<T><<<unsigned(blocks), kThreads, 0, stream>>>(in, L.len, parts_or_rows_per, partial);
   } else {

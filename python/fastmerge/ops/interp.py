@@ -54,6 +54,11 @@ def nearswap(base: torch.Tensor, other: torch.Tensor, t: float, *,
     return _pairwise("nearswap", base, other, t, out_dtype)
 
 
+# The CUDA model_stock kernel unrolls its Gram statistics for at most this many experts; more
+# go through the torch reference on the device (same semantics, fp32 inputs, float64 Gram).
+_CUDA_STOCK_MAX_EXPERTS = 8
+
+
 def model_stock(base: torch.Tensor, experts: Sequence[torch.Tensor], *, filter_wise: bool = False,
                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Model Stock (Jang et al., 2024): interpolate the experts' average toward base by the
@@ -64,7 +69,8 @@ def model_stock(base: torch.Tensor, experts: Sequence[torch.Tensor], *, filter_w
     if not isinstance(filter_wise, bool):
         raise InvalidArgumentError(f"filter_wise must be a bool, got {filter_wise!r}")
     dtype = resolve_out_dtype(out_dtype, base.dtype)
-    if not use_native(base.device):
+    beyond_cuda_kernel = base.device.type == "cuda" and len(experts) > _CUDA_STOCK_MAX_EXPERTS
+    if not use_native(base.device) or beyond_cuda_kernel:
         return _reference.model_stock(base, experts, filter_wise=filter_wise).to(dtype)
     # filter_wise reduces over the last dim (a 1-D tensor is one row); otherwise one flat row.
     rows = 1

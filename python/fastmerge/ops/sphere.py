@@ -67,6 +67,15 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, base: Optional[torc
     return _finish(out, dtype)
 
 
+# The CUDA output pass of multislerp / karcher takes at most this many inputs (kernel
+# parameters); more go through the torch reference on the device.
+_CUDA_MAX_INPUTS = 64
+
+
+def _beyond_cuda_kernel(device: torch.device, count: int) -> bool:
+    return device.type == "cuda" and count > _CUDA_MAX_INPUTS
+
+
 def multislerp(tensors: Sequence[torch.Tensor], weights, *, base: Optional[torch.Tensor] = None,
                normalize_weights: bool = True, eps: float = 1e-8,
                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -87,7 +96,7 @@ def multislerp(tensors: Sequence[torch.Tensor], weights, *, base: Optional[torch
                             eps=eps)
     dtype = resolve_out_dtype(out_dtype, tensors[0].dtype)
     device = tensors[0].device
-    if not use_native(device):
+    if not use_native(device) or _beyond_cuda_kernel(device, len(tensors)):
         return _reference.multislerp(tensors, args["weights"], base=base,
                                      normalize_weights=normalize_weights, eps=args["eps"]).to(dtype)
     xs = [kernel_input(x) for x in tensors]
@@ -116,7 +125,7 @@ def karcher(tensors: Sequence[torch.Tensor], *, alphas=None, max_iter: int = 10,
                             max_iter=max_iter, tol=tol)
     dtype = resolve_out_dtype(out_dtype, tensors[0].dtype)
     device = tensors[0].device
-    if not use_native(device):
+    if not use_native(device) or _beyond_cuda_kernel(device, len(tensors)):
         return _reference.karcher(tensors, args["alphas"], max_iter=args["max_iter"],
                                   tol=args["tol"]).to(dtype)
     xs = [kernel_input(x) for x in tensors]

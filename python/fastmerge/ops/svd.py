@@ -33,7 +33,7 @@ def batched_svd(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tens
                                    f"{tuple(x.shape)}")
     *batch_shape, m, n = x.shape
     k = min(m, n)
-    if not use_native(x.device):
+    if not use_native(x.device) or (x.device.type == "cuda" and k > _CUDA_MAX_COLUMNS):
         u, s, vh = torch.linalg.svd(x.detach().float(), full_matrices=False)
         return u, s, vh
     batch = 1
@@ -46,6 +46,10 @@ def batched_svd(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tens
                 vh.reshape(*batch_shape, k, n))
     return _jacobi_svd(flat, batch_shape, x.device)
 
+
+# The CUDA Jacobi keeps per-column statistics in shared memory (kMaxCudaColumns in
+# svd_cuda.cu); larger min(m, n) go to torch.linalg.svd (cuSOLVER) instead.
+_CUDA_MAX_COLUMNS = 2048
 
 # CPU matrices whose long side is at least this many times the short side k are first reduced
 # by a QR of their tall orientation (LAPACK), so that Jacobi sweeps k x k instead of k x len
