@@ -3,6 +3,8 @@ lengths after prefill, deterministic generation, ratio 0 == no press, the compre
 kv_merge of the uncompressed cache, and the attention scores against eager attention weights."""
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -31,10 +33,15 @@ def prompt(batch=1, length=PROMPT, seed=1):
     return torch.randint(0, 96, (batch, length), generator=g)
 
 
+def cache_kwarg(model) -> str:
+    """transformers 5.25 renamed forward's past_key_values to cache."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def prefill(model, ids):
     cache = DynamicCache()
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, use_cache=True, **{cache_kwarg(model): cache})
     return cache
 
 

@@ -26,8 +26,9 @@ attention mask, so new tokens keep their true RoPE positions while the cache is 
 Limits: batches must not contain padding (the 2D attention mask is not compressed along with
 the cache); a prompt fed in several forward calls is compressed after its first call only;
 only full-attention DynamicCache layers are compressed (sliding-window layers are skipped).
-Tested with transformers 5.23 (DynamicCache.layers); the older key_cache/value_cache lists are
-handled the same way but not covered by the tests.
+Tested with transformers 5.23 and 5.25 (DynamicCache.layers; 5.25 names the attention's cache
+argument `cache`, earlier releases `past_key_values`: both are read); the older
+key_cache/value_cache lists are handled the same way but not covered by the tests.
 """
 from __future__ import annotations
 
@@ -122,7 +123,8 @@ class KVMergePress:
                         window=self.window, sinks=self.sinks)
 
     def forward_hook(self, module, args, kwargs, output):
-        cache = kwargs.get("past_key_values")
+        # transformers 5.25 renamed the attention's past_key_values argument to cache
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         hidden_states = kwargs.get("hidden_states", args[0] if args else None)
         position_embeddings = kwargs.get("position_embeddings")
         if cache is None or hidden_states is None or position_embeddings is None or self.ratio == 0:
