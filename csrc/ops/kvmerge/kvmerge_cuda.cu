@@ -1,5 +1,6 @@
 // CUDA passes of kv_merge (see kvmerge.h), the same arithmetic as kvmerge_cpu.cpp:
-//   similarity_kernel  one warp per adjacent pair: fp64 dot and norms, fixed butterfly order;
+//   similarity_kernel  eight lanes per adjacent pair: fp64 dot and norms summed in the CPU's
+//                      order (lane_sum in kvmerge_cpu.cpp), so both devices pick the same pairs;
 //   count_kernel       one block per head: candidate count (integer block reduction);
 //   select_kernel      one block per head: exact radix select of the removed-th largest pair
 //                      key (shared-memory integer histograms), then the first token of every
@@ -43,26 +44,47 @@ __device__ __forceinline__ bool candidate(const KernelParams& p, const float* s,
   return i >= p.lo && i + 1 < p.hi && double(s[i]) >= p.eps;
 }
 
+// kvmerge_cpu.cpp's lane_sum: partial sum l holds the terms j = l (mod 8) in order, and the
+// eight partials are added as ((0+1)+(2+3))+((4+5)+(6+7)). Lane l of an aligned group of
+// eight holds partial l; the xor butterfly reproduces that tree (addition commutes).
+__device__ __forceinline__ double group8_sum(double v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  v += __shfl_xor_sync(0xffffffffu, v, 2);
+  v += __shfl_xor_sync(0xffffffffu, v, 4);
+  return v;
+}
+
+constexpr int kPairsPerWarp = kWarp / 8;
+
 __global__ void similarity_kernel(KernelParams p) {
   const int64_t pairs = p.seq - 1;
   const int64_t total = p.batch_heads * pairs;
-  const int lane = int(threadIdx.x) % kWarp;
+  const int lane = int(threadIdx.x) % kWarp, sub = lane % 8;
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x / kWarp);
-  for (int64_t w = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp; w < total; w += warps) {
-    const int64_t bh = w / pairs, i = w % pairs;
-    const int64_t a = (bh * p.seq + i) * p.key_dim, b = a + p.key_dim;
+  // The loop bound is uniform across the warp, so every lane reaches the shuffles.
+  for (int64_t w = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+       w * kPairsPerWarp < total; w += warps) {
+    const int64_t pair = w * kPairsPerWarp + lane / 8;
+    const bool valid = pair < total;
     double ab = 0.0, aa = 0.0, bb = 0.0;
-    for (int64_t j = lane; j < p.key_dim; j += kWarp) {
-      const double x = load_element(p.keys, p.keys_dtype, a + j);
-      const double y = load_element(p.keys, p.keys_dtype, b + j);
-      ab += x * y;
-      aa += x * x;
-      bb += y * y;
+    if (valid) {
+      const int64_t bh = pair / pairs, i = pair % pairs;
+      const int64_t a = (bh * p.seq + i) * p.key_dim, b = a + p.key_dim;
+      for (int64_t j = sub; j < p.key_dim; j += 8) {
+        const double x = load_element(p.keys, p.keys_dtype, a + j);
+        const double y = load_element(p.keys, p.keys_dtype, b + j);
+        aa += x * x;
+        ab += x * y;
+        bb += y * y;
+      }
     }
-    ab = warp_sum(ab);
-    aa = warp_sum(aa);
-    bb = warp_sum(bb);
-    if (lane == 0) p.sims[w] = float(ab / fmax(sqrt(aa) * sqrt(bb), kSimFloor));
+    ab = group8_sum(ab);
+    aa = group8_sum(aa);
+    bb = group8_sum(bb);
+    if (valid && sub == 0) {
+      const double norms = sqrt(aa) * sqrt(bb);
+      p.sims[pair] = float(ab / (norms < kSimFloor ? kSimFloor : norms));  // std::max's NaN rule
+    }
   }
 }
 
@@ -95,10 +117,18 @@ __global__ void select_kernel(KernelParams p, int64_t removed, int64_t* set_begi
       for (int d = tid; d < 256; d += blockDim.x) hist[d] = 0;
       __syncthreads();
       const unsigned long long prefix = prefix_s;
-      for (int64_t i = tid; i < pairs; i += blockDim.x) {
-        if (!candidate(p, s, i)) continue;
-        const unsigned long long key = pair_rank_key(s[i], i);
-        if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+      // Similar keys share their leading bytes, so most lanes of a warp hit one bin: one
+      // atomic per distinct bin and warp (the loop bound is warp-uniform for the match).
+      const int lane = tid % kWarp;
+      for (int64_t i0 = tid - lane; i0 < pairs; i0 += blockDim.x) {
+        const int64_t i = i0 + lane;
+        int bin = -1;
+        if (i < pairs && candidate(p, s, i)) {
+          const unsigned long long key = pair_rank_key(s[i], i);
+          if ((key & mask) == prefix) bin = int((key >> shift) & 255u);
+        }
+        const unsigned peers = __match_any_sync(0xffffffffu, bin);
+        if (bin >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], unsigned(__popc(peers)));
       }
       __syncthreads();
       if (tid == 0) {
@@ -244,7 +274,7 @@ int64_t kv_merge_plan_cuda(const TensorView& keys, const TensorView& sims, const
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const KernelParams k = kernel_params(keys, nullptr, nullptr, sims, p);
   const int threads = 256;
-  similarity_kernel<<<grid_for(p.batch_heads * pairs * kWarp, threads), threads, 0, stream>>>(k);
+  similarity_kernel<<<grid_for(p.batch_heads * pairs * 8, threads), threads, 0, stream>>>(k);
   FM_CUDA_LAUNCHED();
   DeviceBuffer counts(size_t(p.batch_heads) * sizeof(int64_t), stream);
   count_kernel<<<unsigned(p.batch_heads), 256, 0, stream>>>(k, counts.as<int64_t>());

@@ -13,20 +13,27 @@ namespace {
 
 constexpr int kTileA = 64, kTileB = 64, kTileC = 32, kThreads = 256;
 
-// Token norm in double, summed in the CPU's order; out = x / norm in fp32.
+// Eight lanes per token: lane l sums the squares of elements k = l (mod 8) in order, and the
+// xor butterfly adds the partials as ((0+1)+(2+3))+((4+5)+(6+7)), tome_cpu.cpp's token_norm
+// order, so the norm equals the CPU's; out = x / norm in fp32.
+constexpr int kLanesPerToken = 8;
+
 __global__ void normalize_tokens(const void* metric, int dtype, int64_t tokens, int64_t c,
                                  float* out) {
-  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int sub = int(threadIdx.x) % kLanesPerToken;
+  const int64_t t = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kLanesPerToken;
+  double part = 0.0;  // lanes past the last token still join the shuffles
+  if (t < tokens)
+    for (int64_t k = sub; k < c; k += kLanesPerToken) {
+      const double v = load_element(metric, dtype, t * c + k);
+      part = __dadd_rn(part, __dmul_rn(v, v));
+    }
+  for (int offset = 1; offset < kLanesPerToken; offset <<= 1)
+    part = __dadd_rn(part, __shfl_xor_sync(0xffffffffu, part, offset));
   if (t >= tokens) return;
-  double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // tome_cpu.cpp's token_norm order
-  for (int64_t k = 0; k < c; ++k) {
-    const double v = load_element(metric, dtype, t * c + k);
-    part[k % 8] = __dadd_rn(part[k % 8], __dmul_rn(v, v));
-  }
-  const double ss = __dadd_rn(__dadd_rn(__dadd_rn(part[0], part[1]), __dadd_rn(part[2], part[3])),
-                              __dadd_rn(__dadd_rn(part[4], part[5]), __dadd_rn(part[6], part[7])));
-  const float norm = float(sqrt(ss));
-  for (int64_t k = 0; k < c; ++k) out[t * c + k] = load_element(metric, dtype, t * c + k) / norm;
+  const float norm = float(sqrt(part));
+  for (int64_t k = sub; k < c; k += kLanesPerToken)
+    out[t * c + k] = load_element(metric, dtype, t * c + k) / norm;
 }
 
 __device__ __forceinline__ bool beats(float v, float best) {
@@ -167,7 +174,7 @@ void tome_scores_cuda(const TensorView& metric, const TomeShape& s, const Tensor
   if (total == 0) return;
   auto st = reinterpret_cast<cudaStream_t>(stream);
   const int64_t tokens = s.batch * s.tokens;
-  normalize_tokens<<<unsigned((tokens + 127) / 128), 128, 0, st>>>(
+  normalize_tokens<<<unsigned((tokens * kLanesPerToken + 127) / 128), 128, 0, st>>>(
       metric.data, int(metric.dtype), tokens, s.channels, normed.ptr<float>());
   FM_CUDA_LAUNCHED();
   const int64_t first = s.class_token ? 1 : 0, rows = s.na() - first;
