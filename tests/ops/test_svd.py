@@ -260,6 +260,21 @@ def test_randomized_svd_bad_arguments(kwargs):
         ops.randomized_svd(torch.zeros(30, 40), **kwargs)
 
 
+# ---- Gram matrices (block rows above the threshold) ----
+
+@pytest.mark.parametrize("shape", [(40, 7), (255, 30), (257, 19), (3, 301, 45), (2, 768, 96)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_matches_the_full_product(shape, dtype):
+    from fastmerge.ops.svd import gram
+
+    y = random_matrix(shape, seed=16).to(dtype)
+    want = y.double() @ y.double().mT
+    got = gram(y)
+    assert got.dtype == dtype and got.shape == want.shape
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert float((got.double() - want).abs().max()) <= tol * float(want.abs().max())
+
+
 # ---- polar ----
 
 @pytest.mark.parametrize("shape", [(7, 4), (4, 7), (3, 50, 20), (600, 300), (300, 600),

@@ -32,7 +32,7 @@ from ._validate import (
     check_tensor,
     resolve_out_dtype,
 )
-from .svd import gram_route_pays, polar
+from .svd import gram, gram_route_pays, polar
 from ._reference.subspace import (
     _keep_top_fraction,
     _sign_elected_mean,
@@ -56,7 +56,9 @@ def _deltas(base, experts, alpha, out_dtype) -> Tuple[torch.Tensor, torch.Tensor
     alpha = check_scalar(alpha, "alpha")
     dtype = resolve_out_dtype(out_dtype, base.dtype)
     b = base.detach().float()
-    deltas = torch.stack([e.detach().float() - b for e in experts])
+    deltas = b.new_empty(len(experts), *b.shape)
+    for i, e in enumerate(experts):  # into one buffer: no stacked copy
+        torch.sub(e.detach().float(), b, out=deltas[i])
     return b, deltas, alpha, dtype
 
 
@@ -80,7 +82,7 @@ def _gram_eig(x: torch.Tensor, dtype=torch.float64):
     singular vectors."""
     t = x.to(dtype)
     tall = t.shape[-2] > t.shape[-1]
-    eigenvalues, vectors = torch.linalg.eigh(t.mT @ t if tall else t @ t.mT)
+    eigenvalues, vectors = torch.linalg.eigh(gram(t.mT if tall else t))
     return t, tall, eigenvalues.flip(-1).clamp_min(0), vectors.flip(-1)
 
 
