@@ -98,11 +98,17 @@ inline int sm_count() {
   return count > 0 ? count : 80;
 }
 
-// Blocks for a grid-stride loop over `work` items: enough to fill the device, no more.
+// Most blocks of a grid-stride launch: enough to fill any current GPU (an H100's 132 SMs
+// hold 8 blocks of 256 threads each: 1056), and a constant rather than a multiple of the SM
+// count, so kernels that keep one partial sum per block (slerp's norms, model_stock's and the
+// sphere family's Gram matrices) add them in the same tree on every device.
+constexpr int64_t kMaxGridBlocks = 2048;
+
+// Blocks for a grid-stride loop over `work` items: one per `threads` items, at most
+// kMaxGridBlocks.
 inline int grid_for(int64_t work, int threads) {
   const int64_t needed = (work + threads - 1) / threads;
-  const int64_t cap = int64_t(sm_count()) * 8;
-  return int(needed < 1 ? 1 : (needed < cap ? needed : cap));
+  return int(needed < 1 ? 1 : (needed < kMaxGridBlocks ? needed : kMaxGridBlocks));
 }
 
 // Exact, order-independent sums of |x| over float values: each magnitude's 24-bit significand
