@@ -215,6 +215,23 @@ def test_nan_metric_is_deterministic():
     assert int(a.src_idx[0, 0]) == 3  # the NaN row is the first edge
 
 
+def test_merge_source_propagates_nan_like_torch_amax():
+    # A NaN in any token a row holds makes that row's entry NaN, whichever member comes first.
+    B, N = 2, 31
+    metric = tie_free(B, N, 8, seed=5)
+    maps = F.tome_match(metric, 9)
+    r, (unm, src, dst) = reference(metric, 9, False, False)
+    g = torch.Generator().manual_seed(6)
+    source = torch.rand(B, N, 17, generator=g)
+    source[0, 1::3, 2] = float("nan")     # b tokens: the first member of a destination row
+    source[1, 0::4, 5] = float("nan")     # a tokens: merged sources and kept tokens
+    got = F.tome_merge_source(source, maps)
+    want = R.tome_merge_source(source, unm, src, dst, N)
+    assert torch.isnan(want).any()
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(got.nan_to_num(-7.0), want.nan_to_num(-7.0))
+
+
 def test_merge_gradient_matches_reference():
     metric = tie_free(2, 30, 8, seed=9, class_token=True)
     maps = F.tome_match(metric, 9, class_token=True)

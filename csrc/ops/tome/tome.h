@@ -57,6 +57,9 @@ FM_HD int64_t tome_dst_row(int64_t j, int64_t n_unm, bool distill) {
 
 enum class TomeReduce : int { weighted_mean = 0, max = 1 };
 
+// The max reduction's step: NaN propagates from either side, as torch's amax does.
+FM_HD float tome_max_step(float acc, float v) { return (v > acc || v != v) ? v : acc; }
+
 struct TomeMapViews {
   TensorView unm_idx, src_idx, dst_idx, offsets, members, dest;
 };

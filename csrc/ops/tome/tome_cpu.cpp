@@ -399,7 +399,7 @@ void tome_merge_cpu(const TensorView& x, const TensorView* size, const TensorVie
         if (mode == TomeReduce::max) {
           if (p == off[o]) std::copy(row.begin(), row.end(), acc.begin());
           else
-            for (int64_t k = 0; k < c; ++k) acc[k] = std::max(acc[k], row[k]);
+            for (int64_t k = 0; k < c; ++k) acc[k] = tome_max_step(acc[k], row[k]);
           continue;
         }
         const float w = size ? load_one(size->data, size->dtype, batch * n + t) : 1.0f;

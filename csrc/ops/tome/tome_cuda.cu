@@ -144,7 +144,7 @@ __global__ void merge_rows(const void* x, int x_dtype, const void* size, int siz
       const int64_t t = mem[p];
       const float v = load_element(x, x_dtype, (batch * tokens + t) * c + k);
       if (amax) {
-        acc = p == p0 ? v : fmaxf(acc, v);
+        acc = p == p0 ? v : tome_max_step(acc, v);
       } else {
         const float w = size ? load_element(size, size_dtype, batch * tokens + t) : 1.0f;
         acc = p == p0 ? __fmul_rn(v, w) : __fadd_rn(acc, __fmul_rn(v, w));
