@@ -277,6 +277,16 @@ def test_cuda_batched_svd_rank_deficient_and_zero():
     svd_properties(zero, u, s, vh)
 
 
+def test_cuda_batched_svd_rank_deficient_above_64_columns():
+    # More than 64 columns: the 1024-thread kernel, including its completion of the null space.
+    g = torch.Generator().manual_seed(17)
+    low = torch.randn(2, 120, 6, generator=g) @ torch.randn(2, 6, 90, generator=g)
+    gpu = ops.batched_svd(low.cuda())
+    svd_properties(low, *gpu)
+    assert torch.allclose(gpu[1].cpu(), ops.batched_svd(low)[1], rtol=0,
+                          atol=3e-5 * float(gpu[1].max()))
+
+
 def test_cuda_batched_svd_completes_one_missing_direction():
     g = torch.Generator().manual_seed(5)
     q1, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))

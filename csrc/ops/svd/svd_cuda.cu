@@ -1,7 +1,9 @@
 // CUDA batched SVD: one thread block per matrix (blocks loop over the batch), one-sided Jacobi
 // with the round-robin ("circle") ordering so that a round's k/2 disjoint column pairs are
 // rotated concurrently, one warp per pair. Dot products accumulate in double as on the CPU;
-// every lane takes the warp's sums from lane 0, so the lanes agree on each rotation.
+// every lane takes the warp's sums from lane 0, so the lanes agree on each rotation. Matrices
+// with more than 64 columns get 32 warps per block instead of 8: a round's pairs are
+// independent, so which warp rotates a pair does not change any result bit.
 #include <algorithm>
 
 #include "fastmerge/cuda_utils.cuh"
@@ -10,8 +12,9 @@
 namespace fastmerge {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+constexpr int kSmallThreads = 256;   // blocks for matrices of up to kSmallColumns columns
+constexpr int kLargeThreads = 1024;  // and for wider ones
+constexpr int64_t kSmallColumns = 64;
 // Column count limit of the CUDA path: the per-column statistics live in shared memory.
 constexpr int64_t kMaxCudaColumns = 2048;
 
@@ -41,11 +44,11 @@ __device__ __forceinline__ void circle_pair(int64_t round, int64_t i, int64_t pl
 // Gram-Schmidt twice. Called by the whole block; returns |y|^2 to every thread.
 __device__ double canonical_residual(float* y, const float* basis, int64_t count, int64_t len,
                                      int64_t e, double* proj, double* norm2_slot) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = int(blockDim.x) >> 5;
   for (int64_t i = threadIdx.x; i < len; i += blockDim.x) y[i] = i == e ? 1.0f : 0.0f;
   __syncthreads();
   for (int round = 0; round < 2; ++round) {
-    for (int64_t j = warp; j < count; j += kWarps) {
+    for (int64_t j = warp; j < count; j += warps) {
       const float* bj = basis + j * len;
       double acc = 0.0;
       for (int64_t i = lane; i < len; i += 32) acc += double(bj[i]) * double(y[i]);
@@ -78,6 +81,7 @@ struct Workspace {
   float* y;      // k sorted left singular vectors of length len
 };
 
+template <int kThreads>
 __global__ void __launch_bounds__(kThreads)
 jacobi_svd_kernel(const void* x, int x_dtype, int64_t batch, int64_t m, int64_t n, float* work,
                   float* u, float* s, float* vh) {
@@ -90,6 +94,7 @@ jacobi_svd_kernel(const void* x, int x_dtype, int64_t batch, int64_t m, int64_t 
   int* order = reinterpret_cast<int*>(shared + 2 * k);       // k
   __shared__ int rotated;
   __shared__ double residual_norm2;
+  constexpr int kWarps = kThreads / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const double tol = jacobi_tolerance(len);
   const int64_t players = k + (k & 1);
@@ -246,11 +251,12 @@ void batched_svd_cuda(const TensorView& x, const TensorView& u, const TensorView
   const int blocks = int(std::min({batch, int64_t(sm_count()) * 4, fit}));
   DeviceBuffer work(size_t(blocks) * size_t(per_block), stream);
   const size_t shared_bytes = size_t(k) * (2 * sizeof(double) + sizeof(int));
+  const bool small = k <= kSmallColumns;
+  const auto kernel = small ? jacobi_svd_kernel<kSmallThreads> : jacobi_svd_kernel<kLargeThreads>;
   if (shared_bytes > 48 * 1024)
-    FM_CUDA_CHECK(cudaFuncSetAttribute(jacobi_svd_kernel,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
+    FM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        int(shared_bytes)));
-  jacobi_svd_kernel<<<blocks, kThreads, shared_bytes, stream>>>(
+  kernel<<<blocks, small ? kSmallThreads : kLargeThreads, shared_bytes, stream>>>(
       x.data, int(x.dtype), batch, m, n, work.as<float>(), u.ptr<float>(), s.ptr<float>(),
       vh.ptr<float>());
   FM_CUDA_LAUNCHED();
