@@ -284,3 +284,24 @@ def test_cuda_matches_cpu_and_is_deterministic(shape, ratio, eps, dtype):
     assert torch.equal(gpu[2].cpu(), cpu[2])
     assert_close(gpu[0].cpu(), cpu[0], "kvmerge", msg="keys")
     assert_close(gpu[1].cpu(), cpu[1], "kvmerge", msg="values")
+
+
+# ---- property test: random caches and parameters against the reference ----
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@given(B=st.integers(1, 2), H=st.integers(1, 3), S=st.integers(2, 80), D=st.integers(1, 20),
+       ratio=st.floats(0.0, 1.0), eps=st.sampled_from([-1.0, -0.3, 0.0, 0.2, 0.6, 0.95]),
+       sigma=st.floats(0.2, 10.0), window=st.integers(0, 90), sinks=st.integers(0, 90),
+       drift=st.sampled_from([0.05, 0.35, 2.0]), seed=st.integers(0, 2**20),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_property_matches_reference(B, H, S, D, ratio, eps, sigma, window, sinks, drift, seed,
+                                    dtype):
+    g = torch.Generator().manual_seed(seed)
+    keys = smooth_keys((B, H, S, D), seed, dtype, drift=drift)
+    values = torch.randn(B, H, S, D + 3, generator=g).to(dtype)
+    scores = torch.rand(B, H, S, generator=g).to(dtype)
+    check_against_reference(keys, values, scores, ratio=ratio, eps=eps, sigma=sigma,
+                            window=window, sinks=sinks)

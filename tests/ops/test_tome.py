@@ -313,3 +313,40 @@ def test_cuda_equals_cpu(shape, dtype, class_token, distill_token):
         assert torch.equal(F.tome_merge_source(None, gpu).cpu(), F.tome_merge_source(None, cpu))
         assert torch.equal(F.tome_unmerge(x.cuda()[:, :N - cpu.r], gpu).cpu(),
                            F.tome_unmerge(x[:, :N - cpu.r], cpu))
+
+
+# ---- property test: random shapes, r and token flags against ToMe's algorithm ----
+
+from hypothesis import assume, given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@given(B=st.integers(1, 3), N=st.integers(1, 70), C=st.integers(2, 24), r=st.integers(0, 40),
+       flags=st.sampled_from(TOKEN_FLAGS), seed=st.integers(0, 2**20),
+       sized=st.booleans())
+def test_property_match_and_merge_match_reference(B, N, C, r, flags, seed, sized):
+    class_token, distill_token = flags
+    g = torch.Generator().manual_seed(seed)
+    metric = None
+    for _ in range(20):  # a draw whose maxima are separated, else skip the example
+        candidate = torch.randn(B, N, C, generator=g, dtype=torch.float64).float()
+        if _separated(candidate, class_token, distill_token):
+            metric = candidate
+            break
+    assume(metric is not None)
+    maps = F.tome_match(metric, r, class_token=class_token, distill_token=distill_token)
+    clamped, (unm, src, dst) = reference(metric, r, class_token, distill_token)
+    assert maps.r == clamped and maps.merged_tokens == N - clamped
+    x = torch.randn(B, N, 5, generator=g)
+    size = torch.randint(1, 5, (B, N, 1), generator=g).float() if sized else None
+    merged, merged_size = F.tome_merge(x, maps, size)
+    if clamped == 0:
+        assert torch.equal(merged, x)
+        return
+    assert torch.equal(maps.unm_idx, unm) and torch.equal(maps.src_idx, src)
+    assert torch.equal(maps.dst_idx, dst)
+    ref_x, ref_size = R.tome_merge_wavg(x, unm, src, dst, size, distill_token)
+    assert_close(merged, ref_x, "tome_merge")
+    assert torch.equal(merged_size, ref_size)
+    assert torch.equal(F.tome_merge_source(None, maps),
+                       R.tome_merge_source(None, unm, src, dst, N, distill_token))
