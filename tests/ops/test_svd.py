@@ -3,6 +3,8 @@ and against the defining properties of a thin SVD: reconstruction, orthonormal s
 vectors, non-negative singular values in descending order."""
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import fastmerge
 from fastmerge import ops
@@ -47,6 +49,23 @@ def check_svd(x, u, s, vh, tol=2e-5):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_random_matrices_decompose(shape):
     x = random_matrix(shape)
+    check_svd(x, *ops.batched_svd(x))
+
+
+@given(batch=st.integers(1, 3), m=st.integers(1, 40), n=st.integers(1, 40),
+       rank=st.integers(0, 40), exponent=st.integers(-100, 100), repeated=st.booleans(),
+       seed=st.integers(0, 2**20))
+def test_property_decomposes_any_shape_rank_and_scale(batch, m, n, rank, exponent, repeated,
+                                                      seed):
+    # Rank-deficient, repeated singular values and magnitudes far from 1 in one draw.
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n, rank)
+    values = torch.rand(batch, k, generator=g, dtype=torch.float64) + 0.1
+    if repeated and k > 1:
+        values[:, k // 2:] = values[:, :1]
+    left = torch.linalg.qr(torch.randn(batch, m, max(k, 1), generator=g, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(batch, n, max(k, 1), generator=g, dtype=torch.float64))[0]
+    x = ((left[..., :k] * values.unsqueeze(-2)) @ right[..., :k].mT * 2.0 ** exponent).float()
     check_svd(x, *ops.batched_svd(x))
 
 
