@@ -18,6 +18,11 @@ same quantities without them:
 * Iso-C's mean singular value is trace(P^T M) / k from the polar factor P of the sum M.
 Fast and exact mode agree to ~1e-5 relative on realistic task vectors and within 1e-2 on
 strongly overlapping ones (tests/ops/test_subspace.py); benchmarks/bench_subspace.py times both.
+One exception is inherent to the methods: when the matrix whose polar factor is taken is rank
+deficient (Iso-C's sum of LoRA-sized task vectors whose total rank is below min(m, n), say),
+the factor is not unique. Both modes then agree on the range and complete the null space with
+orthonormal directions scaled like the rest, but not with the same directions (neither does
+the papers' code across LAPACK builds).
 """
 from __future__ import annotations
 
