@@ -365,3 +365,29 @@ def test_empty_tensors_and_errors():
     with pytest.raises(InvalidArgumentError):
         F.ramplus_tl(x, x)  # a single tensor, not a list
     assert isinstance(fastmerge.ops.ram(x, [x]), torch.Tensor)
+
+
+# ---------------------------------------------------------------------------------------------
+# property tests against the pure-torch reference (bit-exact)
+# ---------------------------------------------------------------------------------------------
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@given(shape=st.lists(st.integers(1, 9), min_size=0, max_size=3), experts=st.integers(1, 5),
+       quantise=st.booleans(), topk=st.floats(0.0, 1.0), epsilon=st.sampled_from([0.0, 0.005, 0.02]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**20))
+def test_property_consensus_ops_match_reference(shape, experts, quantise, topk, epsilon, dtype,
+                                                seed):
+    base, ex = make_group(shape, experts, seed=seed, dtype=torch.float64, delta_scale=0.01)
+    if quantise:  # equal variances, exact zeros and sign conflicts
+        ex = [base + torch.round((e - base) * 200) / 200 for e in ex]
+    base, ex = base.to(dtype), [e.to(dtype) for e in ex]
+    assert_close(F.ram(base, ex, epsilon=epsilon), R.ram(base, ex, epsilon=epsilon).to(dtype),
+                 "exact")
+    assert_close(F.ramplus_tl(base, ex, epsilon=epsilon),
+                 R.ramplus_tl(base, ex, epsilon=epsilon).to(dtype), "exact")
+    assert_close(F.sce(base, ex, select_topk=topk), R.sce(base, ex, topk).to(dtype), "exact")
+    if len(shape) >= 1:
+        assert_close(F.arcee_fusion(base, ex[0]), R.arcee_fusion(base, ex[0]).to(dtype), "exact")

@@ -1040,3 +1040,33 @@ def test_rescaled_della_keeps_the_same_elements_as_plain_della(shape):
     merged = F.della(base, ex, weight, 0.4, epsilon=0.1, seed=4, name="d")
     expected = ref_method("della", base, ex, weight, 0.4, epsilon=0.1, seed=4, name="d")
     check_against_reference(merged, expected, base, rescale=True)
+
+
+@given(method=st.sampled_from(ALL_METHODS), shape=_shapes, experts=st.integers(1, 4),
+       data=st.data(), dtype=_dtypes, gamma=st.sampled_from([0.0, 0.01, 0.2]),
+       epsilon=st.sampled_from([0.0, 0.05, 0.15]), seed=st.integers(0, 2**32 - 1),
+       name=st.text(max_size=6))
+def test_property_every_gta_method_matches_reference(method, shape, experts, data, dtype, gamma,
+                                                     epsilon, seed, name):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    ex = [(base + torch.randn(shape, generator=g)).to(dtype) for _ in range(experts)]
+    base = base.to(dtype)
+    weight = data.draw(st.lists(_weights, min_size=experts, max_size=experts), label="weight")
+    density = data.draw(st.lists(st.floats(0.0, 1.0), min_size=experts, max_size=experts),
+                        label="density")
+    kw = {}
+    if method in RANDOM_METHODS:
+        kw.update(seed=seed, name=name)
+    if method.startswith("breadcrumbs"):
+        kw.update(gamma=gamma)
+    if method.startswith("della"):
+        kw.update(epsilon=epsilon)
+    try:
+        expected = ref_method(method, base, ex, weight, density, **kw)
+    except (fastmerge.InvalidArgumentError, ValueError):  # e.g. della's density +- epsilon outside [0, 1]
+        with pytest.raises(fastmerge.InvalidArgumentError):
+            run_method(method, base, ex, weight, density, **kw)
+        return
+    out = run_method(method, base, ex, weight, density, **kw)
+    check_against_reference(out, expected, base, GTA_METHODS[method][3], msg=method)

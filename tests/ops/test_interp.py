@@ -240,3 +240,32 @@ def test_nearswap_mixed_dtypes_and_bad_arguments():
         F.nearswap(a, b[:10], 0.2)
     with pytest.raises(InvalidArgumentError, match="t"):
         F.nearswap(a, b, float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------
+# property tests against the pure-torch reference
+# ---------------------------------------------------------------------------------------------
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_shapes = st.lists(st.integers(1, 9), min_size=0, max_size=3)
+_dtypes = st.sampled_from([torch.float32, torch.bfloat16])
+
+
+@given(shape=_shapes, t=st.floats(-0.5, 1.5), dtype=_dtypes,
+       scale=st.sampled_from([1e-3, 0.3, 3.0]), seed=st.integers(0, 2**20))
+def test_property_slerp_and_nearswap_match_reference(shape, t, dtype, scale, seed):
+    a, (b,) = make_group(shape, 1, seed=seed, dtype=dtype, delta_scale=scale)
+    expected = R.slerp(a, b, t)
+    assert_close(F.slerp(a, b, t), expected.to(dtype), "interp", scale=float(expected.abs().max()))
+    assert torch.equal(F.nearswap(a, b, abs(t)), R.nearswap(a, b, abs(t)).to(dtype))
+
+
+@given(shape=_shapes, experts=st.integers(2, 5), filter_wise=st.booleans(), dtype=_dtypes,
+       seed=st.integers(0, 2**20))
+def test_property_model_stock_matches_reference(shape, experts, filter_wise, dtype, seed):
+    base, ex = make_group(shape, experts, seed=seed, dtype=dtype)
+    expected = R.model_stock(base, ex, filter_wise=filter_wise)
+    out = F.model_stock(base, ex, filter_wise=filter_wise)
+    assert_close(out, expected.to(dtype), "interp", scale=float(expected.abs().max()))

@@ -482,3 +482,55 @@ def test_methods_registered_with_mergekit_parameters():
     for bad in (2.5, "2.5", "three", None, float("inf")):
         with pytest.raises(ValueError):
             max_iter.coerce(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# property tests: random shapes, layouts, weights and dtypes against the pure-torch reference
+# ---------------------------------------------------------------------------------------------
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_shapes = st.lists(st.integers(1, 9), min_size=0, max_size=3)
+_dtypes = st.sampled_from([torch.float32, torch.bfloat16])
+
+
+@given(shape=_shapes, layout=st.sampled_from(LAYOUTS), with_base=st.booleans(),
+       t=st.floats(-0.5, 1.5), dtype=_dtypes, seed=st.integers(0, 2**20))
+def test_property_nuslerp_matches_reference(shape, layout, with_base, t, dtype, seed):
+    dim, flatten = layout
+    if not shape and not flatten:
+        return  # a 0-d tensor has no dim to interpolate along
+    base, (a, b) = make_group(shape, 2, seed=seed, dtype=dtype, delta_scale=0.3)
+    w0 = base if with_base else None
+    out = F.nuslerp(t, a, b, base=w0, dim=dim, flatten=flatten)
+    expected = R.nuslerp(t, a, b, base=w0, dim=dim, flatten=flatten)
+    assert_close(out, expected.to(dtype), "interp", scale=float(expected.abs().max()))
+
+
+@given(shape=_shapes, count=st.integers(1, 5), with_base=st.booleans(), data=st.data(),
+       dtype=_dtypes, seed=st.integers(0, 2**20))
+def test_property_multislerp_matches_reference(shape, count, with_base, data, dtype, seed):
+    base, xs = make_group(shape, count, seed=seed, dtype=dtype, delta_scale=0.5)
+    weights = data.draw(st.lists(st.floats(0.05, 2.0), min_size=count, max_size=count),
+                        label="weights")
+    w0 = base if with_base else None
+    try:
+        expected = R.multislerp(xs, weights, base=w0)
+    except InvalidArgumentError:  # balanced antipodal units (one-element vectors: +-1)
+        with pytest.raises(InvalidArgumentError, match="antipodal"):
+            F.multislerp(xs, weights, base=w0)
+        return
+    out = F.multislerp(xs, weights, base=w0)
+    assert_close(out, expected.to(dtype), "interp", scale=float(expected.abs().max()))
+
+
+@given(shape=_shapes, count=st.integers(1, 5), data=st.data(), dtype=_dtypes,
+       seed=st.integers(0, 2**20))
+def test_property_karcher_matches_reference(shape, count, data, dtype, seed):
+    _, xs = make_group(shape, count, seed=seed, dtype=dtype, delta_scale=0.5)
+    alphas = data.draw(st.lists(st.floats(0.05, 2.0), min_size=count, max_size=count),
+                       label="alphas")
+    out = F.karcher(xs, alphas=alphas, max_iter=7, tol=1e-5)
+    expected = R.karcher(xs, alphas, max_iter=7, tol=1e-5)
+    assert_close(out, expected.to(dtype), "interp", scale=float(expected.abs().max()))
