@@ -208,6 +208,9 @@ def test_corrupt_header_json(tmp_path):
 
 @pytest.mark.parametrize("entry, data, fragment", [
     ({"dtype": "F17", "shape": [2], "data_offsets": [0, 8]}, bytes(8), "unknown dtype 'F17'"),
+    ({"dtype": [], "shape": [2], "data_offsets": [0, 8]}, bytes(8), "unknown dtype []"),
+    ({"dtype": {"F32": 1}, "shape": [2], "data_offsets": [0, 8]}, bytes(8), "unknown dtype"),
+    ({"shape": [2], "data_offsets": [0, 8]}, bytes(8), "unknown dtype None"),
     ({"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}, bytes(8), "needs 12"),
     ({"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}, bytes(8), "shape"),
     ({"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}, bytes(8), "data_offsets"),
@@ -368,3 +371,61 @@ def test_safetensors_win_over_bin(tmp_path):
     torch.save({"w": torch.zeros(2)}, tmp_path / "pytorch_model.bin")
     save_file({"w": torch.ones(2)}, str(tmp_path / "model.safetensors"))
     assert torch.equal(CheckpointReader(tmp_path).get("w"), torch.ones(2))
+
+
+# ---- property test: mutated files open and read back, or raise CorruptCheckpointError ----
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_json = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-10, 2**70), st.floats(), st.text(max_size=4)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.text(max_size=3), inner, max_size=3)),
+    max_leaves=6)
+_header_edit = st.tuples(st.sampled_from(["a", "b", "c", "__metadata__"]),
+                         st.sampled_from(["dtype", "shape", "data_offsets", "extra", None]), _json)
+_byte_edit = st.one_of(st.tuples(st.just("byte"), st.integers(0, 10**4), st.integers(0, 255)),
+                       st.tuples(st.just("truncate"), st.integers(0, 10**4), st.none()),
+                       st.tuples(st.just("length"), st.integers(0, 2**64 - 1), st.none()))
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header_edits=st.lists(_header_edit, max_size=3), byte_edits=st.lists(_byte_edit, max_size=2))
+def test_property_mutated_files_read_back_or_raise_corrupt_checkpoint(tmp_path, header_edits,
+                                                                      byte_edits):
+    tensors = {"a": torch.arange(12, dtype=torch.float32).reshape(3, 4),
+               "b": torch.arange(5).to(torch.bfloat16), "c": torch.zeros(0, 2)}
+    good = tmp_path / "good.safetensors"
+    save_file(tensors, str(good))
+    raw = good.read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    header, data = json.loads(raw[8:8 + length]), raw[8 + length:]
+    for name, field, value in header_edits:  # a field replaced, or the whole entry
+        if field is None or not isinstance(header.get(name), dict):
+            header[name] = value
+        else:
+            header[name][field] = value
+    try:
+        text = json.dumps(header).encode()
+    except ValueError:  # NaN-free JSON only
+        return
+    blob = struct.pack("<Q", len(text)) + text + data
+    for kind, at, value in byte_edits:
+        if kind == "byte" and at < len(blob):
+            blob = blob[:at] + bytes([value]) + blob[at + 1:]
+        elif kind == "truncate":
+            blob = blob[:at]
+        elif kind == "length" and len(blob) >= 8:
+            blob = struct.pack("<Q", at) + blob[8:]
+    file = tmp_path / "mutated.safetensors"
+    file.write_bytes(blob)
+    try:
+        with CheckpointReader(file) as reader:
+            for name in reader.names():
+                copied, mapped = reader.get(name), reader.get(name, mapped=True)
+                assert copied.dtype == mapped.dtype and copied.shape == mapped.shape
+                assert torch.equal(copied.view(-1).view(torch.uint8), mapped.view(-1).view(torch.uint8))
+                reader.get_array(name)
+    except CorruptCheckpointError as exc:
+        assert str(file) in str(exc)

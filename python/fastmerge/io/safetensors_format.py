@@ -104,7 +104,7 @@ def _parse_entry(path: Path, name: str, value) -> HeaderEntry:
     if not isinstance(value, dict):
         raise CorruptCheckpointError(f"{where}: header entry is {value!r:.200}, not an object")
     code, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
-    if code not in DTYPES:
+    if not isinstance(code, str) or code not in DTYPES:
         known = ", ".join(DTYPES)
         raise CorruptCheckpointError(f"{where}: unknown dtype {code!r} (known: {known})")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
