@@ -81,6 +81,28 @@ def test_run_writes_a_complete_model_directory(family, tmp_path, capsys):
     assert not any(p.name.startswith(".merged") for p in tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("edits", [{"model_type": ["llama"]}, {"model_type": 7},
+                                   {"num_hidden_layers": True}, {"num_hidden_layers": -3},
+                                   {"text_config": "none"}], ids=str)
+def test_odd_config_json_values_fall_back_to_the_checkpoint(edits, family, tmp_path, capsys):
+    # config.json is only advisory for planning (tied heads, layer count): values of the wrong
+    # type fall back to what the tensor names say instead of crashing the planner.
+    base, experts = family
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, **edits}))
+    out = tmp_path / "merged"
+    code, _, err = run("run", write_config(tmp_path, base, experts), out, "--quiet",
+                       capsys=capsys)
+    assert code == 0, err
+    merged = {}
+    for f in safetensors_files(out):
+        merged.update(load_file(f))
+    source = {}
+    for f in safetensors_files(base):
+        source.update(load_file(f))
+    assert sorted(merged) == sorted(source)
+
+
 def test_small_shards_get_an_index(family, tmp_path, capsys):
     base, experts = family
     out = tmp_path / "merged"

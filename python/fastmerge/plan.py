@@ -93,7 +93,7 @@ def layer_count(reader) -> int:
         value = cfg.get(key)
         if value is None and isinstance(cfg.get("text_config"), dict):
             value = cfg["text_config"].get(key)
-        if isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value
     indices = [int(m["index"]) for m in map(LAYER_NAME.match, reader.names()) if m]
     return max(indices) + 1 if indices else 0
@@ -117,7 +117,7 @@ class _Layout:
             else:
                 self.post.append(name)
         model_type = (reader.config or {}).get("model_type")
-        self.tied = TIED_HEADS.get(model_type, {})
+        self.tied = TIED_HEADS.get(model_type, {}) if isinstance(model_type, str) else {}
 
 
 class Planner:
