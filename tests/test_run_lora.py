@@ -2,6 +2,7 @@
 loads back into PEFT, and every module's merged update is the dense KnOTS reference computed
 from the updates PEFT itself builds from the source adapters."""
 import json
+import shutil
 import warnings
 
 import pytest
@@ -139,6 +140,46 @@ def test_knots_rejects_dora_adapters(tmp_path, adapter_dirs):
     config = write_config(tmp_path, "knots", [adapter_dirs[0], tmp_path / "dora"], [1, 1])
     with pytest.raises(MergeInputError, match="DoRA"):
         run_merge(config, tmp_path / "out", MergeOptions(quiet=True))
+
+
+def _rank_zero(data: bytes) -> bytes:
+    """The same adapter file with every factor pair cut to rank 0."""
+    from safetensors.torch import load, save
+
+    tensors = load(data)
+    return save({k: v[:0] if ".lora_A" in k else v[:, :0] for k, v in tensors.items()})
+
+
+def _broken_copy(tmp_path, adapter_dir, name, config_edit=None, weights=None):
+    broken = tmp_path / name
+    shutil.copytree(adapter_dir, broken)
+    if config_edit is not None:
+        text = (broken / "adapter_config.json").read_text()
+        (broken / "adapter_config.json").write_text(config_edit(json.loads(text)))
+    if weights is not None:
+        data = (broken / "adapter_model.safetensors").read_bytes()
+        (broken / "adapter_model.safetensors").write_bytes(weights(data))
+    return broken
+
+
+@pytest.mark.parametrize("name, config_edit, weights, fragment", [
+    ("list_config", lambda c: "[1, 2]", None, "not an object"),
+    ("text_alpha", lambda c: json.dumps({**c, "lora_alpha": "eight"}), None, "lora_alpha"),
+    ("nan_alpha", lambda c: json.dumps({**c, "lora_alpha": float("nan")}), None, "lora_alpha"),
+    ("list_alpha_pattern", lambda c: json.dumps({**c, "alpha_pattern": ["q_proj"]}), None,
+     "alpha_pattern"),
+    ("bad_regex", lambda c: json.dumps({**c, "alpha_pattern": {"(": 4}}), None,
+     "regular expression"),
+    ("truncated_weights", None, lambda b: b[:len(b) // 2], "adapter_model.safetensors"),
+    ("rank_zero", None, lambda b: _rank_zero(b), "rank 0"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_knots_refuses_broken_adapters_by_name(tmp_path, adapter_dirs, name, config_edit, weights,
+                                               fragment):
+    broken = _broken_copy(tmp_path, adapter_dirs[1], name, config_edit, weights)
+    config = write_config(tmp_path, "knots", [adapter_dirs[0], broken], [1, 1])
+    with pytest.raises(FastmergeError, match=fragment):
+        run_merge(config, tmp_path / "out", MergeOptions(quiet=True))
+    assert not (tmp_path / "out").exists()
 
 
 def test_knots_refuses_slices(tmp_path, adapter_dirs):

@@ -23,7 +23,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from ..errors import MergeInputError, ModelNotFoundError
+from ..errors import CorruptCheckpointError, MergeInputError, ModelNotFoundError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -68,11 +68,19 @@ class LoraAdapter:
         try:
             self.config: dict = json.loads(config_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise MergeInputError(f"{config_file}: cannot read the adapter config ({exc})") from None
+            raise MergeInputError(f"{config_file}: cannot read the adapter config "
+                                  f"({exc})") from None
+        if not isinstance(self.config, dict):
+            raise MergeInputError(f"{config_file}: is a JSON {type(self.config).__name__}, not "
+                                  f"an object")
         self._check_config()
         from safetensors import safe_open
 
-        self._file = safe_open(str(weights_file), framework="pt")
+        try:
+            self._file = safe_open(str(weights_file), framework="pt")
+        except Exception as exc:  # safetensors' own error type differs between releases
+            raise CorruptCheckpointError(f"{weights_file}: not a readable safetensors file "
+                                         f"({exc})") from None
         self.modules: Dict[str, LoraModule] = self._find_modules()
 
     def _check_config(self) -> None:
@@ -116,6 +124,9 @@ class LoraAdapter:
                 raise MergeInputError(f"{self.label}: module {module} has factors of shapes "
                                       f"{list(b_shape)} and {list(a_shape)}; only 2-D LoRA "
                                       f"pairs (Linear, Embedding) can be merged")
+            if a_shape[0] == 0:
+                raise MergeInputError(f"{self.label}: module {module} has rank 0 (PEFT needs "
+                                      f"r > 0)")
             modules[module] = LoraModule(module, kinds[module], a_shape[0],
                                          self._scaling(module, a_shape[0]), sides["A"],
                                          sides["B"])
@@ -123,7 +134,19 @@ class LoraAdapter:
 
     def _scaling(self, module: str, rank: int) -> float:
         c = self.config
-        alpha = _pattern_value(c.get("alpha_pattern") or {}, module, c.get("lora_alpha", 8))
+        patterns = c.get("alpha_pattern") or {}
+        if not isinstance(patterns, dict):
+            raise MergeInputError(f"{self.label}: alpha_pattern {patterns!r:.100} is not an "
+                                  f"object of module patterns")
+        try:
+            alpha = _pattern_value(patterns, module, c.get("lora_alpha", 8))
+        except re.error as exc:
+            raise MergeInputError(f"{self.label}: alpha_pattern has an invalid regular "
+                                  f"expression ({exc})") from None
+        if (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                or not math.isfinite(alpha)):
+            raise MergeInputError(f"{self.label}: lora_alpha for module {module} is "
+                                  f"{alpha!r:.100}, not a finite number")
         if c.get("use_rslora"):
             return float(alpha) / math.sqrt(rank)
         return float(alpha) / rank
