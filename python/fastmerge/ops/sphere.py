@@ -86,6 +86,8 @@ def multislerp(tensors: Sequence[torch.Tensor], weights, *, base: Optional[torch
     whose weighted unit mean vanishes are interpolated linearly; more raise
     InvalidArgumentError (mergekit raises ValueError)."""
     tensors = check_experts(tensors, "tensors", minimum=1)
+    if weights is None:
+        raise InvalidArgumentError("weights must be a float or one value per tensor, got None")
     names = [f"tensors[{i}]" for i in range(1, len(tensors))]
     others = list(tensors[1:])
     if base is not None:
