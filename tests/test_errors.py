@@ -136,3 +136,64 @@ def test_bad_enumerations_and_scalars():
     raises(lambda: F.model_stock(B, E, filter_wise="yes"), "filter_wise", "'yes'")
     raises(lambda: F.slerp(B, E[0], "half"), "t", "'half'")
     raises(lambda: F.ties("base", E, 1.0, 0.5), "base", "str")
+
+
+# ---- property test: any argument types give a result or a FastmergeError ----
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_tensors = st.builds(lambda shape, dtype: torch.randn(shape).to(dtype),
+                     st.lists(st.integers(0, 4), max_size=3),
+                     st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64,
+                                      torch.int32, torch.bool]))
+_anything = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(),
+                      st.text(max_size=3), st.lists(st.floats(), max_size=4), _tensors,
+                      st.lists(_tensors, max_size=3))
+
+# Each op called with a tensor x, a tensor list (or anything) xs, and three arbitrary values.
+_CALLS = {
+    "ties": lambda x, xs, a, b, c: F.ties(x, xs, a, b),
+    "dare_ties": lambda x, xs, a, b, c: F.dare_ties(x, xs, a, b, seed=c),
+    "task_arithmetic": lambda x, xs, a, b, c: F.task_arithmetic(x, xs, a, lambda_=b),
+    "linear": lambda x, xs, a, b, c: F.linear(xs, a, normalize=b),
+    "breadcrumbs": lambda x, xs, a, b, c: F.breadcrumbs(x, xs, a, b, gamma=c),
+    "della": lambda x, xs, a, b, c: F.della(x, xs, a, b, epsilon=c),
+    "slerp": lambda x, xs, a, b, c: F.slerp(x, x, a),
+    "nearswap": lambda x, xs, a, b, c: F.nearswap(x, x, a),
+    "model_stock": lambda x, xs, a, b, c: F.model_stock(x, xs, filter_wise=a),
+    "magnitude_mask": lambda x, xs, a, b, c: F.magnitude_mask(x, a),
+    "nuslerp": lambda x, xs, a, b, c: F.nuslerp(a, x, x, dim=b),
+    "multislerp": lambda x, xs, a, b, c: F.multislerp(xs, a, eps=b),
+    "karcher": lambda x, xs, a, b, c: F.karcher(xs, alphas=a, max_iter=b, tol=c),
+    "sce": lambda x, xs, a, b, c: F.sce(x, xs, select_topk=a),
+    "ram": lambda x, xs, a, b, c: F.ram(x, xs, epsilon=a),
+    "arcee_fusion": lambda x, xs, a, b, c: F.arcee_fusion(x, x),
+    "tsv": lambda x, xs, a, b, c: F.tsv(x, xs, alpha=a, exact=b),
+    "iso_cts": lambda x, xs, a, b, c: F.iso_cts(x, xs, common_space_fraction=a),
+    "batched_svd": lambda x, xs, a, b, c: F.batched_svd(x),
+    "randomized_svd": lambda x, xs, a, b, c: F.randomized_svd(x, a, oversample=b, n_iter=c),
+    "polar": lambda x, xs, a, b, c: F.polar(x),
+    "tome_match": lambda x, xs, a, b, c: F.tome_match(x, a, class_token=b),
+    "kv_merge": lambda x, xs, a, b, c: F.kv_merge(x, x, x, ratio=a, eps=b, sigma=c, window=2,
+                                                  sinks=1),
+    "ties_options": lambda x, xs, a, b, c: F.ties(x, xs, 1.0, 0.5, normalize=a, consensus=b,
+                                                  lambda_=c),
+    "dare_options": lambda x, xs, a, b, c: F.dare_linear(x, xs, 1.0, 0.5, seed=a, name=b,
+                                                         rescale=c),
+    "out_dtype": lambda x, xs, a, b, c: F.task_arithmetic(x, xs, 1.0, out_dtype=a),
+    "nuslerp_options": lambda x, xs, a, b, c: F.nuslerp(0.5, x, x, dim=a, flatten=b, eps=c),
+    "knots": lambda x, xs, a, b, c: F.knots(xs, xs, weights=a),
+    "lowrank_svd": lambda x, xs, a, b, c: F.lowrank_svd(xs, b, weights=a),
+    "tome_merge": lambda x, xs, a, b, c: F.tome_merge(x, F.tome_match(x, 1), a),
+}
+
+
+@given(op=st.sampled_from(sorted(_CALLS)), x=_tensors,
+       xs=st.one_of(st.lists(_tensors, min_size=1, max_size=3), _anything),
+       a=_anything, b=_anything, c=_anything)
+def test_property_any_arguments_give_a_result_or_a_fastmerge_error(op, x, xs, a, b, c):
+    try:
+        _CALLS[op](x, xs, a, b, c)
+    except fastmerge.FastmergeError:
+        pass

@@ -23,7 +23,11 @@ def _mode(value, table: dict, name: str, alias_true: str):
             return value
         choices = ", ".join(repr(k) for k in table if k)
         raise InvalidArgumentError(f"{name} must be True, False, {choices}; got {value!r}")
-    return alias_true if bool(value) else False
+    try:
+        truth = bool(value)
+    except (TypeError, ValueError, RuntimeError):  # e.g. a tensor of several values
+        raise InvalidArgumentError(f"{name} must be True or False, got {value!r:.100}") from None
+    return alias_true if truth else False
 
 
 def della_rank_axis(shape: Sequence[int]):
@@ -106,11 +110,12 @@ def gta_arguments(count: int, shape: Sequence[int], *, weight, density=1.0,
     after the tensors. rescale: False, True/"l1" (mergekit) or "density" (PEFT); normalize:
     False, True/"weights" (mergekit) or "count" (PEFT); sign_from: "weighted" (mergekit) or
     "unweighted" (PEFT); min_keep: magnitude top-k floor (mergekit 1, PEFT 0)."""
-    if sparsification not in SPARSIFICATION:
+    if not (sparsification is None or isinstance(sparsification, str)) or \
+            sparsification not in SPARSIFICATION:
         raise InvalidArgumentError(
             f"sparsification must be one of {sorted(k for k in SPARSIFICATION if k)} or None, "
             f"got {sparsification!r}")
-    if consensus not in CONSENSUS:
+    if not (consensus is None or isinstance(consensus, str)) or consensus not in CONSENSUS:
         raise InvalidArgumentError(f"consensus must be 'sum', 'count' or None, got {consensus!r}")
     weights = per_expert(weight, count, "weight")
     densities = per_expert(density, count, "density", low=0.0, high=1.0)

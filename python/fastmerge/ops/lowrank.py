@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import InvalidArgumentError
+from .._params import per_expert
 from ._validate import check_scalar, resolve_out_dtype
 from .gta import generalized_task_arithmetic
 
@@ -34,7 +35,12 @@ def _check_factors(lefts, rights, left_name: str, right_name: str):
     """Validates paired factors: lefts[i] (m x r_i), rights[i] (r_i x n), one device."""
     if isinstance(lefts, torch.Tensor) or isinstance(rights, torch.Tensor):
         raise InvalidArgumentError(f"{left_name} and {right_name} must be sequences of tensors")
-    lefts, rights = list(lefts), list(rights)
+    try:
+        lefts, rights = list(lefts), list(rights)
+    except TypeError:
+        raise InvalidArgumentError(f"{left_name} and {right_name} must be sequences of tensors, "
+                                   f"got {type(lefts).__name__} and "
+                                   f"{type(rights).__name__}") from None
     if not lefts or len(lefts) != len(rights):
         raise InvalidArgumentError(f"{left_name} and {right_name} must be non-empty and of equal "
                                    f"length, got {len(lefts)} and {len(rights)}")
@@ -65,12 +71,8 @@ def _kept(s: torch.Tensor) -> int:
 
 
 def _weights(weights, count: int) -> List[float]:
-    if isinstance(weights, (int, float)) and not isinstance(weights, bool):
-        return [float(weights)] * count
-    weights = [check_scalar(w, "weights") for w in weights]
-    if len(weights) != count:
-        raise InvalidArgumentError(f"weights has {len(weights)} entries for {count} updates")
-    return weights
+    """A float or one finite float per update (a list or a tensor)."""
+    return per_expert(weights, count, "weights")
 
 
 def lowrank_svd(lefts: Sequence[torch.Tensor], rights: Sequence[torch.Tensor], *,

@@ -76,6 +76,13 @@ def _beyond_cuda_kernel(device: torch.device, count: int) -> bool:
     return device.type == "cuda" and count > _CUDA_MAX_INPUTS
 
 
+def _given(**arguments) -> None:
+    """sphere_arguments skips what is None (not an argument of that op): these must be given."""
+    for name, value in arguments.items():
+        if value is None:
+            raise InvalidArgumentError(f"{name} must be given, got None")
+
+
 def multislerp(tensors: Sequence[torch.Tensor], weights, *, base: Optional[torch.Tensor] = None,
                normalize_weights: bool = True, eps: float = 1e-8,
                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -86,8 +93,7 @@ def multislerp(tensors: Sequence[torch.Tensor], weights, *, base: Optional[torch
     whose weighted unit mean vanishes are interpolated linearly; more raise
     InvalidArgumentError (mergekit raises ValueError)."""
     tensors = check_experts(tensors, "tensors", minimum=1)
-    if weights is None:
-        raise InvalidArgumentError("weights must be a float or one value per tensor, got None")
+    _given(weights=weights, eps=eps)
     names = [f"tensors[{i}]" for i in range(1, len(tensors))]
     others = list(tensors[1:])
     if base is not None:
@@ -120,6 +126,7 @@ def karcher(tensors: Sequence[torch.Tensor], *, alphas=None, max_iter: int = 10,
     max_iter Riemannian gradient steps, stopping when the step is below tol), scaled by
     sum_i alpha_i |x_i|. alphas default to uniform (mergekit's method)."""
     tensors = check_experts(tensors, "tensors", minimum=1)
+    _given(max_iter=max_iter, tol=tol)
     check_same_layout(tensors[0], "tensors[0]", tensors[1:],
                       [f"tensors[{i}]" for i in range(1, len(tensors))])
     n = len(tensors)
