@@ -106,6 +106,32 @@ def test_bad_arguments(kwargs):
         fastmerge.ContinualMerger(base, **kwargs)
 
 
+def test_integer_buffers_are_carried_over_from_the_base():
+    base, models = states(2)
+    base = {**base, "steps": torch.tensor(7), "index": torch.arange(4)}
+    merger = fastmerge.ContinualMerger(base)
+    for m in models:
+        merger.add({**m, "steps": torch.tensor(99), "index": torch.arange(4) + 1})
+    merged = merger.state_dict()
+    assert list(merged) == list(base)
+    assert torch.equal(merged["steps"], torch.tensor(7))
+    assert torch.equal(merged["index"], torch.arange(4))
+
+
+def test_non_finite_matrices_are_refused_by_name():
+    base, models = states(2)
+    merger = fastmerge.ContinualMerger(base)
+    merger.add(models[0])
+    bad = dict(models[1])
+    bad["layer.weight"] = bad["layer.weight"].clone()
+    bad["layer.weight"][0, 0] = float("nan")
+    with pytest.raises(InvalidArgumentError, match=r"model 1\['layer.weight'\] has 1 NaN/Inf"):
+        merger.add(bad)
+    for not_a_state in (None, [1, 2]):
+        with pytest.raises(InvalidArgumentError, match="state dict"):
+            merger.add(not_a_state)
+
+
 def test_bad_models():
     base, models = states(1)
     merger = fastmerge.ContinualMerger(base)

@@ -21,7 +21,7 @@ import torch
 
 from .errors import InvalidArgumentError
 from .ops._reference.subspace import opcm_project, opcm_split
-from .ops._validate import check_scalar, check_tensor
+from .ops._validate import check_decomposable, check_scalar, check_tensor
 from .ops.subspace import _gram_eig, _kept_ratio, _triplets_from_gram
 
 # The cleaning needs every singular triplet of the merged task vector, so the Gram route is
@@ -59,7 +59,8 @@ class ContinualMerger:
     `is_matrix(name, tensor)` decides which tensors get the SVD cleaning (default: every 2-D
     tensor; FusionBench applies it to nn.Linear weights only, so pass a predicate that excludes
     embeddings to match it). Tensors are merged in fp32 on their device; `state_dict()` returns
-    them in the base's dtypes.
+    them in the base's dtypes. Integer and bool tensors (step counters, index buffers) are not
+    merged but carried over from the base, as `fastmerge run` copies them.
     """
 
     def __init__(self, base: Mapping[str, torch.Tensor], *, alpha: float = 0.5,
@@ -75,7 +76,17 @@ class ContinualMerger:
         self.alpha = alpha
         self.exact = exact
         self._is_matrix = is_matrix or _is_matrix
-        self._base = {k: check_tensor(v, f"base[{k!r}]").detach() for k, v in base.items()}
+        if not isinstance(base, Mapping):
+            raise InvalidArgumentError(f"base must be a state dict (name -> tensor), got "
+                                       f"{type(base).__name__}")
+        self._buffers = {k: v.detach() for k, v in base.items()
+                         if isinstance(v, torch.Tensor) and not v.is_floating_point()
+                         and not v.is_complex()}
+        self._base = {k: check_tensor(v, f"base[{k!r}]").detach() for k, v in base.items()
+                      if k not in self._buffers}
+        if not self._base:
+            raise InvalidArgumentError("base holds no floating-point tensor to merge")
+        self._order = list(base.keys())
         self._merged: Optional[Dict[str, torch.Tensor]] = None   # fp32 merged weights
         self._norms = []
         self._lambda = 1.0
@@ -88,6 +99,8 @@ class ContinualMerger:
         if x.shape != self._base[name].shape:
             raise InvalidArgumentError(f"model {self.count}[{name!r}] has shape {tuple(x.shape)}, "
                                        f"base has {tuple(self._base[name].shape)}")
+        if self._is_matrix(name, self._base[name]):  # decomposed when the next model comes
+            check_decomposable(x, f"model {self.count}[{name!r}]")
         return x.detach().float() - self._base[name].float()
 
     def _merged_norm(self) -> float:
@@ -96,6 +109,9 @@ class ContinualMerger:
 
     def add(self, state: Mapping[str, torch.Tensor]) -> None:
         """Merges one more fine-tuned model (a state dict with the base's tensor names)."""
+        if not isinstance(state, Mapping):
+            raise InvalidArgumentError(f"model {self.count} must be a state dict (name -> "
+                                       f"tensor), got {type(state).__name__}")
         with torch.no_grad():
             deltas = {k: self._task_vector(k, state) for k in self._base}
             self._norms.append(float(torch.sqrt(sum((d ** 2).sum() for d in deltas.values()))))
@@ -123,4 +139,5 @@ class ContinualMerger:
         """The merged model, in the base's dtypes."""
         if self._merged is None:
             raise InvalidArgumentError("no model has been added yet")
-        return {k: m.to(self._base[k].dtype) for k, m in self._merged.items()}
+        return {k: (self._buffers[k].clone() if k in self._buffers
+                    else self._merged[k].to(self._base[k].dtype)) for k in self._order}

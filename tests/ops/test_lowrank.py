@@ -159,6 +159,15 @@ def test_knots_rejects_bad_arguments(kwargs, match):
         ops.knots(bs, as_, **kwargs)
 
 
+@pytest.mark.parametrize("op", ["knots", "lowrank_svd", "concatenated_svd"])
+def test_non_finite_factors_are_refused_by_name(op):
+    bs, as_ = adapters(10, 8, [2, 2])
+    as_[1] = as_[1].clone()
+    as_[1][0, 0] = float("inf")
+    with pytest.raises(InvalidArgumentError, match=r"\[1\] has 1 NaN/Inf"):
+        getattr(ops, op)(bs, as_)
+
+
 def test_knots_rejects_mismatched_factors():
     bs, as_ = adapters(10, 8, [2, 3])
     with pytest.raises(InvalidArgumentError, match="rank"):

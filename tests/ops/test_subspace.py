@@ -142,6 +142,19 @@ def test_bad_arguments(kwargs):
         ops.iso_cts(base, experts, **kwargs)
 
 
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "cart", "dc_merge"])
+@pytest.mark.parametrize("exact", [False, True])
+def test_non_finite_matrices_are_refused_by_name(method, exact):
+    # LAPACK cannot decompose them; the error names the expert instead of a LinAlgError.
+    base, experts, _ = family((16, 12), 3)
+    experts[1] = experts[1].clone()
+    experts[1][2, 3] = float("nan")
+    with pytest.raises(InvalidArgumentError, match=r"experts\[1\] has 1 NaN/Inf"):
+        getattr(ops, method)(base, experts, exact=exact)
+    bias = torch.zeros(5)  # not decomposed: NaN flows through the mean, as elementwise ops do
+    assert bool(getattr(ops, method)(bias, [bias, torch.full((5,), float("nan"))]).isnan().all())
+
+
 def test_cart_is_the_average_plus_low_rank_centred_parts():
     _, _, deltas = family((40, 60), 3, seed=9)
     zero = torch.zeros(40, 60)

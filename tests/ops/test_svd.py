@@ -316,6 +316,16 @@ def test_polar_recovers_the_orthogonal_factor():
     assert float((p.double() - q).abs().max()) < 2e-5
 
 
+@pytest.mark.parametrize("shape", [(3, 40, 30), (2, 300, 700)], ids=str)  # Jacobi, Gram route
+def test_polar_of_a_non_finite_matrix_is_nan_and_leaves_the_batch_alone(shape):
+    x = random_matrix(shape, seed=18)
+    x[1, 0, 0] = float("nan")
+    p = ops.polar(x)
+    assert bool(p[1].isnan().all())
+    others = [i for i in range(shape[0]) if i != 1]
+    assert torch.equal(p[others], ops.polar(x[others]))
+
+
 def test_polar_of_a_rank_deficient_large_matrix_is_still_orthonormal():
     g = torch.Generator().manual_seed(15)
     x = torch.randn(400, 5, generator=g) @ torch.randn(5, 300, generator=g)

@@ -45,6 +45,15 @@ def check_experts(experts, name: str = "experts", minimum: int = 1) -> List[torc
     return [check_tensor(t, f"{name}[{i}]") for i, t in enumerate(items)]
 
 
+def check_decomposable(x: torch.Tensor, name: str) -> None:
+    """Inputs that reach an SVD or eigh must be finite: LAPACK refuses NaN/Inf (a
+    LinAlgError from deep inside), so name the argument instead."""
+    bad = int((~torch.isfinite(x)).sum()) if x.is_floating_point() else 0
+    if bad:
+        raise InvalidArgumentError(f"{name} has {bad} NaN/Inf value(s); this op decomposes its "
+                                   f"inputs (SVD/eigh), which needs finite values")
+
+
 def check_same_layout(reference: torch.Tensor, ref_name: str, tensors: Sequence[torch.Tensor],
                       names: Sequence[str]) -> None:
     for t, n in zip(tensors, names):

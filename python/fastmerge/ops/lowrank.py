@@ -23,7 +23,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from .._params import per_expert
-from ._validate import check_scalar, resolve_out_dtype
+from ._validate import check_decomposable, check_scalar, resolve_out_dtype
 from .gta import generalized_task_arithmetic
 
 # Relative singular-value floor below which a direction counts as absent (see module doc).
@@ -53,6 +53,7 @@ def _check_factors(lefts, rights, left_name: str, right_name: str):
             if x.device != lefts[0].device:
                 raise InvalidArgumentError(f"{what} is on {x.device}, {left_name}[0] on "
                                            f"{lefts[0].device}")
+            check_decomposable(x, what)
         if b.shape[1] != a.shape[0]:
             raise InvalidArgumentError(f"{left_name}[{i}] is {list(b.shape)} and {right_name}[{i}] "
                                        f"{list(a.shape)}: their inner (rank) sizes differ")

@@ -31,6 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ._validate import (
+    check_decomposable,
     check_experts,
     check_same_layout,
     check_scalar,
@@ -60,6 +61,10 @@ def _deltas(base, experts, alpha, out_dtype) -> Tuple[torch.Tensor, torch.Tensor
     check_same_layout(base, "base", experts, [f"experts[{i}]" for i in range(len(experts))])
     alpha = check_scalar(alpha, "alpha")
     dtype = resolve_out_dtype(out_dtype, base.dtype)
+    if base.dim() == 2:  # decomposed: NaN/Inf would fail inside LAPACK
+        check_decomposable(base, "base")
+        for i, e in enumerate(experts):
+            check_decomposable(e, f"experts[{i}]")
     b = base.detach().float()
     deltas = b.new_empty(len(experts), *b.shape)
     for i, e in enumerate(experts):  # into one buffer: no stacked copy

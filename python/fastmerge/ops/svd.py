@@ -155,13 +155,21 @@ def polar(x: torch.Tensor) -> torch.Tensor:
     float64: G = X^T X = V diag(L) V^T (eigh), factor = X V diag(L^-1/2) V^T, which
     costs two GEMMs and an eigh instead of an SVD; a matrix whose condition number exceeds 1e5
     (where that route would lose accuracy, and where the factor of a rank-deficient matrix is
-    not unique) is decomposed by torch.linalg.svd instead. The result is fp32.
+    not unique) is decomposed by torch.linalg.svd instead. The result is fp32. A matrix with
+    NaN/Inf entries gets an all-NaN factor and leaves the others of the batch alone, as in
+    batched_svd.
     """
     x = _check_matrix(x, "x")
     *_, m, n = x.shape
     a = x.detach().to(torch.float32)
     if min(m, n) == 0:
         return torch.zeros_like(a)
+    finite = torch.isfinite(a).flatten(-2).all(-1)  # per matrix: LAPACK refuses the others
+    if not bool(finite.all()):
+        out = torch.full_like(a, float("nan"))
+        if bool(finite.any()):
+            out[finite] = polar(a[finite])
+        return out
     if min(m, n) <= _POLAR_JACOBI_LIMIT:
         u, _, vh = batched_svd(a)
         return u @ vh
