@@ -291,3 +291,75 @@ def test_sphere_bf16_patched_is_closer_to_the_fp32_merge():
         ref = base.float() if method != "karcher" else 0
         delta = (exact - ref).norm()
         assert (ours.float() - exact).norm() / delta <= (theirs.float() - exact).norm() / delta, method
+
+
+# ---- property test: random parameters, patched vs mergekit's own code (fp32) ----
+
+from hypothesis import assume, given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_weight = st.floats(-1.0, 2.0).map(lambda v: round(v, 3))
+_density = st.floats(0.0, 1.0).map(lambda v: round(v, 3))
+_positive = st.floats(0.05, 1.5)
+
+
+def _per_model(count, values):
+    return st.one_of(values, st.lists(values, min_size=count, max_size=count))
+
+
+# method -> (parameters for n non-base models, base_index used); deterministic methods only
+_PARAMETERS = {
+    "task_arithmetic": lambda n: st.fixed_dictionaries(
+        {"weight": _per_model(n, _weight)}, optional={"lambda": _weight, "normalize": st.booleans()}),
+    "ties": lambda n: st.fixed_dictionaries(
+        {"weight": _per_model(n, _weight), "density": _per_model(n, _density)},
+        optional={"lambda": _weight, "normalize": st.booleans(), "int8_mask": st.booleans()}),
+    "breadcrumbs_ties": lambda n: st.fixed_dictionaries(
+        {"weight": _per_model(n, _weight), "density": _per_model(n, _density)},
+        optional={"gamma": st.floats(0.0, 0.5), "normalize": st.booleans()}),
+    "linear": lambda n: st.fixed_dictionaries({"weight": _per_model(n + 1, _weight)},
+                                              optional={"normalize": st.booleans()}),
+    "model_stock": lambda n: st.fixed_dictionaries({}, optional={"filter_wise": st.booleans()}),
+    "slerp": lambda n: st.fixed_dictionaries({"t": _weight}),
+    "nearswap": lambda n: st.fixed_dictionaries({"t": st.floats(1e-4, 2.0)}),
+    "ramplus_tl": lambda n: st.fixed_dictionaries(
+        {}, optional={"epsilon": st.floats(0.0, 0.2), "r": st.floats(0.0, 1.0),
+                      "alpha": st.floats(0.0, 1.0)}),
+    "sce": lambda n: st.fixed_dictionaries({}, optional={"select_topk": _density}),
+    "multislerp": lambda n: st.fixed_dictionaries(
+        {"weight": _per_model(n + 1, _positive)}, optional={"normalize_weights": st.booleans()}),
+    "karcher": lambda n: st.fixed_dictionaries(
+        {}, optional={"max_iter": st.integers(0, 20), "tol": st.sampled_from([1e-5, 1e-3, 0.1])}),
+}
+_NO_BASE = ("multislerp", "karcher")
+
+
+@given(method=st.sampled_from(sorted(_PARAMETERS)), models=st.integers(1, 4),
+       shape=st.lists(st.integers(1, 12), min_size=1, max_size=2), seed=st.integers(0, 2**20),
+       data=st.data())
+def test_property_patched_methods_match_mergekit_fp32(method, models, shape, seed, data):
+    models = 1 if method in ("slerp", "nearswap") else max(models, 2 if method == "model_stock" else 1)
+    parameters = data.draw(_PARAMETERS[method](models), label="parameters")
+    base, experts = group(tuple(shape), models, seed=seed)
+    base_index = None if method in _NO_BASE else 0
+    if method == "model_stock":
+        # t = 2 cos / (1 + cos) amplifies fp32-vs-fp64 cosine differences as cos -> -1 (our
+        # statistics are fp64, mergekit's fp32): compare where the ratio is well conditioned
+        for rows in (1, shape[0] if len(shape) == 2 else 1):  # whole tensor, filter-wise
+            a, b = [(e - base).double().reshape(rows, -1) for e in experts[:2]]
+            assume(bool((torch.nn.functional.cosine_similarity(a, b, dim=-1) > -0.9).all()))
+
+    def merge():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the zero-sum linear fallback warns
+            return merge_tensors([base] + experts, method, parameters=dict(parameters),
+                                 base_index=base_index, name="model.layers.0.mlp.up_proj.weight")
+
+    want = merge()
+    with fmk.patch():
+        got = merge()
+    assert got.shape == want.shape and got.dtype == want.dtype
+    # a zero-sum normalised linear merge is NaN in both (0/0)
+    scale = float((want.double() - base.double()).abs().nan_to_num(0.0).max())
+    assert torch.allclose(got.double(), want.double(), rtol=1e-6, atol=1e-5 * scale + 1e-30,
+                          equal_nan=True), (method, parameters)
