@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from fastmerge import cli, synthetic
 from fastmerge.executor import MergeOptions, run_merge
+from helpers import load_weights
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +72,7 @@ def test_run_writes_a_complete_model_directory(family, tmp_path, capsys):
     assert "ties" in (out / "README.md").read_text()
     cfg = json.loads((out / "config.json").read_text())
     assert cfg.get("torch_dtype", cfg.get("dtype")) == "bfloat16"
-    merged = {}
-    for f in safetensors_files(out):
-        merged.update(load_file(f))
-    source = {}
-    for f in safetensors_files(base):
-        source.update(load_file(f))
-    assert sorted(merged) == sorted(source)
+    assert sorted(load_weights(out)) == sorted(load_weights(base))
     assert not any(p.name.startswith(".merged") for p in tmp_path.iterdir())
 
 
@@ -94,13 +89,7 @@ def test_odd_config_json_values_fall_back_to_the_checkpoint(edits, family, tmp_p
     code, _, err = run("run", write_config(tmp_path, base, experts), out, "--quiet",
                        capsys=capsys)
     assert code == 0, err
-    merged = {}
-    for f in safetensors_files(out):
-        merged.update(load_file(f))
-    source = {}
-    for f in safetensors_files(base):
-        source.update(load_file(f))
-    assert sorted(merged) == sorted(source)
+    assert sorted(load_weights(out)) == sorted(load_weights(base))
 
 
 def test_small_shards_get_an_index(family, tmp_path, capsys):
