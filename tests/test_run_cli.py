@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -295,6 +296,46 @@ def test_interrupted_run_leaves_nothing_finished_and_resumes(family, tmp_path, m
     assert summary.resumed and summary.tensors_merged == summary.tensors - 11
     for f in safetensors_files(clean):
         assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+@pytest.mark.parametrize("durable_every", [1, 1 << 62])  # after every tensor / only at the end
+def test_fsync_failure_at_the_end_is_an_error_not_a_hang(family, tmp_path, monkeypatch,
+                                                       durable_every):
+    # The write-behind thread's last flush runs after the producer's stop signal; an error
+    # there (a full disk at fsync) used to leave the thread waiting for a second signal and
+    # the run hanging in join().
+    import fastmerge.executor as ex
+    from fastmerge.errors import OutputError
+    from fastmerge.io.writer import ShardedWriter
+
+    base, experts = family
+    monkeypatch.setattr(ex, "DURABLE_EVERY_BYTES", durable_every)
+    real_flush, calls = ShardedWriter.flush, {"n": 0}
+    tensors = len(load_weights(base))  # one flush per tensor, then the final one
+    last = tensors + 1 if durable_every == 1 else 1
+
+    def failing_flush(self):
+        calls["n"] += 1
+        if calls["n"] >= last:
+            raise OutputError(f"{self.directory}: fsync failed (No space left on device)")
+        return real_flush(self)
+
+    monkeypatch.setattr(ShardedWriter, "flush", failing_flush)
+    out = tmp_path / "merged"
+    result = {}
+
+    def merge():
+        try:
+            run_merge(write_config(tmp_path, base, experts), out, MergeOptions(quiet=True))
+        except OutputError as exc:
+            result["error"] = exc
+
+    worker = threading.Thread(target=merge, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "fastmerge run hung after a failed final flush"
+    assert "No space left" in str(result.get("error"))
+    assert not out.exists()
 
 
 # ---- the torch-free CPU path ----

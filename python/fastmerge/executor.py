@@ -201,10 +201,12 @@ class _WriteBehind:
     def _run(self) -> None:
         pending: List[str] = []
         since_durable = 0
+        stopped = False  # the producer's None has been taken
         try:
             while True:
                 item = self._queue.get()
                 if item is None:
+                    stopped = True
                     break
                 job, tensor = item
                 self._writer.write(job.name, tensor)
@@ -217,8 +219,10 @@ class _WriteBehind:
             self._make_durable(pending)
         except BaseException as exc:
             self._error = exc
-            while self._queue.get() is not None:  # unblock the producer until it stops
-                pass
+            # Unblock the producer until it stops, unless it already has: the last flush
+            # (after its None) failing must not wait for a None that never comes.
+            while not stopped:
+                stopped = self._queue.get() is None
 
     def _make_durable(self, names: List[str]) -> None:
         self._writer.flush()
