@@ -120,6 +120,28 @@ def test_command_line_summary_and_no_traceback(family, tmp_path):
     assert "--overwrite" in proc.stderr
 
 
+@pytest.mark.parametrize("device, code, fragment", [
+    ("cuda:x", 2, "expected cpu, cuda or cuda:N"),   # argparse refuses it
+    ("tpu", 2, "expected cpu, cuda or cuda:N"),
+])
+def test_device_argument_is_checked(family, tmp_path, capsys, device, code, fragment):
+    base, experts = family
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", str(write_config(tmp_path, base, experts)), str(tmp_path / "o"),
+                  "--device", device])
+    assert info.value.code == code and fragment in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_device_without_a_gpu_is_a_clear_error(family, tmp_path, capsys, device):
+    base, experts = family
+    code, _, err = run("run", write_config(tmp_path, base, experts), tmp_path / "o", "--device",
+                       device, capsys=capsys)
+    assert code == 2 and "torch sees no CUDA device" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
 # ---- bad inputs ----
 
 def _rewrite(model: Path, change):

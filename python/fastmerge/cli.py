@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Any, Callable, Optional, Sequence
 
@@ -133,6 +134,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the results and the machine description as JSON")
 
 
+def merge_device(text: str) -> str:
+    """cpu, cuda or cuda:N (the native kernels switch to the tensors' device)."""
+    if text in ("cpu", "cuda") or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -170,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tensor by tensor into OUT")
     p.add_argument("config", help="mergekit-format YAML config")
     p.add_argument("out", help="output directory (written atomically: it appears when complete)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="where the merge arithmetic runs (cpu)")
+    p.add_argument("--device", type=merge_device, default="cpu",
+                   help="where the merge arithmetic runs: cpu (default), cuda or cuda:N")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads (default: all usable cores)")
     p.add_argument("--out-shard-size", type=parse_size, default=parse_size("5B"),

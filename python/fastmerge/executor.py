@@ -284,8 +284,17 @@ def _check_device(options: MergeOptions) -> None:
     if options.device != "cpu":
         import torch  # before _C: CUDA merges run on torch tensors
 
+        try:
+            device = torch.device(options.device)
+        except RuntimeError:
+            raise InvalidArgumentError(f"--device {options.device!r} is not a torch device") from None
+        if device.type != "cuda":
+            raise InvalidArgumentError(f"--device {options.device}: expected cpu, cuda or cuda:N")
         if not torch.cuda.is_available():
             raise InvalidArgumentError(f"--device {options.device}: torch sees no CUDA device here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InvalidArgumentError(f"--device {options.device}: torch sees "
+                                       f"{torch.cuda.device_count()} CUDA device(s)")
 
 
 def run_merge(config: Union[MergeConfig, str, os.PathLike], out_dir: Union[str, os.PathLike],
