@@ -1,7 +1,8 @@
 """`fastmerge run` on random mergekit configs: every registered checkpoint method with parameter
 values mostly in range, sometimes not (NaN, strings, out-of-range densities), as scalars,
 gradients or filter lists, with and without a base. Each run must finish with a model that has
-every tensor of the base, or fail with a FastmergeError, never another exception."""
+every tensor of the base, written byte for byte the same by the host-kernel (numpy) and torch
+paths, or fail with a FastmergeError, never another exception."""
 from __future__ import annotations
 
 import shutil
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 import fastmerge.methods.builtin  # noqa: F401  (registers the methods)
-from fastmerge import synthetic
+from fastmerge import host_kernels, synthetic
 from fastmerge.config import parse_config
 from fastmerge.errors import FastmergeError
 from fastmerge.executor import MergeOptions, run_merge
@@ -69,7 +70,11 @@ def configs(draw, paths):
     return doc
 
 
-def test_random_configs_merge_or_raise_fastmerge_errors(family, tmp_path):
+def _shards(directory):
+    return {f.name: f.read_bytes() for f in sorted(directory.glob("*.safetensors"))}
+
+
+def test_random_configs_merge_or_raise_fastmerge_errors(family, tmp_path, monkeypatch):
     paths = [str(family.base)] + [str(e) for e in family.experts]
     with safe_open(str(next(family.base.glob("*.safetensors"))), "pt") as f:
         some_base_tensor = next(iter(f.keys()))
@@ -87,6 +92,13 @@ def test_random_configs_merge_or_raise_fastmerge_errors(family, tmp_path):
             assert not out.exists() or not (out / "config.json").exists()
             return
         outcomes["merged"] += 1
+        # The torch path (CUDA, or dtypes the host kernels do not read) writes the same bytes.
+        torch_out = tmp_path / "torch"
+        shutil.rmtree(torch_out, ignore_errors=True)
+        with monkeypatch.context() as patched:
+            patched.setattr(host_kernels, "supports", lambda dtypes: False)
+            run_merge(parse_config(yaml.safe_dump(doc)), torch_out, MergeOptions(quiet=True))
+        assert _shards(out) == _shards(torch_out), doc
         names = set()
         for shard in out.glob("*.safetensors"):
             with safe_open(str(shard), "pt") as f:
