@@ -360,6 +360,21 @@ def test_fsync_failure_at_the_end_is_an_error_not_a_hang(family, tmp_path, monke
     assert not out.exists()
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_thread_count_changes_nothing_and_is_restored(method, family, tmp_path):
+    from fastmerge import _native
+
+    base, experts = family
+    cfg = write_config(tmp_path, base, experts, method)
+    torch_threads, native_threads = torch.get_num_threads(), _native.get_num_threads()
+    run_merge(cfg, tmp_path / "one", MergeOptions(quiet=True, threads=1))
+    assert (torch.get_num_threads(), _native.get_num_threads()) == (torch_threads, native_threads)
+    run_merge(cfg, tmp_path / "default", MergeOptions(quiet=True))
+    assert load_weights(tmp_path / "one").keys() == load_weights(tmp_path / "default").keys()
+    for f in safetensors_files(tmp_path / "one"):
+        assert f.read_bytes() == (tmp_path / "default" / f.name).read_bytes(), f.name
+
+
 # ---- the torch-free CPU path ----
 
 def test_cpu_run_does_not_import_torch(family, tmp_path):

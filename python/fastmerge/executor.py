@@ -9,6 +9,7 @@ read-only mappings of the checkpoint pages, unmapped as soon as their group is m
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -297,6 +298,31 @@ def _check_device(options: MergeOptions) -> None:
                                        f"{torch.cuda.device_count()} CUDA device(s)")
 
 
+@contextlib.contextmanager
+def _cpu_threads(count: Optional[int]):
+    """CPU threads for torch and the kernels during a merge, restored afterwards: run_merge is
+    also a library call, and the caller's thread counts are not its to keep."""
+    if count is None:
+        yield
+        return
+    from ._native import available, get_num_threads, set_num_threads
+
+    torch = sys.modules.get("torch")  # not imported by torch-free CPU runs
+    before = (torch.get_num_threads() if torch else None,
+              get_num_threads() if available() else None)
+    try:
+        if before[1] is not None:
+            set_num_threads(count)
+        if torch is not None:
+            torch.set_num_threads(count)
+        yield
+    finally:
+        if before[1] is not None:
+            set_num_threads(before[1])
+        if before[0] is not None:
+            torch.set_num_threads(before[0])
+
+
 def run_merge(config: Union[MergeConfig, str, os.PathLike], out_dir: Union[str, os.PathLike],
               options: Optional[MergeOptions] = None) -> MergeSummary:
     options = options or MergeOptions()
@@ -305,13 +331,12 @@ def run_merge(config: Union[MergeConfig, str, os.PathLike], out_dir: Union[str, 
     if not isinstance(config, MergeConfig):
         config = load_config(config)
     _check_device(options)
-    if options.threads is not None:
-        from ._native import available, set_num_threads
+    with _cpu_threads(options.threads):
+        return _run_merge(config, out_dir, options, started)
 
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(options.threads)
-        if available():
-            set_num_threads(options.threads)
+
+def _run_merge(config: MergeConfig, out_dir: Union[str, os.PathLike], options: MergeOptions,
+               started: float) -> MergeSummary:
     if get_method(config.merge_method).inputs == "lora":
         from .lora_merge import run_lora_merge  # the models are PEFT LoRA adapters
 
