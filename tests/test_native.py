@@ -102,3 +102,49 @@ def test_results_do_not_depend_on_cpu_isa(tmp_path):
             tol = _REDUCTION.get(key, "exact")
             assert_close(value, reference[key], tol, msg=f"{isa} vs generic: {key}",
                          exclude=ambiguous.get(key))
+
+
+def test_ops_called_from_several_python_threads_give_the_single_thread_results():
+    # The kernels release the GIL and keep per-thread scratch: concurrent calls from a thread
+    # pool (one merge per tensor, say) must neither crash nor change any bit.
+    import threading
+
+    import fastmerge.ops as F
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(300, 257, generator=g)
+    experts = [base + torch.randn(300, 257, generator=g) for _ in range(3)]
+    metric = torch.randn(4, 197, 64, generator=g)
+    keys, values = torch.randn(2, 1, 4, 2000, 32, generator=g)
+    scores = torch.rand(1, 4, 2000, generator=g)
+    jobs = {
+        "ties": lambda: F.ties(base, experts, [0.3, 0.5, 0.2], 0.4),
+        "dare_ties": lambda: F.dare_ties(base, experts, 0.5, 0.5, seed=3, name="w"),
+        "della": lambda: F.della(base, experts, 0.5, 0.5, epsilon=0.1, seed=3),
+        "model_stock": lambda: F.model_stock(base, experts, filter_wise=True),
+        "multislerp": lambda: F.multislerp(experts, [0.2, 0.3, 0.5], base=base),
+        "sce": lambda: F.sce(base, experts, select_topk=0.5),
+        "batched_svd": lambda: F.batched_svd(base.reshape(-1, 100, 257)[:, :, :50])[1],
+        "tome": lambda: F.tome_merge(metric, F.tome_match(metric, 40))[0],
+        "kv_merge": lambda: F.kv_merge(keys, values, scores, ratio=0.5, eps=0.0, sigma=3.0,
+                                       window=16, sinks=2)[0],
+    }
+    want = {name: job() for name, job in jobs.items()}
+    problems = []
+
+    def worker(offset):
+        names = sorted(jobs)
+        for i in range(3 * len(names)):
+            name = names[(offset + i) % len(names)]
+            try:
+                if not torch.equal(jobs[name](), want[name]):
+                    problems.append((name, "differs"))
+            except Exception as exc:  # noqa: BLE001 - collected for the assertion
+                problems.append((name, repr(exc)))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert problems == []
