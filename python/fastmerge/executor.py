@@ -308,19 +308,19 @@ def _cpu_threads(count: Optional[int]):
     from ._native import available, get_num_threads, set_num_threads
 
     torch = sys.modules.get("torch")  # not imported by torch-free CPU runs
-    before = (torch.get_num_threads() if torch else None,
-              get_num_threads() if available() else None)
+    torch_before = torch.get_num_threads() if torch else None
+    kernels_before = get_num_threads() if available() else None
     try:
-        if before[1] is not None:
+        if kernels_before is not None:
             set_num_threads(count)
         if torch is not None:
             torch.set_num_threads(count)
         yield
     finally:
-        if before[1] is not None:
-            set_num_threads(before[1])
-        if before[0] is not None:
-            torch.set_num_threads(before[0])
+        if kernels_before is not None:
+            set_num_threads(kernels_before)
+        if torch_before is not None:
+            torch.set_num_threads(torch_before)
 
 
 def run_merge(config: Union[MergeConfig, str, os.PathLike], out_dir: Union[str, os.PathLike],

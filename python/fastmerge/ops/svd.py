@@ -152,12 +152,12 @@ def polar(x: torch.Tensor) -> torch.Tensor:
 
     Small matrices (min(m, n) <= 256) go through batched_svd, larger square-ish ones (aspect
     below 2) through torch.linalg.svd, larger rectangular ones through the Gram matrix in
-    float64: G = X^T X = V diag(L) V^T (eigh), factor = X V diag(L^-1/2) V^T, which
-    costs two GEMMs and an eigh instead of an SVD; a matrix whose condition number exceeds 1e5
-    (where that route would lose accuracy, and where the factor of a rank-deficient matrix is
-    not unique) is decomposed by torch.linalg.svd instead. The result is fp32. A matrix with
-    NaN/Inf entries gets an all-NaN factor and leaves the others of the batch alone, as in
-    batched_svd.
+    float64: G = X^T X = V diag(L) V^T (eigh), factor = X (V diag(L^-1/2) V^T), which costs
+    a Gram GEMM, an eigh and one GEMM with X instead of an SVD; a matrix whose condition
+    number exceeds 1e5 (where that route would lose accuracy, and where the factor of a
+    rank-deficient matrix is not unique) is decomposed by torch.linalg.svd instead. The result
+    is fp32. A matrix with NaN/Inf entries gets an all-NaN factor and leaves the others of the
+    batch alone, as in batched_svd.
     """
     x = _check_matrix(x, "x")
     *_, m, n = x.shape
