@@ -565,3 +565,40 @@ def test_unpatch_restores_the_lora_svd_method():
     assert LoraModel._svd_generalized_task_arithmetic_weighted_adapter is original
     with fpeft.patch(["ties"]):
         assert LoraModel._svd_generalized_task_arithmetic_weighted_adapter is original
+
+
+# ---------------------------------------------------------------------------------------------
+# Property test: random shapes, weights and densities, patched vs PEFT (fp32, continuous inputs)
+# ---------------------------------------------------------------------------------------------
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_RANDOM_CALLS = {
+    "task_arithmetic": lambda t, w, d, m: mu.task_arithmetic(t, w),
+    "magnitude_prune": lambda t, w, d, m: mu.magnitude_prune(t, w, d),
+    "ties": lambda t, w, d, m: mu.ties(t, w, d, majority_sign_method=m),
+    "prune": lambda t, w, d, m: mu.prune(t[0], d, "magnitude", rescale=bool(int(d * 1000) % 2)),
+    "magnitude_based_pruning": lambda t, w, d, m: mu.magnitude_based_pruning(t[-1], d),
+    "calculate_majority_sign_mask": lambda t, w, d, m: mu.calculate_majority_sign_mask(
+        torch.stack(t), m),
+}
+
+
+@given(function=st.sampled_from(sorted(_RANDOM_CALLS)),
+       shape=st.lists(st.integers(1, 9), min_size=1, max_size=3), count=st.integers(1, 4),
+       data=st.data(), density=st.floats(0.01, 0.99), method=st.sampled_from(["total", "frequency"]),
+       seed=st.integers(0, 2**20))
+def test_property_patched_functions_match_peft_fp32(function, shape, count, data, density,
+                                                    method, seed):
+    t = tasks(tuple(shape), count, seed=seed)
+    weights = torch.tensor(data.draw(st.lists(st.floats(-2.0, 2.0), min_size=count,
+                                              max_size=count), label="weights"))
+    call = _RANDOM_CALLS[function]
+    want = call(t, weights, density, method)
+    with fpeft.patch():
+        got = call(t, weights, density, method)
+    if want.dtype == torch.bool:
+        assert torch.equal(got, want)
+    else:
+        assert_matches(got, want)
