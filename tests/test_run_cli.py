@@ -360,6 +360,18 @@ def test_fsync_failure_at_the_end_is_an_error_not_a_hang(family, tmp_path, monke
     assert not out.exists()
 
 
+@pytest.mark.parametrize("target", ["base", "expert", "parent"])
+def test_overwrite_never_replaces_an_input_model(family, tmp_path, capsys, target):
+    base, experts = family
+    out = {"base": base, "expert": experts[0], "parent": base.parent}[target]
+    before = {f.name: f.read_bytes() for f in safetensors_files(base)}
+    code, _, err = run("run", write_config(tmp_path, base, experts), out, "--overwrite",
+                       "--quiet", capsys=capsys)
+    assert code == 2 and "would replace the input model" in err and "Traceback" not in err
+    assert {f.name: f.read_bytes() for f in safetensors_files(base)} == before
+    assert all(any(e.glob("*.safetensors")) for e in experts)
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
 def test_thread_count_changes_nothing_and_is_restored(method, family, tmp_path):
     from fastmerge import _native

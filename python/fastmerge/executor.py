@@ -24,7 +24,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 from . import __version__, host_kernels
 from .config import MergeConfig, load_config
-from .errors import FastmergeError, InvalidArgumentError, MergeInputError, ModelNotFoundError
+from .errors import (FastmergeError, InvalidArgumentError, MergeInputError, ModelNotFoundError,
+                     OutputError)
 from .io import CheckpointReader, OutputTensor, ShardedWriter, StagedOutput
 from .methods import MergeCall, get_method
 from .output_files import write_model_files
@@ -331,8 +332,21 @@ def run_merge(config: Union[MergeConfig, str, os.PathLike], out_dir: Union[str, 
     if not isinstance(config, MergeConfig):
         config = load_config(config)
     _check_device(options)
+    _check_output_spares_inputs(config, out_dir)
     with _cpu_threads(options.threads):
         return _run_merge(config, out_dir, options, started)
+
+
+def _check_output_spares_inputs(config: MergeConfig, out_dir: Union[str, os.PathLike]) -> None:
+    """The output replaces its directory when done (with --overwrite): it must not be, or
+    contain, a model the merge reads."""
+    out = Path(out_dir).expanduser().resolve()
+    for name in config.referenced_models():
+        path = resolve_model_path(name, config).resolve()
+        model_dir = path if path.is_dir() else path.parent
+        if model_dir == out or out in model_dir.parents:
+            raise OutputError(f"output directory {out_dir} would replace the input model {name} "
+                              f"({model_dir}); write the merge somewhere else")
 
 
 def _run_merge(config: MergeConfig, out_dir: Union[str, os.PathLike], options: MergeOptions,
