@@ -61,14 +61,17 @@ def _deltas(base, experts, alpha, out_dtype) -> Tuple[torch.Tensor, torch.Tensor
     check_same_layout(base, "base", experts, [f"experts[{i}]" for i in range(len(experts))])
     alpha = check_scalar(alpha, "alpha")
     dtype = resolve_out_dtype(out_dtype, base.dtype)
-    if base.dim() == 2:  # decomposed: NaN/Inf would fail inside LAPACK
-        check_decomposable(base, "base")
-        for i, e in enumerate(experts):
-            check_decomposable(e, f"experts[{i}]")
     b = base.detach().float()
     deltas = b.new_empty(len(experts), *b.shape)
     for i, e in enumerate(experts):  # into one buffer: no stacked copy
         torch.sub(e.detach().float(), b, out=deltas[i])
+    if base.dim() == 2 and not bool(torch.isfinite(deltas).all()):
+        # decomposed: NaN/Inf would fail inside LAPACK. One pass over the deltas; the inputs
+        # are searched only to name the one at fault.
+        check_decomposable(base, "base")
+        for i, e in enumerate(experts):
+            check_decomposable(e, f"experts[{i}]")
+        check_decomposable(deltas, "the task vectors (expert - base overflows float32)")
     return b, deltas, alpha, dtype
 
 
