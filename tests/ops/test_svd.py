@@ -331,3 +331,15 @@ def test_polar_of_a_rank_deficient_large_matrix_is_still_orthonormal():
     x = torch.randn(400, 5, generator=g) @ torch.randn(5, 300, generator=g)
     p = ops.polar(x).double()
     assert float((p.mT @ p - torch.eye(300, dtype=torch.float64)).abs().max()) < 1e-4
+
+
+def test_polar_of_a_finite_matrix_whose_entries_sum_past_float32_is_not_treated_as_nan():
+    # The finiteness check sums each matrix first; a finite sum proves finiteness, an overflowing
+    # one must fall back to the entry-wise check rather than condemn the matrix.
+    x = random_matrix((3, 40, 30), seed=19)
+    x[0] *= 1e37  # entries ~1e37: their sum overflows, the matrix is finite
+    x[2, 3, 3] = float("inf")
+    p = ops.polar(x)
+    assert bool(p[0].isfinite().all())
+    assert float((p[0].mT @ p[0] - torch.eye(30)).abs().max()) < 1e-4
+    assert bool(p[2].isnan().all()) and bool(p[1].isfinite().all())

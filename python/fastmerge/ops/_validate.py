@@ -45,6 +45,17 @@ def check_experts(experts, name: str = "experts", minimum: int = 1) -> List[torc
     return [check_tensor(t, f"{name}[{i}]") for i, t in enumerate(items)]
 
 
+def finite_per_matrix(x: torch.Tensor) -> torch.Tensor:
+    """Whether each matrix of x [..., m, n] is free of NaN/Inf, as a bool tensor of x's batch
+    shape. A sum is one read pass without temporaries (isfinite makes several); NaN and Inf
+    survive it, so a finite sum proves a finite matrix and only the rest (a non-finite entry,
+    or finite values whose sum overflows) get the exact check."""
+    finite = torch.isfinite(x.sum((-2, -1)))
+    if not bool(finite.all()):
+        finite = torch.isfinite(x).flatten(-2).all(-1)
+    return finite
+
+
 def check_decomposable(x: torch.Tensor, name: str) -> None:
     """Inputs that reach an SVD or eigh must be finite: LAPACK refuses NaN/Inf (a
     LinAlgError from deep inside), so name the argument instead."""

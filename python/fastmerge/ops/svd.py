@@ -13,7 +13,8 @@ import torch
 
 from .. import _native
 from ..errors import InvalidArgumentError
-from ._validate import capsule, check_tensor, cuda_stream, kernel_input, use_native
+from ._validate import (capsule, check_tensor, cuda_stream, finite_per_matrix, kernel_input,
+                        use_native)
 
 
 def batched_svd(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -164,7 +165,7 @@ def polar(x: torch.Tensor) -> torch.Tensor:
     a = x.detach().to(torch.float32)
     if min(m, n) == 0:
         return torch.zeros_like(a)
-    finite = torch.isfinite(a).flatten(-2).all(-1)  # per matrix: LAPACK refuses the others
+    finite = finite_per_matrix(a)  # LAPACK refuses the others
     if not bool(finite.all()):
         out = torch.full_like(a, float("nan"))
         if bool(finite.any()):
