@@ -9,7 +9,7 @@ papers' code do. ops/_reference/subspace.py states each algorithm step by step.
 same quantities without them:
 * the top singular triplets of each task vector from the eigh of its smaller Gram matrix (a
   GEMM plus an eigh, a fraction of an SVD's cost): in fp32 while the kept eigenvalues stay
-  above 1e-4 of the largest, in float64 down to 1e-12, by SVD below that;
+  above 1e-2 of the largest, in float64 down to 1e-12, by SVD below that;
 * Iso-CTS's task-specific SVDs shrink to (k - common)-row problems in the complement basis the
   common eigh already gives;
 * orthogonal polar factors by ops.polar (Jacobi for small matrices, the float64 Gram matrix for
@@ -32,6 +32,7 @@ import torch
 
 from ._validate import (
     check_decomposable,
+    finite_per_matrix,
     check_experts,
     check_same_layout,
     check_scalar,
@@ -49,9 +50,14 @@ from ..errors import InvalidArgumentError
 
 # The fast mode takes singular triplets from the eigh of a Gram matrix, whose eigenvalues are
 # the squared singular values: accurate to fp32 while the kept eigenvalues are above these
-# fractions of the largest (fp32 Gram, float64 Gram); below both, an SVD.
-_FP32_GRAM_MIN_RATIO = 1e-4
+# fractions of the largest (fp32 Gram, float64 Gram); below both, an SVD. Squaring costs the
+# fp32 route accuracy near the cut: TSV-M on power-law task vectors with a noise floor
+# (768x3072 x 8, sigma_i ~ i^-a) was off from a float64 merge by 3e-2 at a ratio of 9e-4,
+# 1.5e-4 at 4.4e-3 and at most 1.3e-4 from 1e-2 on; the float64 route stayed within 4e-4 down
+# to 1e-12 (where fp32 SVDs, exact mode's, are themselves off by 1e-1).
+_FP32_GRAM_MIN_RATIO = 1e-2
 _FP64_GRAM_MIN_RATIO = 1e-12
+_GRAM_ROUTES = ((torch.float32, _FP32_GRAM_MIN_RATIO), (torch.float64, _FP64_GRAM_MIN_RATIO))
 
 
 def _deltas(base, experts, alpha, out_dtype) -> Tuple[torch.Tensor, torch.Tensor, float,
@@ -65,7 +71,7 @@ def _deltas(base, experts, alpha, out_dtype) -> Tuple[torch.Tensor, torch.Tensor
     deltas = b.new_empty(len(experts), *b.shape)
     for i, e in enumerate(experts):  # into one buffer: no stacked copy
         torch.sub(e.detach().float(), b, out=deltas[i])
-    if base.dim() == 2 and not bool(torch.isfinite(deltas).all()):
+    if base.dim() == 2 and not bool(finite_per_matrix(deltas).all()):
         # decomposed: NaN/Inf would fail inside LAPACK. One pass over the deltas; the inputs
         # are searched only to name the one at fault.
         check_decomposable(base, "base")
@@ -121,16 +127,33 @@ def _top_triplets(d: torch.Tensor, count: int, exact: bool):
     """Top `count` singular triplets of every matrix in d [..., m, n]: full SVDs in exact mode;
     otherwise from the eigh of the smaller Gram matrix: in fp32 when the kept eigenvalues stand
     well above fp32 roundoff, in float64 when they are smaller (rectangular matrices only: for
-    square ones that costs as much as the SVD), and by SVD when even float64 would lose them."""
-    if not exact:
-        routes = ((torch.float32, _FP32_GRAM_MIN_RATIO), (torch.float64, _FP64_GRAM_MIN_RATIO))
-        if not gram_route_pays(*d.shape[-2:]):
-            routes = routes[:1]  # square: a float64 eigh plus GEMMs costs as much as the SVD
-        for dtype, min_ratio in routes:
-            t, tall, eigenvalues, vectors = _gram_eig(d, dtype)
-            if _kept_ratio(eigenvalues, count) >= min_ratio:
-                return _triplets_from_gram(t, tall, eigenvalues, vectors, count)
-    return _svd_top(d, count)
+    square ones that costs as much as the SVD), and by SVD when even float64 would lose them.
+    Each matrix takes its own route, starting from the one the previous matrix needed: the
+    task vectors of one layer have alike spectra, and a failed try costs a GEMM and an eigh."""
+    *batch_shape, m, n = d.shape
+    if exact or not batch_shape:
+        return _top_triplets_of_batch(d, count, exact, first_route=0)[:3]
+    flat = d.reshape(-1, m, n)
+    parts, first_route = [], 0
+    for x in flat:
+        *triplet, first_route = _top_triplets_of_batch(x, count, exact, first_route)
+        parts.append(triplet)
+    return tuple(torch.stack([p[i] for p in parts]).reshape(*batch_shape, *parts[0][i].shape)
+                 for i in range(3))
+
+
+def _top_triplets_of_batch(d: torch.Tensor, count: int, exact: bool, first_route: int):
+    """_top_triplets on the whole of d at once, trying the routes from first_route on; returns
+    (u, s, vh, the route that succeeded)."""
+    routes = () if exact else _GRAM_ROUTES
+    if not gram_route_pays(*d.shape[-2:]):
+        routes = routes[:1]  # square: a float64 eigh plus GEMMs costs as much as the SVD
+    for route in range(first_route, len(routes)):
+        dtype, min_ratio = routes[route]
+        t, tall, eigenvalues, vectors = _gram_eig(d, dtype)
+        if _kept_ratio(eigenvalues, count) >= min_ratio:
+            return (*_triplets_from_gram(t, tall, eigenvalues, vectors, count), route)
+    return (*_svd_top(d, count), len(routes))
 
 
 def _tsv_matrix(d: torch.Tensor, exact: bool) -> torch.Tensor:
