@@ -316,6 +316,19 @@ def test_polar_recovers_the_orthogonal_factor():
     assert float((p.double() - q).abs().max()) < 2e-5
 
 
+@pytest.mark.parametrize("m,n,condition", [(600, 300, 1e6), (300, 700, 2e5), (300, 300, 2e5)])
+def test_polar_of_an_ill_conditioned_matrix_matches_a_float64_svd(m, n, condition):
+    # The float64 Gram route stays accurate far past where an fp32 SVD loses the factor (that
+    # was the fallback above condition 1e5, off by 1e-2..1e-1 on these).
+    k = min(m, n)
+    clustered = [1.0] * (k - k // 10) + [1.0 / condition] * (k // 10)
+    x = with_spectrum(m, n, clustered, seed=20).float()
+    p = ops.polar(x).double()
+    u, _, vh = torch.linalg.svd(x.double(), full_matrices=False)  # of the fp32 input itself
+    truth = u @ vh
+    assert float((p - truth).norm() / truth.norm()) < 1e-3
+
+
 @pytest.mark.parametrize("shape", [(3, 40, 30), (2, 300, 700)], ids=str)  # Jacobi, Gram route
 def test_polar_of_a_non_finite_matrix_is_nan_and_leaves_the_batch_alone(shape):
     x = random_matrix(shape, seed=18)
