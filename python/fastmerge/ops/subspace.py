@@ -13,11 +13,14 @@ same quantities without them:
 * Iso-CTS's task-specific SVDs shrink to (k - common)-row problems in the complement basis the
   common eigh already gives;
 * orthogonal polar factors by ops.polar (Jacobi for small matrices, the float64 Gram matrix for
-  larger ones, an SVD for condition numbers above 1e5, which TSV-M's concatenated bases reach
-  when tasks share directions);
+  larger ones up to condition numbers of 1e7, which TSV-M's concatenated bases approach when
+  tasks share directions; an SVD for numerically rank-deficient ones);
 * Iso-C's mean singular value is trace(P^T M) / k from the polar factor P of the sum M.
 Fast and exact mode agree to ~1e-5 relative on realistic task vectors and within 1e-2 on
 strongly overlapping ones (tests/ops/test_subspace.py); benchmarks/bench_subspace.py times both.
+Where the kept singular values span many decades, the fast mode's float64 steps are the more
+accurate of the two: exact mode's fp32 SVDs lose the small triplets (TSV-M with singular values
+i^-2 over 768x3072 x 8: exact mode 8e-4..1e-1 off a float64 merge, fast mode 3e-6).
 One exception is inherent to the methods: when the matrix whose polar factor is taken is rank
 deficient (Iso-C's sum of LoRA-sized task vectors whose total rank is below min(m, n), say),
 the factor is not unique. Both modes then agree on the range and complete the null space with
@@ -39,7 +42,7 @@ from ._validate import (
     check_tensor,
     resolve_out_dtype,
 )
-from .svd import gram, gram_route_pays, polar
+from .svd import gram, polar
 from ._reference.subspace import (
     _keep_top_fraction,
     _sign_elected_mean,
@@ -115,45 +118,61 @@ def _triplets_from_gram(t, tall, eigenvalues, vectors, count: int):
     return u.float(), s.float(), vh.float()
 
 
+def _kept_ratios(eigenvalues, count: int) -> torch.Tensor:
+    """Per matrix: the smallest kept eigenvalue over the largest (1 when nothing is kept)."""
+    if count == 0:
+        return torch.ones(eigenvalues.shape[:-1], dtype=eigenvalues.dtype,
+                          device=eigenvalues.device)
+    top = eigenvalues[..., 0].clamp_min(1e-300)
+    return eigenvalues[..., count - 1] / top
+
+
 def _kept_ratio(eigenvalues, count: int) -> float:
     """Smallest kept eigenvalue over the largest, over the batch (1 when nothing is kept)."""
-    if count == 0:
-        return 1.0
-    top = eigenvalues[..., :1].clamp_min(1e-300)
-    return float((eigenvalues[..., count - 1:count] / top).min())
+    return float(_kept_ratios(eigenvalues, count).min())
 
 
 def _top_triplets(d: torch.Tensor, count: int, exact: bool):
     """Top `count` singular triplets of every matrix in d [..., m, n]: full SVDs in exact mode;
     otherwise from the eigh of the smaller Gram matrix: in fp32 when the kept eigenvalues stand
-    well above fp32 roundoff, in float64 when they are smaller (rectangular matrices only: for
-    square ones that costs as much as the SVD), and by SVD when even float64 would lose them.
-    Each matrix takes its own route, starting from the one the previous matrix needed: the
-    task vectors of one layer have alike spectra, and a failed try costs a GEMM and an eigh."""
+    well above fp32 roundoff, in float64 when they are smaller (for square matrices as fast as
+    an fp32 SVD and more accurate), and by SVD when even float64 would lose them.
+    Each matrix takes the first route accurate for it. The first matrix goes alone and the rest
+    start from the route it needed: the task vectors of one layer have alike spectra, and a
+    failed try costs a GEMM and an eigh."""
     *batch_shape, m, n = d.shape
-    if exact or not batch_shape:
-        return _top_triplets_of_batch(d, count, exact, first_route=0)[:3]
+    if exact:
+        return _svd_top(d, count)
     flat = d.reshape(-1, m, n)
-    parts, first_route = [], 0
-    for x in flat:
-        *triplet, first_route = _top_triplets_of_batch(x, count, exact, first_route)
-        parts.append(triplet)
-    return tuple(torch.stack([p[i] for p in parts]).reshape(*batch_shape, *parts[0][i].shape)
+    head, route = _routed_triplets(flat[:1], count, first_route=0)
+    parts = [head]
+    if flat.shape[0] > 1:
+        parts.append(_routed_triplets(flat[1:], count, first_route=route)[0])
+    return tuple(torch.cat([p[i] for p in parts]).reshape(*batch_shape, *head[i].shape[1:])
                  for i in range(3))
 
 
-def _top_triplets_of_batch(d: torch.Tensor, count: int, exact: bool, first_route: int):
-    """_top_triplets on the whole of d at once, trying the routes from first_route on; returns
-    (u, s, vh, the route that succeeded)."""
-    routes = () if exact else _GRAM_ROUTES
-    if not gram_route_pays(*d.shape[-2:]):
-        routes = routes[:1]  # square: a float64 eigh plus GEMMs costs as much as the SVD
-    for route in range(first_route, len(routes)):
-        dtype, min_ratio = routes[route]
-        t, tall, eigenvalues, vectors = _gram_eig(d, dtype)
-        if _kept_ratio(eigenvalues, count) >= min_ratio:
-            return (*_triplets_from_gram(t, tall, eigenvalues, vectors, count), route)
-    return (*_svd_top(d, count), len(routes))
+def _routed_triplets(d: torch.Tensor, count: int, first_route: int):
+    """(u, s, vh) of the batch d [b, m, n] with each matrix on the first accurate route from
+    first_route on, and the last route any matrix needed."""
+    if first_route >= len(_GRAM_ROUTES):
+        return _svd_top(d, count), len(_GRAM_ROUTES)
+    dtype, min_ratio = _GRAM_ROUTES[first_route]
+    t, tall, eigenvalues, vectors = _gram_eig(d, dtype)
+    accurate = _kept_ratios(eigenvalues, count) >= min_ratio
+    if bool(accurate.all()):
+        return _triplets_from_gram(t, tall, eigenvalues, vectors, count), first_route
+    redo, route = _routed_triplets(d[~accurate], count, first_route + 1)
+    if not bool(accurate.any()):
+        return redo, route
+    done = _triplets_from_gram(t[accurate], tall, eigenvalues[accurate], vectors[accurate],
+                               count)
+    out = []
+    for kept, again in zip(done, redo):
+        merged = kept.new_empty((d.shape[0], *kept.shape[1:]))
+        merged[accurate], merged[~accurate] = kept, again
+        out.append(merged)
+    return tuple(out), route
 
 
 def _tsv_matrix(d: torch.Tensor, exact: bool) -> torch.Tensor:
