@@ -42,7 +42,7 @@ from ._validate import (
     check_tensor,
     resolve_out_dtype,
 )
-from .svd import gram, polar
+from .svd import float64_gram_pays, gram, polar
 from ._reference.subspace import (
     _keep_top_fraction,
     _sign_elected_mean,
@@ -135,8 +135,9 @@ def _kept_ratio(eigenvalues, count: int) -> float:
 def _top_triplets(d: torch.Tensor, count: int, exact: bool):
     """Top `count` singular triplets of every matrix in d [..., m, n]: full SVDs in exact mode;
     otherwise from the eigh of the smaller Gram matrix: in fp32 when the kept eigenvalues stand
-    well above fp32 roundoff, in float64 when they are smaller (for square matrices as fast as
-    an fp32 SVD and more accurate), and by SVD when even float64 would lose them.
+    well above fp32 roundoff, in float64 when they are smaller (more accurate than an fp32 SVD,
+    and not slower except for square matrices above 1024, which go to the SVD instead), and by
+    SVD when even float64 would lose them.
     Each matrix takes the first route accurate for it. The first matrix goes alone and the rest
     start from the route it needed: the task vectors of one layer have alike spectra, and a
     failed try costs a GEMM and an eigh."""
@@ -155,9 +156,10 @@ def _top_triplets(d: torch.Tensor, count: int, exact: bool):
 def _routed_triplets(d: torch.Tensor, count: int, first_route: int):
     """(u, s, vh) of the batch d [b, m, n] with each matrix on the first accurate route from
     first_route on, and the last route any matrix needed."""
-    if first_route >= len(_GRAM_ROUTES):
-        return _svd_top(d, count), len(_GRAM_ROUTES)
-    dtype, min_ratio = _GRAM_ROUTES[first_route]
+    routes = _GRAM_ROUTES if float64_gram_pays(*d.shape[-2:]) else _GRAM_ROUTES[:1]
+    if first_route >= len(routes):
+        return _svd_top(d, count), len(routes)
+    dtype, min_ratio = routes[first_route]
     t, tall, eigenvalues, vectors = _gram_eig(d, dtype)
     accurate = _kept_ratios(eigenvalues, count) >= min_ratio
     if bool(accurate.all()):
