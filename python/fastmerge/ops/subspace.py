@@ -35,11 +35,11 @@ import torch
 
 from ._validate import (
     check_decomposable,
-    finite_per_matrix,
     check_experts,
     check_same_layout,
     check_scalar,
     check_tensor,
+    finite_per_matrix,
     resolve_out_dtype,
 )
 from .svd import float64_gram_pays, gram, polar
