@@ -25,7 +25,10 @@ One exception is inherent to the methods: when the matrix whose polar factor is 
 deficient (Iso-C's sum of LoRA-sized task vectors whose total rank is below min(m, n), say),
 the factor is not unique. Both modes then agree on the range and complete the null space with
 orthonormal directions scaled like the rest, but not with the same directions (neither does
-the papers' code across LAPACK builds).
+the papers' code across LAPACK builds). DC-Merge has a second: it keeps only the top 1e-3 of
+the entries in the cover basis, so where two entries nearly tie at that cut (task vectors with
+identical spectra, say), any roundoff, that of a different LAPACK build included, can swap
+which one is kept.
 """
 from __future__ import annotations
 
