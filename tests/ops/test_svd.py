@@ -1,6 +1,8 @@
 """fastmerge.ops.batched_svd against torch.linalg.svd (LAPACK, float64 where it is the oracle)
 and against the defining properties of a thin SVD: reconstruction, orthonormal singular
 vectors, non-negative singular values in descending order."""
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -327,6 +329,84 @@ def test_polar_of_an_ill_conditioned_matrix_matches_a_float64_svd(m, n, conditio
     u, _, vh = torch.linalg.svd(x.double(), full_matrices=False)  # of the fp32 input itself
     truth = u @ vh
     assert float((p - truth).norm() / truth.norm()) < 1e-3
+
+
+def _float64_polar(x):
+    u, _, vh = torch.linalg.svd(x.double(), full_matrices=False)
+    return u @ vh
+
+
+def _graded(m, n, condition, seed):
+    k = min(m, n)
+    return with_spectrum(m, n, torch.logspace(0, -math.log10(condition), k).tolist(),
+                         seed=seed).float()
+
+
+@pytest.mark.parametrize("m,n", [(600, 300), (300, 700), (300, 300)])
+def test_polar_of_a_well_conditioned_matrix_stays_within_its_fp32_bound(m, n):
+    # Condition 40 (Gram eigenvalue ratio 6e-4) takes the fp32 Gram route: error ~3e-8 / ratio.
+    x = _graded(m, n, 40.0, seed=21)
+    truth = _float64_polar(x)
+    assert float((ops.polar(x).double() - truth).norm() / truth.norm()) < 1.5e-4
+
+
+@pytest.mark.parametrize("m,n", [(600, 300), (300, 700)])
+def test_polar_just_past_the_fp32_bound_is_float64_accurate(m, n):
+    # Condition 80 (ratio 1.6e-4) is past the fp32 route's bound; the fp32 route would be off by
+    # ~2e-4 here, the float64 route by ~1e-7.
+    x = _graded(m, n, 80.0, seed=22)
+    truth = _float64_polar(x)
+    assert float((ops.polar(x).double() - truth).norm() / truth.norm()) < 1e-5
+
+
+def test_polar_routes_each_matrix_of_a_batch_on_its_own():
+    well, ill = _graded(500, 200, 5.0, seed=23), _graded(500, 200, 1e5, seed=24)
+    batch = torch.stack([ill, well, ill * 2])
+    p = ops.polar(batch)
+    for got, x, tol in zip(p, batch, (1e-3, 1e-5, 1e-3)):
+        truth = _float64_polar(x)
+        assert float((got.double() - truth).norm() / truth.norm()) < tol
+    assert torch.equal(p[1], ops.polar(well))
+
+
+def test_the_fp32_screen_separates_conditions_clearly_apart_from_its_bound():
+    from fastmerge.ops.svd import _clears_eigenvalue_ratio, gram
+
+    # Gram eigenvalue ratios 1/condition^2 against a bound of 4e-4 (condition 50)
+    conditions = [1.0, 10.0, 30.0, 100.0, 1e3, 1e6]
+    y = torch.stack([_graded(300, 120, c, seed=29) for c in conditions])
+    passed = _clears_eigenvalue_ratio(gram(y.mT), 4e-4).tolist()
+    assert passed == [True, True, True, False, False, False]
+
+
+def test_polar_checks_the_fp32_screen_with_the_eigenvalues(monkeypatch):
+    # The shifted-Cholesky screen only saves an eigh; a matrix it wrongly passes must still get
+    # the float64 route once the fp32 eigenvalues show its condition.
+    from fastmerge.ops import svd
+
+    ill, well = _graded(400, 200, 1e4, seed=25), _graded(400, 200, 3.0, seed=26)
+    for screened in ([True, True], [True, True, False]):  # whole batch, and a part of it
+        monkeypatch.setattr(svd, "_clears_eigenvalue_ratio",
+                            lambda g, ratio, screened=screened: torch.tensor(screened))
+        x = torch.stack([ill, well, ill][:len(screened)])
+        p = ops.polar(x)
+        for got, one, tol in zip(p, x, (1e-4, 1e-5, 1e-4)):
+            truth = _float64_polar(one)
+            assert float((got.double() - truth).norm() / truth.norm()) < tol
+
+
+@pytest.mark.parametrize("shape,condition", [((200, 700), 3.0), ((200, 700), 1e4),
+                                             ((700, 200), 3.0), ((40, 90), 3.0),
+                                             ((300, 300), 3.0)], ids=str)
+def test_polar_product_is_left_times_the_polar_factor(shape, condition):
+    from fastmerge.ops.svd import polar_product
+
+    x = _graded(*shape, condition, seed=27)
+    left = random_matrix((5, shape[0]), seed=28)
+    want = left.double() @ _float64_polar(x)
+    got = polar_product(left, x)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert float((got.double() - want).norm() / want.norm()) < 1e-4
 
 
 @pytest.mark.parametrize("shape", [(3, 40, 30), (2, 300, 700)], ids=str)  # Jacobi, Gram route

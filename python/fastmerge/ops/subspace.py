@@ -12,9 +12,10 @@ same quantities without them:
   above 1e-2 of the largest, in float64 down to 1e-12, by SVD below that;
 * Iso-CTS's task-specific SVDs shrink to (k - common)-row problems in the complement basis the
   common eigh already gives;
-* orthogonal polar factors by ops.polar (Jacobi for small matrices, the float64 Gram matrix for
-  larger ones up to condition numbers of 1e7, which TSV-M's concatenated bases approach when
-  tasks share directions; an SVD for numerically rank-deficient ones);
+* orthogonal polar factors by ops.polar (Jacobi for small matrices, the Gram matrix for larger
+  ones: in fp32 up to condition number 50, in float64 up to 1e7, which TSV-M's concatenated
+  bases approach when tasks share directions; an SVD for numerically rank-deficient ones), the
+  right-hand factor of TSV-M and Iso-CTS applied as G^(-1/2) @ V without forming it;
 * Iso-C's mean singular value is trace(P^T M) / k from the polar factor P of the sum M.
 Fast and exact mode agree to ~1e-5 relative on realistic task vectors and within 1e-2 on
 strongly overlapping ones (tests/ops/test_subspace.py); benchmarks/bench_subspace.py times both.
@@ -45,7 +46,7 @@ from ._validate import (
     finite_per_matrix,
     resolve_out_dtype,
 )
-from .svd import float64_gram_pays, gram, polar
+from .svd import float64_gram_pays, gram, polar, polar_product
 from ._reference.subspace import (
     _keep_top_fraction,
     _sign_elected_mean,
@@ -188,8 +189,9 @@ def _tsv_matrix(d: torch.Tensor, exact: bool) -> torch.Tensor:
     u, s, vh = _top_triplets(d, rank, exact)
     u_cat = u.permute(1, 0, 2).reshape(m, tasks * rank)
     v_cat = vh.reshape(tasks * rank, n)
-    orthogonal = _exact_polar if exact else polar
-    return (orthogonal(u_cat) * s.reshape(-1)) @ orthogonal(v_cat)
+    if exact:
+        return (_exact_polar(u_cat) * s.reshape(-1)) @ _exact_polar(v_cat)
+    return polar_product(polar(u_cat) * s.reshape(-1), v_cat)
 
 
 def _iso_c_matrix(d: torch.Tensor, exact: bool) -> torch.Tensor:
@@ -243,8 +245,9 @@ def _iso_cts_matrix(d: torch.Tensor, common_space_fraction: float, exact: bool) 
     comb_u = torch.cat(pieces_u + [u_c], dim=1)
     comb_s = torch.cat(pieces_s + [s_c])
     comb_v = torch.cat(pieces_v + [v_c], dim=0)
-    orthogonal = _exact_polar if exact else polar
-    return (orthogonal(comb_u) * comb_s.mean()) @ orthogonal(comb_v)
+    if exact:
+        return (_exact_polar(comb_u) * comb_s.mean()) @ _exact_polar(comb_v)
+    return polar_product(polar(comb_u) * comb_s.mean(), comb_v)
 
 
 def _dc_merge_matrix(d: torch.Tensor, keep_fraction: float, exact: bool) -> torch.Tensor:
