@@ -186,6 +186,27 @@ def test_output_dtype_follows_base(dtype):
     assert ops.tsv(base, experts, out_dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("method", ["tsv", "cart"])
+def test_mixed_input_dtypes_are_merged_in_fp32(method):
+    # Large enough (3 x 800 x 700 fp32) for recycled buffers. Half-precision values convert to
+    # fp32 exactly and float64 ones are rounded first: the same merge as of fp32 copies.
+    op = getattr(ops, method)
+    base, experts, _ = family((800, 700), 3, seed=8)
+    mixed = [experts[0].double() * (1 + 1e-9), experts[1].half(), experts[2].bfloat16()]
+    got = op(base.bfloat16(), mixed, out_dtype=torch.float32)
+    want = op(base.bfloat16().float(), [e.float() for e in mixed])
+    assert torch.equal(got, want)
+
+
+def test_a_result_survives_the_next_merge():
+    # Results and task-vector buffers are recycled once freed, never while still referenced.
+    base, experts, _ = family((800, 700), 3, seed=9)
+    first = ops.cart(base, experts)
+    kept = first.clone()
+    ops.cart(base, [e * 2 for e in experts])
+    assert torch.equal(first, kept)
+
+
 @pytest.mark.parametrize("kwargs", [dict(alpha="x"), dict(exact=1),
                                     dict(common_space_fraction=1.5)])
 def test_bad_arguments(kwargs):

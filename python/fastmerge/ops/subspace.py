@@ -44,6 +44,7 @@ from ._validate import (
     check_scalar,
     check_tensor,
     finite_per_matrix,
+    kernel_output,
     resolve_out_dtype,
 )
 from .svd import float64_gram_pays, gram, polar, polar_product
@@ -75,9 +76,13 @@ def _deltas(base, experts, alpha, out_dtype) -> Tuple[torch.Tensor, torch.Tensor
     alpha = check_scalar(alpha, "alpha")
     dtype = resolve_out_dtype(out_dtype, base.dtype)
     b = base.detach().float()
-    deltas = b.new_empty(len(experts), *b.shape)
-    for i, e in enumerate(experts):  # into one buffer: no stacked copy
-        torch.sub(e.detach().float(), b, out=deltas[i])
+    # One recycled buffer (no stacked copy, and no page faults on a fresh allocation: ~25 ms
+    # of a 768x3072 x 8 merge). Half-precision experts are promoted inside the subtraction;
+    # float64 ones are rounded to fp32 first, as the numerics contract has it.
+    deltas = kernel_output((len(experts), *b.shape), torch.float32, b.device)
+    for i, e in enumerate(experts):
+        e = e.detach()
+        torch.sub(e.float() if e.dtype == torch.float64 else e, b, out=deltas[i])
     if base.dim() == 2 and not bool(finite_per_matrix(deltas).all()):
         # decomposed: NaN/Inf would fail inside LAPACK. One pass over the deltas; the inputs
         # are searched only to name the one at fault.
@@ -89,7 +94,9 @@ def _deltas(base, experts, alpha, out_dtype) -> Tuple[torch.Tensor, torch.Tensor
 
 
 def _finish(base: torch.Tensor, merged: torch.Tensor, alpha: float, dtype) -> torch.Tensor:
-    return (base + alpha * merged).to(dtype)
+    out = kernel_output(base.shape, torch.float32, base.device)
+    torch.add(base, merged, alpha=alpha, out=out)
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 def _exact_polar(x: torch.Tensor) -> torch.Tensor:
