@@ -9,7 +9,7 @@
 * batched_svd vs torch.linalg.svd on batches of 64x64 and 256x256 matrices (CPU here; on a GPU
   with --device cuda).
 
-Usage: python benchmarks/bench_subspace.py [--llama | --only-llama] [--reps 3] [--device cpu] [--json PATH]
+Usage: python benchmarks/bench_subspace.py [--llama | --only-llama] [--reps 3] [--ref-reps 3] [--device cpu] [--json PATH]
            [--txt PATH]
 """
 from __future__ import annotations
@@ -84,6 +84,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--only-llama", action="store_true",
                    help="only the 4096x4096 x 4 cases (fastmerge timed once: minutes each)")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--ref-reps", type=int, default=3,
+                   help="runs of each reference (median; a single run swings by 1.5x on a noisy "
+                        "VM)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None)
     p.add_argument("--txt", default=None)
@@ -97,7 +100,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     say(f"subspace merges and batched SVD vs full-SVD references, "
         f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}")
     say(bench.describe(bench.machine_description()))
-    say(f"median of {args.reps} run(s) (4096x4096: one run); references run once per shape")
+    say(f"median of {args.reps} run(s), references of {args.ref_reps}, interleaved "
+        f"(4096x4096: one run each)")
     rows: List[Dict[str, object]] = []
     cases = [] if args.only_llama else [((768, 768), 8, "decay"), ((768, 3072), 8, "decay"),
                                         ((768, 3072), 8, "power")]
@@ -115,12 +119,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         deltas = [d.to(args.device) for d in SPECTRA[spectrum](shape, tasks)]
         zero = torch.zeros(shape, device=args.device)
         for name, (op, ref) in methods.items():
-            started = time.perf_counter()
-            expected = ref(deltas) if args.device == "cpu" else ref([d.cpu() for d in deltas])
-            ref_s = time.perf_counter() - started
-            ours = op(zero, deltas)
-            reps = 1 if shape[0] >= 4096 else args.reps  # a Llama-shape merge takes a minute
-            ours_s = seconds(lambda: op(zero, deltas), reps)
+            cpu_deltas = deltas if args.device == "cpu" else [d.cpu() for d in deltas]
+            llama = shape[0] >= 4096  # a Llama-shape merge takes a minute
+            ref_reps, reps = (1, 1) if llama else (max(1, args.ref_reps), max(1, args.reps))
+            ours = op(zero, deltas)  # warm-up
+            ref_times, our_times = [], []
+            for r in range(max(ref_reps, reps)):  # interleaved: a slow phase hits both
+                if r < ref_reps:
+                    started = time.perf_counter()
+                    expected = ref(cpu_deltas)
+                    ref_times.append(time.perf_counter() - started)
+                if r < reps:
+                    our_times.append(seconds(lambda: op(zero, deltas), 1))
+            ref_s, ours_s = statistics.median(ref_times), statistics.median(our_times)
             err = rel_err(ours.cpu(), expected.cpu())
             rows.append({"kind": "merge", "method": name, "shape": list(shape), "tasks": tasks,
                          "spectrum": spectrum, "reference_s": ref_s, "fastmerge_s": ours_s,
