@@ -159,6 +159,8 @@ _POLAR_FP32_MIN_RATIO = 1e-4
 # against a float64 SVD on graded and clustered spectra (300..3072 x 300..768), at most 1e-4
 # from 4e-4 on (2e-4 at 2e-4, 4e-4 at 1e-4).
 _POLAR_FP32_GRAM_MIN_RATIO = 4e-4
+# Power iterations behind the largest-eigenvalue estimate of the fp32 route's screen.
+_POWER_ITERATIONS = 20
 
 
 def polar(x: torch.Tensor) -> torch.Tensor:
@@ -300,8 +302,6 @@ def _clears_eigenvalue_ratio(g: torch.Tensor, min_ratio: float) -> torch.Tensor:
                                                                         device=g.device)
     return (torch.linalg.cholesky_ex(shifted).info == 0) & (largest > 0)
 
-
-_POWER_ITERATIONS = 20
 
 
 def _inverse_root(eigenvalues: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
