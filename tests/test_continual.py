@@ -36,9 +36,12 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("exact,tol", [(True, 1e-5), (False, 1e-4)])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9])
-def test_matches_the_reference(exact, tol, alpha):
+def test_matches_the_reference(exact, tol, alpha, device):
     base, models = states(5, seed=1)
-    ours = merge(base, models, alpha=alpha, exact=exact).state_dict()
+    on = lambda state: {k: v.to(device) for k, v in state.items()}  # noqa: E731
+    ours = merge(on(base), [on(m) for m in models], alpha=alpha, exact=exact).state_dict()
+    assert all(v.device.type == device.type for v in ours.values())
+    ours = {k: v.cpu() for k, v in ours.items()}
     expected = ref.opcm(base, models, alpha)
     for k in base:
         delta_ours, delta_ref = ours[k] - base[k], expected[k] - base[k]

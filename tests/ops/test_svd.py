@@ -242,11 +242,13 @@ def decaying(m, n, seed=10, noise=1e-3):
 
 
 @pytest.mark.parametrize("m,n", [(120, 80), (80, 120), (300, 64)])
-def test_randomized_svd_is_near_optimal_on_decaying_spectra(m, n):
+def test_randomized_svd_is_near_optimal_on_decaying_spectra(m, n, device):
     x = decaying(m, n)
     rank = 12
-    u, s, vh = ops.randomized_svd(x.float(), rank)
+    u, s, vh = ops.randomized_svd(x.float().to(device), rank)
     assert u.shape == (m, rank) and s.shape == (rank,) and vh.shape == (rank, n)
+    assert u.device.type == device.type
+    u, s, vh = u.cpu(), s.cpu(), vh.cpu()
     exact = torch.linalg.svdvals(x)
     best = float(exact[rank:].square().sum().sqrt())  # Eckart-Young: the optimal error
     err = float(torch.linalg.matrix_norm(x - (u.double() * s.double()) @ vh.double()))
@@ -300,11 +302,12 @@ def test_gram_matches_the_full_product(shape, dtype):
 
 @pytest.mark.parametrize("shape", [(7, 4), (4, 7), (3, 50, 20), (600, 300), (300, 600),
                                    (2, 400, 260)])
-def test_polar_is_u_vh_of_the_svd(shape):
+def test_polar_is_u_vh_of_the_svd(shape, device):
     x = random_matrix(shape, seed=12)
     u, _, vh = torch.linalg.svd(x.double(), full_matrices=False)
-    p = ops.polar(x)
-    assert p.dtype == torch.float32 and p.shape == x.shape
+    p = ops.polar(x.to(device))
+    assert p.dtype == torch.float32 and p.shape == x.shape and p.device.type == device.type
+    p = p.cpu()
     assert float((p.double() - u @ vh).abs().max()) < 2e-5
 
 
@@ -319,13 +322,13 @@ def test_polar_recovers_the_orthogonal_factor():
 
 
 @pytest.mark.parametrize("m,n,condition", [(600, 300, 1e6), (300, 700, 2e5), (300, 300, 2e5)])
-def test_polar_of_an_ill_conditioned_matrix_matches_a_float64_svd(m, n, condition):
+def test_polar_of_an_ill_conditioned_matrix_matches_a_float64_svd(m, n, condition, device):
     # The float64 Gram route stays accurate far past where an fp32 SVD loses the factor (that
     # was the fallback above condition 1e5, off by 1e-2..1e-1 on these).
     k = min(m, n)
     clustered = [1.0] * (k - k // 10) + [1.0 / condition] * (k // 10)
     x = with_spectrum(m, n, clustered, seed=20).float()
-    p = ops.polar(x).double()
+    p = ops.polar(x.to(device)).cpu().double()
     u, _, vh = torch.linalg.svd(x.double(), full_matrices=False)  # of the fp32 input itself
     truth = u @ vh
     assert float((p - truth).norm() / truth.norm()) < 1e-3
@@ -343,11 +346,12 @@ def _graded(m, n, condition, seed):
 
 
 @pytest.mark.parametrize("m,n", [(600, 300), (300, 700), (300, 300)])
-def test_polar_of_a_well_conditioned_matrix_stays_within_its_fp32_bound(m, n):
+def test_polar_of_a_well_conditioned_matrix_stays_within_its_fp32_bound(m, n, device):
     # Condition 40 (Gram eigenvalue ratio 6e-4) takes the fp32 Gram route: error ~3e-8 / ratio.
     x = _graded(m, n, 40.0, seed=21)
     truth = _float64_polar(x)
-    assert float((ops.polar(x).double() - truth).norm() / truth.norm()) < 1.5e-4
+    p = ops.polar(x.to(device)).cpu()
+    assert float((p.double() - truth).norm() / truth.norm()) < 1.5e-4
 
 
 @pytest.mark.parametrize("m,n", [(600, 300), (300, 700)])
@@ -359,14 +363,14 @@ def test_polar_just_past_the_fp32_bound_is_float64_accurate(m, n):
     assert float((ops.polar(x).double() - truth).norm() / truth.norm()) < 1e-5
 
 
-def test_polar_routes_each_matrix_of_a_batch_on_its_own():
+def test_polar_routes_each_matrix_of_a_batch_on_its_own(device):
     well, ill = _graded(500, 200, 5.0, seed=23), _graded(500, 200, 1e5, seed=24)
-    batch = torch.stack([ill, well, ill * 2])
+    batch = torch.stack([ill, well, ill * 2]).to(device)
     p = ops.polar(batch)
-    for got, x, tol in zip(p, batch, (1e-3, 1e-5, 1e-3)):
+    for got, x, tol in zip(p.cpu(), batch.cpu(), (1e-3, 1e-5, 1e-3)):
         truth = _float64_polar(x)
         assert float((got.double() - truth).norm() / truth.norm()) < tol
-    assert torch.equal(p[1], ops.polar(well))
+    assert torch.equal(p[1], ops.polar(well.to(device)))
 
 
 def test_the_fp32_screen_separates_conditions_clearly_apart_from_its_bound():
@@ -398,21 +402,23 @@ def test_polar_checks_the_fp32_screen_with_the_eigenvalues(monkeypatch):
 @pytest.mark.parametrize("shape,condition", [((200, 700), 3.0), ((200, 700), 1e4),
                                              ((700, 200), 3.0), ((40, 90), 3.0),
                                              ((300, 300), 3.0)], ids=str)
-def test_polar_product_is_left_times_the_polar_factor(shape, condition):
+def test_polar_product_is_left_times_the_polar_factor(shape, condition, device):
     from fastmerge.ops.svd import polar_product
 
     x = _graded(*shape, condition, seed=27)
     left = random_matrix((5, shape[0]), seed=28)
     want = left.double() @ _float64_polar(x)
-    got = polar_product(left, x)
+    got = polar_product(left.to(device), x.to(device))
     assert got.dtype == torch.float32 and got.shape == want.shape
+    got = got.cpu()
     assert float((got.double() - want).norm() / want.norm()) < 1e-4
 
 
 @pytest.mark.parametrize("shape", [(3, 40, 30), (2, 300, 700)], ids=str)  # Jacobi, Gram route
-def test_polar_of_a_non_finite_matrix_is_nan_and_leaves_the_batch_alone(shape):
+def test_polar_of_a_non_finite_matrix_is_nan_and_leaves_the_batch_alone(shape, device):
     x = random_matrix(shape, seed=18)
     x[1, 0, 0] = float("nan")
+    x = x.to(device)
     p = ops.polar(x)
     assert bool(p[1].isnan().all())
     others = [i for i in range(shape[0]) if i != 1]
