@@ -7,7 +7,7 @@
   floor; 768x3072 also with a slower power-law decay (1/i), which sends the fast mode to its
   float64 Gram route. Prints time, speed-up and the relative error of the merged task vector.
 * batched_svd vs torch.linalg.svd on batches of 64x64 and 256x256 matrices (CPU here; on a GPU
-  with --device cuda).
+  with --device cuda, where the references run there too, on cuSOLVER).
 
 Usage: python benchmarks/bench_subspace.py [--llama | --only-llama] [--reps 3] [--ref-reps 3] [--device cpu] [--json PATH]
            [--txt PATH]
@@ -115,11 +115,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         "power = 1/i, 1% noise floor")
     say(f"{'method':<8} {'shape':>10} {'tasks':>5} {'spectrum':>8} | {'reference':>10} "
         f"{'fastmerge':>10} {'speed-up':>8} | rel. error")
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     for shape, tasks, spectrum in cases:
         deltas = [d.to(args.device) for d in SPECTRA[spectrum](shape, tasks)]
         zero = torch.zeros(shape, device=args.device)
         for name, (op, ref) in methods.items():
-            cpu_deltas = deltas if args.device == "cpu" else [d.cpu() for d in deltas]
             llama = shape[0] >= 4096  # a Llama-shape merge takes a minute
             ref_reps, reps = (1, 1) if llama else (max(1, args.ref_reps), max(1, args.reps))
             ours = op(zero, deltas)  # warm-up
@@ -127,10 +127,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             for r in range(max(ref_reps, reps)):  # interleaved: a slow phase hits both
                 if r < ref_reps:
                     started = time.perf_counter()
-                    expected = ref(cpu_deltas)
+                    expected = ref(deltas)
+                    sync()
                     ref_times.append(time.perf_counter() - started)
                 if r < reps:
-                    our_times.append(seconds(lambda: op(zero, deltas), 1))
+                    started = time.perf_counter()
+                    op(zero, deltas)
+                    sync()
+                    our_times.append(time.perf_counter() - started)
             ref_s, ours_s = statistics.median(ref_times), statistics.median(our_times)
             err = rel_err(ours.cpu(), expected.cpu())
             rows.append({"kind": "merge", "method": name, "shape": list(shape), "tasks": tasks,
@@ -148,7 +152,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     for batch, size in ((512, 16), (256, 64), (16, 256)):
         g = torch.Generator().manual_seed(batch)
         x = torch.randn(batch, size, size, generator=g).to(args.device)
-        sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
         def run_torch():
             torch.linalg.svd(x, full_matrices=False)

@@ -32,7 +32,7 @@ python3 benchmarks/gpu/bench_gpu.py --json "$out/bench_gpu.json" 2>&1 | tee "$ou
 # >= 3x torch.linalg.svd; issue 6: ToMe and kv_merge >= 3x). QUICK=1 skips them.
 if [ -z "${QUICK:-}" ]; then
   step "bench subspace + batched_svd"
-  python3 benchmarks/bench_subspace.py --device cuda --txt "$out/subspace-gpu.txt" --json "$out/subspace-gpu.json" 2>&1 | tail -20
+  python3 benchmarks/bench_subspace.py --device cuda --ref-reps 1 --txt "$out/subspace-gpu.txt" --json "$out/subspace-gpu.json" 2>&1 | tail -20
   step "bench tome"
   python3 benchmarks/bench_tome.py --device cuda --txt "$out/tome-gpu.txt" --json "$out/tome-gpu.json" 2>&1 | tail -12
   step "bench kv_merge"

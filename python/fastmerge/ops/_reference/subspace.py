@@ -49,9 +49,9 @@ def tsv(deltas: List[torch.Tensor]) -> torch.Tensor:
     m, n = deltas[0].shape
     k = min(m, n)
     per_task = int(k / len(deltas))
-    sum_u = torch.zeros(m, k)
-    sum_s = torch.zeros(k)
-    sum_v = torch.zeros(k, n)
+    sum_u = torch.zeros(m, k, device=deltas[0].device)
+    sum_s = torch.zeros(k, device=deltas[0].device)
+    sum_v = torch.zeros(k, n, device=deltas[0].device)
     for i, d in enumerate(deltas):
         u, s, vh = torch.linalg.svd(d, full_matrices=False)
         sum_u[:, i * per_task:(i + 1) * per_task] = u[:, :per_task]
@@ -86,9 +86,9 @@ def iso_cts(deltas: List[torch.Tensor], common_space_fraction: float = 0.8) -> t
     common, per_task = iso_cts_split(k, tasks, common_space_fraction)
     u, s, vh = torch.linalg.svd(sum(deltas), full_matrices=False)
     u_c, s_c, v_c = u[:, :common], s[:common], vh[:common, :]
-    comb_u = torch.zeros(m, k)
-    comb_s = torch.zeros(k)
-    comb_v = torch.zeros(k, n)
+    comb_u = torch.zeros(m, k, device=deltas[0].device)
+    comb_s = torch.zeros(k, device=deltas[0].device)
+    comb_v = torch.zeros(k, n, device=deltas[0].device)
     for i, d in enumerate(deltas):
         u_t, s_t, vh_t = torch.linalg.svd(d - u_c @ (u_c.T @ d), full_matrices=False)
         comb_u[:, i * per_task:(i + 1) * per_task] = u_t[:, :per_task]
@@ -135,8 +135,8 @@ def dc_merge(deltas: List[torch.Tensor], keep_fraction: float = 1e-3) -> torch.T
     k = min(m, n)
     tasks = len(deltas)
     per_task = int(k / tasks)
-    sum_u = torch.zeros(m, k)
-    sum_v = torch.zeros(k, n)
+    sum_u = torch.zeros(m, k, device=deltas[0].device)
+    sum_v = torch.zeros(k, n, device=deltas[0].device)
     truncated = []
     for i, d in enumerate(deltas):
         u, s, vh = torch.linalg.svd(d, full_matrices=False)
