@@ -12,10 +12,11 @@ same quantities without them:
   above 1e-2 of the largest, in float64 down to 1e-12, by SVD below that;
 * Iso-CTS's task-specific SVDs shrink to (k - common)-row problems in the complement basis the
   common eigh already gives;
-* orthogonal polar factors by ops.polar (Jacobi for small matrices, the Gram matrix for larger
-  ones: in fp32 up to condition number 50, in float64 up to 1e7, which TSV-M's concatenated
-  bases approach when tasks share directions; an SVD for numerically rank-deficient ones), the
-  right-hand factor of TSV-M and Iso-CTS applied as G^(-1/2) @ V without forming it;
+* orthogonal polar factors by ops.polar's routes (Jacobi for small matrices, the Gram matrix
+  for larger ones: in fp32 up to condition number 50 here, error at most 4e-4, in float64 up to
+  1e7, which TSV-M's concatenated bases approach when tasks share directions; an SVD for
+  numerically rank-deficient ones), the right-hand factor of TSV-M and Iso-CTS applied as
+  G^(-1/2) @ V without forming it;
 * Iso-C's mean singular value is trace(P^T M) / k from the polar factor P of the sum M.
 Fast and exact mode agree to ~1e-5 relative on realistic task vectors and within 1e-2 on
 strongly overlapping ones (tests/ops/test_subspace.py); benchmarks/bench_subspace.py times both.
@@ -47,7 +48,7 @@ from ._validate import (
     kernel_output,
     resolve_out_dtype,
 )
-from .svd import float64_gram_pays, gram, polar, polar_product
+from .svd import _polar, float64_gram_pays, gram, polar_product
 from ._reference.subspace import (
     _keep_top_fraction,
     _sign_elected_mean,
@@ -97,6 +98,21 @@ def _finish(base: torch.Tensor, merged: torch.Tensor, alpha: float, dtype) -> to
     out = kernel_output(base.shape, torch.float32, base.device)
     torch.add(base, merged, alpha=alpha, out=out)
     return out if dtype == torch.float32 else out.to(dtype)
+
+
+# The merges' polar factors take polar's all-fp32 Gram route down to an eigenvalue ratio of
+# 4e-4 (condition number 50; ops.polar alone stops at 1e-2). The factor's error is then at most
+# 4e-4 (two clusters of singular values; 1e-5..1e-4 on graded spectra, where an fp32 SVD's is
+# 2e-5), well inside the fast mode's 1e-2, and TSV-M's decorrelated right basis (768x3072 x 8
+# tasks, condition ~45) costs 75 instead of 130 ms: what its 5x target needs.
+_MERGE_POLAR_FP32_MIN_RATIO = 4e-4
+
+
+def _fast_polar(x: torch.Tensor, left: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """left @ polar(x), or polar(x), with the merges' fp32 bound."""
+    if left is None:
+        return _polar(x.float(), None, _MERGE_POLAR_FP32_MIN_RATIO)
+    return polar_product(left, x, fp32_min_ratio=_MERGE_POLAR_FP32_MIN_RATIO)
 
 
 def _exact_polar(x: torch.Tensor) -> torch.Tensor:
@@ -198,7 +214,7 @@ def _tsv_matrix(d: torch.Tensor, exact: bool) -> torch.Tensor:
     v_cat = vh.reshape(tasks * rank, n)
     if exact:
         return (_exact_polar(u_cat) * s.reshape(-1)) @ _exact_polar(v_cat)
-    return polar_product(polar(u_cat) * s.reshape(-1), v_cat)
+    return _fast_polar(v_cat, left=_fast_polar(u_cat) * s.reshape(-1))
 
 
 def _iso_c_matrix(d: torch.Tensor, exact: bool) -> torch.Tensor:
@@ -207,7 +223,7 @@ def _iso_c_matrix(d: torch.Tensor, exact: bool) -> torch.Tensor:
     if exact:
         u, s, vh = torch.linalg.svd(total, full_matrices=False)
         return (u * s.mean()) @ vh
-    p = polar(total)
+    p = _fast_polar(total)
     nuclear = (p * total).sum()  # trace(P^T M) = sum of the singular values
     return p * (nuclear / k)
 
@@ -254,7 +270,7 @@ def _iso_cts_matrix(d: torch.Tensor, common_space_fraction: float, exact: bool) 
     comb_v = torch.cat(pieces_v + [v_c], dim=0)
     if exact:
         return (_exact_polar(comb_u) * comb_s.mean()) @ _exact_polar(comb_v)
-    return polar_product(polar(comb_u) * comb_s.mean(), comb_v)
+    return _fast_polar(comb_v, left=_fast_polar(comb_u) * comb_s.mean())
 
 
 def _dc_merge_matrix(d: torch.Tensor, keep_fraction: float, exact: bool) -> torch.Tensor:
@@ -264,7 +280,7 @@ def _dc_merge_matrix(d: torch.Tensor, keep_fraction: float, exact: bool) -> torc
     if rank == 0:
         return torch.zeros(m, n, device=d.device)
     u, s, vh = _top_triplets(d, rank, exact)
-    orthogonal = _exact_polar if exact else polar
+    orthogonal = _exact_polar if exact else _fast_polar
     cover_u = orthogonal(u.permute(1, 0, 2).reshape(m, tasks * rank))
     cover_v = orthogonal(vh.reshape(tasks * rank, n))
     # Each truncated task vector in the cover basis, (U_c^T U_t) S_t (V_t V_c^T), without

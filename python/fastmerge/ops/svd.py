@@ -154,11 +154,13 @@ _POLAR_GRAM_MIN_RATIO = 1e-14
 # Above this eigenvalue ratio (condition number below 100), the float64 route applies the
 # factor in fp32.
 _POLAR_FP32_MIN_RATIO = 1e-4
-# From this eigenvalue ratio on (condition number up to 50), the Gram matrix, its eigh and the
-# product are all fp32, at half the float64 cost. The factor's error is ~3e-8 / ratio: measured
-# against a float64 SVD on graded and clustered spectra (300..3072 x 300..768), at most 1e-4
-# from 4e-4 on (2e-4 at 2e-4, 4e-4 at 1e-4).
-_POLAR_FP32_GRAM_MIN_RATIO = 4e-4
+# From this eigenvalue ratio on (condition number up to 10), the Gram matrix, its eigh and the
+# product are all fp32, at half the float64 cost. The fp32 eigh dominates the factor's error,
+# ~2e-7 / ratio at worst: measured against a float64 SVD on graded and two-cluster spectra
+# (65..3072 x 65..768), at most 1.7e-5 at condition 10 (an fp32 SVD's is 0.5-2e-5 there), but
+# 4e-4 at 50, where an fp32 SVD's stays at 2e-5. The same bound as _FP32_GRAM_MIN_RATIO of the
+# subspace merges' triplets.
+_POLAR_FP32_GRAM_MIN_RATIO = 1e-2
 # Power iterations behind the largest-eigenvalue estimate of the fp32 route's screen.
 _POWER_ITERATIONS = 20
 
@@ -171,9 +173,9 @@ def polar(x: torch.Tensor) -> torch.Tensor:
     ones through the smaller Gram matrix G = X^T X = V diag(L) V^T (eigh): factor =
     X (V diag(L^-1/2) V^T), a Gram GEMM, an eigh and one GEMM with X, a third of an SVD's time
     for rectangular matrices and about the same for square ones up to 1024. Well-conditioned
-    matrices (condition number up to 50, screened by a shifted Cholesky factorisation) take
-    this route in fp32 (error ~3e-8 / (their Gram matrix's eigenvalue ratio), at most 1e-4),
-    the others in float64, which is far more accurate than an fp32 SVD on ill-conditioned ones.
+    matrices (condition number up to 10, screened by a shifted Cholesky factorisation) take
+    this route in fp32 (error at most 2e-5, as an fp32 SVD's), the others in float64, which is
+    far more accurate than an fp32 SVD on ill-conditioned ones.
     Larger square-ish matrices (aspect below 2), where the float64 GEMMs and eigh cost more
     than the SVD, and numerically rank-deficient ones (condition number above 1e7, where the
     factor is not unique) are decomposed by torch.linalg.svd, which completes a null space with
@@ -183,13 +185,18 @@ def polar(x: torch.Tensor) -> torch.Tensor:
     return _polar(_check_matrix(x, "x"))
 
 
-def polar_product(left: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """left @ polar(x) (fp32), cheaper than forming the factor when x is wide: on polar's fp32
-    Gram route the factor is G^(-1/2) @ x, so the product is (left @ G^(-1/2)) @ x."""
-    return _polar(_check_matrix(x, "x"), left.to(torch.float32))
+def polar_product(left: torch.Tensor, x: torch.Tensor, *,
+                  fp32_min_ratio: float = _POLAR_FP32_GRAM_MIN_RATIO) -> torch.Tensor:
+    """left @ polar(x) (fp32), cheaper than forming the factor when x is wide: where polar
+    applies G^(-1/2) in fp32 (condition number below 100) the factor is G^(-1/2) @ x, so the
+    product is (left @ G^(-1/2)) @ x. fp32_min_ratio: see _polar."""
+    return _polar(_check_matrix(x, "x"), left.to(torch.float32), fp32_min_ratio)
 
 
-def _polar(x: torch.Tensor, left: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _polar(x: torch.Tensor, left: Optional[torch.Tensor] = None,
+           fp32_min_ratio: float = _POLAR_FP32_GRAM_MIN_RATIO) -> torch.Tensor:
+    """left @ polar(x) (left None: polar(x)), with the smallest Gram eigenvalue ratio that
+    takes the all-fp32 route (callers that tolerate a larger error may lower it)."""
     *_, m, n = x.shape
     a = x.detach().to(torch.float32)
     if min(m, n) == 0:
@@ -198,7 +205,7 @@ def _polar(x: torch.Tensor, left: Optional[torch.Tensor] = None) -> torch.Tensor
     if not bool(finite.all()):
         out = torch.full_like(a, float("nan"))
         if bool(finite.any()):
-            out[finite] = _polar(a[finite])
+            out[finite] = _polar(a[finite], None, fp32_min_ratio)
         return _with_left(out, left)
     if min(m, n) <= _POLAR_JACOBI_LIMIT.get(a.device.type, 64):
         u, _, vh = batched_svd(a)
@@ -206,7 +213,7 @@ def _polar(x: torch.Tensor, left: Optional[torch.Tensor] = None) -> torch.Tensor
     if not float64_gram_pays(m, n):
         u, _, vh = torch.linalg.svd(a, full_matrices=False)
         return _with_left(u @ vh, left)
-    return _gram_polar(a, left)
+    return _gram_polar(a, left, fp32_min_ratio)
 
 
 # Largest square-ish min(m, n) for which a float64 Gram eigh plus its GEMMs costs no more than
@@ -245,34 +252,57 @@ def gram(y: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _gram_polar(a: torch.Tensor, left: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """polar() through the smaller Gram matrix: per matrix in fp32 when it is well conditioned,
-    else in float64 (see _float64_gram_factor). With left: left @ polar(a), for a wide a on the
-    fp32 route as (left @ G^(-1/2)) @ a, one k x k x n GEMM fewer."""
+def _gram_polar(a: torch.Tensor, left: Optional[torch.Tensor], fp32_min_ratio: float
+                ) -> torch.Tensor:
+    """polar() through the smaller Gram matrix, per matrix (see _gram_inverse_roots). With left:
+    left @ polar(a); for a single wide a whose factor is applied in fp32, as
+    (left @ G^(-1/2)) @ a, one k x k x n GEMM fewer than forming the factor."""
     *batch_shape, m, n = a.shape
     wide = m < n
     y = (a.mT if wide else a).reshape(-1, max(m, n), min(m, n))  # tall: X^T X is the smaller
-    gram32 = gram(y.mT)
-    fp32 = _clears_eigenvalue_ratio(gram32, _POLAR_FP32_GRAM_MIN_RATIO)
-    if not bool(fp32.any()):
-        return _with_left(_untall(_float64_gram_factor(y), batch_shape, wide), left)
-    if bool(fp32.all()):
-        inverse_root, accurate = _fp32_inverse_root(gram32)
-        if bool(accurate.all()):
-            if left is not None and wide:
-                return (left @ inverse_root.reshape(*batch_shape, m, m)) @ a
-            return _with_left(_untall(y @ inverse_root, batch_shape, wide), left)
-        factor = y @ inverse_root
-        fp32 = accurate
+    roots, explicit, factors = _gram_inverse_roots(y, fp32_min_ratio)
+    if not bool(explicit.any()):
+        if left is not None and wide and y.shape[0] == 1:
+            return (left @ roots[0]) @ a.reshape(m, n)
+        factor = y @ roots
+    elif bool(explicit.all()):
+        factor = factors
     else:
         factor = torch.empty_like(y)
+        factor[~explicit] = y[~explicit] @ roots[~explicit]
+        factor[explicit] = factors
+    return _with_left(_untall(factor, batch_shape, wide), left)
+
+
+def _gram_inverse_roots(y: torch.Tensor, fp32_min_ratio: float):
+    """For every tall matrix Y of y [b, m, k]: (roots [b, k, k] fp32, explicit [b] bool,
+    factors [explicit.sum(), m, k]) such that Y @ roots[i] is Y's polar factor, or, where
+    explicit[i], the next row of factors is (its product needs float64, or an SVD).
+    Well-conditioned matrices (Gram eigenvalue ratio from fp32_min_ratio on) take an all-fp32
+    route, screened first by a shifted Cholesky factorisation; the rest a float64 Gram matrix."""
+    b, _, k = y.shape
+    gram32 = gram(y.mT)
+    fp32 = _clears_eigenvalue_ratio(gram32, fp32_min_ratio)
+    roots = torch.empty(b, k, k, dtype=torch.float32, device=y.device)
+    if bool(fp32.any()):
         tried = fp32.nonzero().squeeze(1)
-        inverse_root, accurate = _fp32_inverse_root(gram32[tried])
-        factor[tried[accurate]] = y[tried[accurate]] @ inverse_root[accurate]
+        inverse_root, accurate = _fp32_inverse_root(gram32[tried], fp32_min_ratio)
+        roots[tried[accurate]] = inverse_root[accurate]
         fp32[tried[~accurate]] = False
     rest = (~fp32).nonzero().squeeze(1)
-    factor[rest] = _float64_gram_factor(y[rest])
-    return _with_left(_untall(factor, batch_shape, wide), left)
+    explicit = torch.zeros(b, dtype=torch.bool, device=y.device)
+    factors = y.new_empty(0, *y.shape[1:])
+    if rest.numel():
+        inverse_root, fp32_product = _float64_inverse_root(y[rest])
+        if inverse_root is None:  # numerically rank deficient: the SVD completes a null space
+            u, _, vh = torch.linalg.svd(y[rest], full_matrices=False)
+            explicit[rest], factors = True, u @ vh
+        elif fp32_product:
+            roots[rest] = inverse_root.to(torch.float32)
+        else:
+            explicit[rest] = True
+            factors = (y[rest].to(torch.float64) @ inverse_root).to(torch.float32)
+    return roots, explicit, factors
 
 
 def _with_left(factor: torch.Tensor, left: Optional[torch.Tensor]) -> torch.Tensor:
@@ -309,28 +339,24 @@ def _inverse_root(eigenvalues: torch.Tensor, vectors: torch.Tensor) -> torch.Ten
     return (vectors * eigenvalues.rsqrt().unsqueeze(-2)) @ vectors.mT
 
 
-def _fp32_inverse_root(gram32: torch.Tensor):
+def _fp32_inverse_root(gram32: torch.Tensor, min_ratio: float):
     """(G^(-1/2) for every matrix G of gram32 from its fp32 eigh, whether each is accurate: its
-    eigenvalue ratio is at least _POLAR_FP32_GRAM_MIN_RATIO)."""
+    eigenvalue ratio is at least min_ratio)."""
     eigenvalues, vectors = torch.linalg.eigh(gram32)
     top = eigenvalues[..., -1].clamp_min(1e-30)
-    accurate = eigenvalues[..., 0] >= _POLAR_FP32_GRAM_MIN_RATIO * top
+    accurate = eigenvalues[..., 0] >= min_ratio * top
     return _inverse_root(eigenvalues.clamp_min(1e-30), vectors), accurate
 
 
-def _float64_gram_factor(y: torch.Tensor) -> torch.Tensor:
-    """Y G^(-1/2) for every tall matrix Y of y [b, m, k], G = Y^T Y in float64; by SVD when a
-    matrix is numerically rank deficient."""
+def _float64_inverse_root(y: torch.Tensor):
+    """(G^(-1/2) in float64 for every tall matrix Y of y [b, m, k], G = Y^T Y in float64,
+    whether Y @ G^(-1/2) may run in fp32), or (None, False) when a matrix is numerically rank
+    deficient. The product's error in fp32 is ~eps32 * cond(Y): fp32 while the eigenvalue
+    ratio is above 1e-4 (condition number below 100)."""
     y64 = y.to(torch.float64)
     eigenvalues, vectors = torch.linalg.eigh(gram(y64.mT))
     top = eigenvalues[..., -1:].clamp_min(1e-300)
     ratio = float((eigenvalues[..., :1] / top).min()) if y.shape[0] else 1.0
     if not ratio > _POLAR_GRAM_MIN_RATIO:
-        u, _, vh = torch.linalg.svd(y, full_matrices=False)
-        return u @ vh
-    # G^(-1/2) is formed in float64 (k x k, cheap); the product with Y in fp32 when Y is well
-    # conditioned (its error is then ~eps32 * cond(Y)), else in float64.
-    inverse_root = _inverse_root(eigenvalues, vectors)
-    if ratio > _POLAR_FP32_MIN_RATIO:
-        return y @ inverse_root.to(torch.float32)
-    return (y64 @ inverse_root).to(torch.float32)
+        return None, False
+    return _inverse_root(eigenvalues, vectors), ratio > _POLAR_FP32_MIN_RATIO
