@@ -9,8 +9,8 @@
 * batched_svd vs torch.linalg.svd on batches of 64x64 and 256x256 matrices (CPU here; on a GPU
   with --device cuda, where the references run there too, on cuSOLVER).
 
-Usage: python benchmarks/bench_subspace.py [--llama | --only-llama] [--reps 3] [--ref-reps 3] [--device cpu] [--json PATH]
-           [--txt PATH]
+Usage: python benchmarks/bench_subspace.py [--llama | --only-llama] [--reps 3] [--ref-reps 3]
+           [--device cpu] [--json PATH] [--txt PATH]
 """
 from __future__ import annotations
 

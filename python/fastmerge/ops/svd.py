@@ -333,7 +333,6 @@ def _clears_eigenvalue_ratio(g: torch.Tensor, min_ratio: float) -> torch.Tensor:
     return (torch.linalg.cholesky_ex(shifted).info == 0) & (largest > 0)
 
 
-
 def _inverse_root(eigenvalues: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """G^(-1/2) = V diag(L^-1/2) V^T from the eigenpairs of G."""
     return (vectors * eigenvalues.rsqrt().unsqueeze(-2)) @ vectors.mT
