@@ -137,6 +137,22 @@ def test_task_vectors_with_different_spectra_each_take_an_accurate_route(first):
     assert float(((ours - best).flatten(1).norm(dim=1) / best.flatten(1).norm(dim=1)).max()) < 1e-4
 
 
+@pytest.mark.parametrize("exponent,eighs", [(3.0, 0), (0.2, 2)])
+def test_large_square_task_vectors_screen_the_fp32_route_before_its_eigh(exponent, eighs,
+                                                                        monkeypatch):
+    # Square matrices above 1024 have no float64 Gram route: an fp32 eigh whose kept
+    # eigenvalues fall below 1e-2 of the top would be thrown away for the SVD. An inertia count
+    # on the first task vector sends such a layer to the SVD without it (i^-3: no eigh at all),
+    # and lets spectra that clear the bound through (i^-0.2: the first and the rest).
+    calls = []
+    real = subspace._descending_eigh
+    monkeypatch.setattr(subspace, "_descending_eigh", lambda g: calls.append(g.shape) or real(g))
+    deltas = power_law_task_vectors((1100, 1100), 2, exponent, seed=6)
+    fast = ops.tsv(torch.zeros(1100, 1100), deltas)
+    assert len(calls) == eighs
+    assert rel_err(fast, ref.tsv(deltas)) < 1e-3
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("shape", [(7,), (3, 4, 5), ()])
 def test_non_matrices_get_the_mean_task_vector(method, shape):

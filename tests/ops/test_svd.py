@@ -469,3 +469,21 @@ def test_polar_of_a_finite_matrix_whose_entries_sum_past_float32_is_not_treated_
     assert bool(p[0].isfinite().all())
     assert float((p[0].mT @ p[0] - torch.eye(30)).abs().max()) < 1e-4
     assert bool(p[2].isnan().all()) and bool(p[1].isfinite().all())
+
+
+# ---- inertia counts ----
+
+def test_eigenvalues_above_counts_as_eigvalsh_does():
+    from fastmerge.ops.svd import eigenvalues_above
+
+    g = torch.Generator().manual_seed(30)
+    two_by_two = 0
+    for k in (1, 2, 5, 17, 60):
+        a = torch.randn(4, k, k, generator=g, dtype=torch.float64)
+        a = a + a.mT  # indefinite: Bunch-Kaufman takes 2x2 pivots
+        thresholds = torch.randn(4, generator=g, dtype=torch.float64)
+        want = (torch.linalg.eigvalsh(a) > thresholds[:, None]).sum(-1)
+        assert torch.equal(eigenvalues_above(a, thresholds), want)
+        shifted = a - thresholds[:, None, None] * torch.eye(k, dtype=torch.float64)
+        two_by_two += int((torch.linalg.ldl_factor(shifted).pivots < 0).sum())
+    assert two_by_two > 0  # the 2x2 blocks were exercised

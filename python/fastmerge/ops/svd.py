@@ -321,16 +321,47 @@ def _clears_eigenvalue_ratio(g: torch.Tensor, min_ratio: float) -> torch.Tensor:
     estimated by power iteration. A screen before an eigh (a tenth of its cost): the estimate
     is a lower bound and fp32 Cholesky misjudges near the boundary, so the caller checks the
     eigenvalues it then gets."""
+    largest = largest_eigenvalue(g)
+    return (torch.linalg.cholesky_ex(_shifted(g, min_ratio * largest)).info == 0) & (largest > 0)
+
+
+def largest_eigenvalue(g: torch.Tensor) -> torch.Tensor:
+    """A lower bound on the largest eigenvalue of every symmetric positive semi-definite matrix
+    of g [b, k, k], close to it: the Rayleigh quotient after a few power iterations from a
+    fixed start (NaN where g is not finite)."""
     k = g.shape[-1]
     start = torch.randn(k, 1, generator=torch.Generator().manual_seed(0)).to(g)
     x = start.expand(g.shape[0], k, 1)
     for _ in range(_POWER_ITERATIONS):
         x = g @ x
         x = x / x.norm(dim=-2, keepdim=True).clamp_min(1e-30)
-    largest = (x.mT @ (g @ x)).reshape(-1)
-    shifted = g - (min_ratio * largest).reshape(-1, 1, 1) * torch.eye(k, dtype=g.dtype,
-                                                                        device=g.device)
-    return (torch.linalg.cholesky_ex(shifted).info == 0) & (largest > 0)
+    return (x.mT @ (g @ x)).reshape(-1)
+
+
+def _shifted(g: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    return g - shifts.reshape(-1, 1, 1) * torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
+
+
+def eigenvalues_above(g: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """How many eigenvalues of every symmetric matrix of g [b, k, k] exceed thresholds[b], by
+    Sylvester's law of inertia: g - t I = L D L^T (Bunch-Kaufman, 1x1 and 2x2 diagonal blocks)
+    has as many positive eigenvalues as D. A third of the operations of an eigh's reduction."""
+    ld, pivots, _ = torch.linalg.ldl_factor_ex(_shifted(g, thresholds))
+    diagonal = ld.diagonal(dim1=-2, dim2=-1).tolist()
+    below = ld.diagonal(offset=-1, dim1=-2, dim2=-1).tolist()
+    counts = []
+    for d, e, p in zip(diagonal, below, pivots.tolist()):
+        positive, i = 0, 0
+        while i < len(d):
+            if p[i] < 0:  # a 2x2 block at rows i, i + 1: its eigenvalues' signs
+                det = d[i] * d[i + 1] - e[i] * e[i]
+                positive += 1 if det < 0 else (2 if d[i] + d[i + 1] > 0 else 0)
+                i += 2
+            else:
+                positive += d[i] > 0
+                i += 1
+        counts.append(positive)
+    return torch.tensor(counts, dtype=torch.int64)
 
 
 def _inverse_root(eigenvalues: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
