@@ -135,6 +135,7 @@ def _gram_eig(x: torch.Tensor, dtype=torch.float64):
 
 
 def _smaller_gram(x: torch.Tensor, dtype):
+    """(x in dtype, tall, the smaller Gram matrix of every matrix in x)."""
     t = x.to(dtype)
     tall = t.shape[-2] > t.shape[-1]
     return t, tall, gram(t.mT if tall else t)
