@@ -293,15 +293,17 @@ def _gram_inverse_roots(y: torch.Tensor, fp32_min_ratio: float):
     explicit = torch.zeros(b, dtype=torch.bool, device=y.device)
     factors = y.new_empty(0, *y.shape[1:])
     if rest.numel():
-        inverse_root, fp32_product = _float64_inverse_root(y[rest])
+        rest_y = y if rest.numel() == b else y[rest]  # index (a copy) only a part
+        y64 = rest_y.to(torch.float64)
+        inverse_root, fp32_product = _float64_inverse_root(y64)
         if inverse_root is None:  # numerically rank deficient: the SVD completes a null space
-            u, _, vh = torch.linalg.svd(y[rest], full_matrices=False)
+            u, _, vh = torch.linalg.svd(rest_y, full_matrices=False)
             explicit[rest], factors = True, u @ vh
         elif fp32_product:
             roots[rest] = inverse_root.to(torch.float32)
         else:
             explicit[rest] = True
-            factors = (y[rest].to(torch.float64) @ inverse_root).to(torch.float32)
+            factors = (y64 @ inverse_root).to(torch.float32)
     return roots, explicit, factors
 
 
@@ -378,15 +380,14 @@ def _fp32_inverse_root(gram32: torch.Tensor, min_ratio: float):
     return _inverse_root(eigenvalues.clamp_min(1e-30), vectors), accurate
 
 
-def _float64_inverse_root(y: torch.Tensor):
-    """(G^(-1/2) in float64 for every tall matrix Y of y [b, m, k], G = Y^T Y in float64,
-    whether Y @ G^(-1/2) may run in fp32), or (None, False) when a matrix is numerically rank
+def _float64_inverse_root(y64: torch.Tensor):
+    """(G^(-1/2) for every tall float64 matrix Y of y64 [b, m, k], G = Y^T Y, whether
+    Y @ G^(-1/2) may run in fp32), or (None, False) when a matrix is numerically rank
     deficient. The product's error in fp32 is ~eps32 * cond(Y): fp32 while the eigenvalue
     ratio is above 1e-4 (condition number below 100)."""
-    y64 = y.to(torch.float64)
     eigenvalues, vectors = torch.linalg.eigh(gram(y64.mT))
     top = eigenvalues[..., -1:].clamp_min(1e-300)
-    ratio = float((eigenvalues[..., :1] / top).min()) if y.shape[0] else 1.0
+    ratio = float((eigenvalues[..., :1] / top).min()) if y64.shape[0] else 1.0
     if not ratio > _POLAR_GRAM_MIN_RATIO:
         return None, False
     return _inverse_root(eigenvalues, vectors), ratio > _POLAR_FP32_MIN_RATIO
