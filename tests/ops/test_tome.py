@@ -2,6 +2,8 @@
 algorithm (ops/_reference/tome.py): indices exactly on tie-free inputs, merged values within the
 named tolerance, our documented tie-break on tied inputs, and the same result for any thread
 count and for both CPU paths (bf16-screened and exact)."""
+import warnings
+
 import pytest
 import torch
 
@@ -206,6 +208,22 @@ def test_torch_map_builder_equals_native(class_token, distill_token):
             assert _maps_equal(native, built)
 
 
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("class_token,distill_token", TOKEN_FLAGS)
+def test_without_native_kernels_equals_native(B, class_token, distill_token, monkeypatch):
+    """The path of a build without _C (and, for the maps, of CUDA): scores from the torch
+    reference, maps from maps_from_scores, returned through the custom op."""
+    metric, x = torch.randn(B, 37, 12), torch.randn(B, 37, 5)
+    native = F.tome_match(metric, 9, class_token=class_token, distill_token=distill_token)
+    monkeypatch.setattr(_native, "_C", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fallback = F.tome_match(metric, 9, class_token=class_token, distill_token=distill_token)
+        assert _maps_equal(fallback, native)
+        assert all(t.is_contiguous() for t in fallback[:6])
+        assert_close(F.tome_merge(x, fallback)[0], F.tome_merge(x, native)[0], "exact")
+
+
 def test_nan_metric_is_deterministic():
     metric = torch.randn(1, 40, 8)
     metric[0, 6] = 0.0  # zero norm: NaN similarities, ranked above every number
@@ -284,6 +302,18 @@ def test_errors_name_the_value():
         F.tome_merge(torch.randn(1, 9, 4), maps)
     with pytest.raises(InvalidArgumentError, match="size has shape"):
         F.tome_merge(torch.randn(1, 10, 4), maps, torch.ones(1, 10))
+    with pytest.raises(InvalidArgumentError, match="size is on meta but x is on cpu"):
+        F.tome_merge(torch.randn(1, 10, 4), maps, torch.ones(1, 10, 1, device="meta"))
+
+
+def test_zero_channels_match_like_equal_scores():
+    """No channels: every similarity is 0, so each a-token's best is the first eligible b-token
+    and the edges keep token order, as with identical tokens."""
+    maps = F.tome_match(torch.randn(2, 9, 0), 3)
+    same = F.tome_match(torch.ones(2, 9, 4), 3)
+    assert _maps_equal(maps, same)
+    merged, size = F.tome_merge(torch.randn(2, 9, 0), maps)
+    assert merged.shape == (2, 6, 0) and torch.equal(size, F.tome_merge(torch.ones(2, 9, 1), same)[1])
 
 
 # ---- CUDA against the CPU kernels: the same canonical similarities and reduction order ----
@@ -295,7 +325,8 @@ cuda = pytest.mark.skipif(
 
 @cuda
 @pytest.mark.parametrize("class_token,distill_token", TOKEN_FLAGS)
-@pytest.mark.parametrize("shape", [(1, 1, 8), (3, 13, 5), (2, 197, 64), (2, 1100, 40)])
+@pytest.mark.parametrize("shape", [(1, 1, 8), (3, 13, 5), (2, 197, 64), (2, 1100, 40),
+                                   (3, 9, 0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_equals_cpu(shape, dtype, class_token, distill_token):
     B, N, C = shape

@@ -44,6 +44,13 @@ inline void check_flat(const TensorView& t, const char* what, int64_t numel) {
   FM_CHECK(numel <= kMaxNumel, what, " has more than 2^33 elements");
 }
 
+// A launcher handed a tensor on another device would dereference a foreign pointer (a crash on
+// the CPU, a poisoned context on the GPU); Python checks first, this keeps a direct call safe.
+inline void check_same_device(const TensorView& t, const TensorView& like, const char* what) {
+  FM_CHECK(t.device == like.device && t.device_index == like.device_index, what,
+           " is on another device than the other tensors");
+}
+
 // One element of a host tensor as float / stored from float (scalar paths: sampling, interp).
 inline float load_host(const TensorView& t, int64_t i) {
   switch (t.dtype) {

@@ -77,6 +77,11 @@ inline void check_merge_views(const TensorView& x, const TensorView* size,
   check_flat(members, "members", B * n);
   if (size) check_flat(*size, "size", B * n);
   if (size_out) check_flat(*size_out, "size_out", B * rows);
+  check_same_device(out, x, "out");
+  check_same_device(offsets, x, "offsets");
+  check_same_device(members, x, "members");
+  if (size) check_same_device(*size, x, "size");
+  if (size_out) check_same_device(*size_out, x, "size_out");
 }
 
 // ---- CPU (tome_cpu.cpp) ----

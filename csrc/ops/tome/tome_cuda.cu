@@ -171,7 +171,8 @@ void tome_scores_cuda(const TensorView& metric, const TomeShape& s, const Tensor
   FM_CHECK(metric.dtype != DType::u8 && metric.dtype != DType::i64,
            "metric must be float32, float16 or bfloat16");
   FM_CHECK(s.batch <= 65535, "at most 65535 batches on CUDA");
-  if (total == 0) return;
+  // Zero channels still match (every score 0, as on the CPU): only no tokens means no work.
+  if (s.batch == 0 || s.tokens == 0) return;
   auto st = reinterpret_cast<cudaStream_t>(stream);
   const int64_t tokens = s.batch * s.tokens;
   normalize_tokens<<<unsigned((tokens * kLanesPerToken + 127) / 128), 128, 0, st>>>(

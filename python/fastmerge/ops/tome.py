@@ -70,9 +70,11 @@ def maps_from_scores(node_max: torch.Tensor, node_idx: torch.Tensor, r: int, tok
     a_index = torch.arange(na, device=dev)
     edge_key = (_order_key(node_max) - 2**31) * 2**32 + (2**32 - 1 - a_index)
     order = torch.argsort(edge_key, dim=1, descending=True)
-    src = order[:, :r]
+    # Own, contiguous storage: the custom op may not return views of one tensor (it refuses
+    # aliasing outputs), and its fake implementation promises contiguous strides.
+    src = order[:, :r].clone()
     dst = node_idx.to(_I64).gather(1, src)
-    unm = order[:, r:]
+    unm = order[:, r:].contiguous()
     if class_token:
         unm = unm.sort(dim=1).values
     unm_rows = torch.arange(n_unm, device=dev)
@@ -300,6 +302,8 @@ def tome_merge(x: torch.Tensor, maps: TomeMaps, size: Optional[torch.Tensor] = N
         if size.shape != x.shape[:2] + (1,):
             raise InvalidArgumentError(
                 f"size has shape {tuple(size.shape)}, expected {tuple(x.shape[:2]) + (1,)}")
+        if size.device != x.device:
+            raise InvalidArgumentError(f"size is on {size.device} but x is on {x.device}")
     if maps.r == 0:  # ToMe does nothing
         return x, (torch.ones_like(x[..., :1]) if size is None else size)
     return _tome_merge_op(x, size, maps.offsets, maps.members, maps.dest)
