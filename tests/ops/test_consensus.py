@@ -267,6 +267,15 @@ def test_native_matches_reference_in_every_dtype(op, dtype, device):
 
 
 @pytest.mark.parametrize("op", ["ram", "ramplus_tl", "sce"])
+def test_more_experts_than_the_cuda_kernel_takes(op, device):
+    """33 experts: one past the CUDA kernels' parameter struct, which hands over to the torch
+    reference on the GPU; the CPU kernel takes any number."""
+    base, ex = make_group((19, 23), 33, seed=29, dtype=torch.float32, device=device,
+                          delta_scale=0.01)
+    assert_close(run(op, base, ex), run_ref(op, base, ex), "exact")
+
+
+@pytest.mark.parametrize("op", ["ram", "ramplus_tl", "sce"])
 def test_bf16_within_rounding_floor_of_fp32_oracle(op, record_property):
     pytest.importorskip("mergekit")
     base, ex = make_group((64, 256), 3, seed=21, dtype=torch.bfloat16, base_scale=0.02,

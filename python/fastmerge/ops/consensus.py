@@ -22,13 +22,19 @@ from ._validate import (
 )
 
 
+# The CUDA kernels take the experts as one by-value parameter struct of this many pointers
+# (kMaxExperts in consensus_cuda.cu); more go through the torch reference on the device.
+_CUDA_MAX_EXPERTS = 32
+
+
 def _with_experts(kernel: str, base, experts, out_dtype, scalars: Sequence[float],
                   reference) -> torch.Tensor:
     base = check_tensor(base, "base")
     experts = check_experts(experts)
     check_same_layout(base, "base", experts, [f"experts[{i}]" for i in range(len(experts))])
     dtype = resolve_out_dtype(out_dtype, base.dtype)
-    if not use_native(base.device):
+    beyond_cuda_kernel = base.device.type == "cuda" and len(experts) > _CUDA_MAX_EXPERTS
+    if not use_native(base.device) or beyond_cuda_kernel:
         return reference().to(dtype)
     b = kernel_input(base)
     ins = [kernel_input(e) for e in experts]
