@@ -256,6 +256,29 @@ def test_argument_errors():
         kv_merge(keys.long(), values, scores, ratio=0.5)
 
 
+def test_apply_refuses_a_budget_the_plan_did_not_give(device):
+    """The native apply trusts the plan's `removed`; any other must raise, not run past the
+    set bounds (on the GPU they would be left unwritten)."""
+    from fastmerge import _native
+    from fastmerge.ops._validate import capsule, cuda_stream
+
+    keys, values, scores = (t.to(device) for t in inputs((1, 2, 40, 8), seed=3))
+    B, H, S, D = keys.shape
+    lo, hi = R.mergeable_range(S, 4, 2)
+    C, stream = _native.native(), cuda_stream(keys.device)
+    sims = torch.empty(B, H, S - 1, device=device)
+    removed = C.kv_merge_plan(capsule(keys), capsule(sims), B * H, S, D, lo, hi, 10, 0.99,
+                              stream)
+    assert 0 <= removed < 10  # eps 0.99: few candidate pairs on random keys
+    out_len = S - (removed + 1)
+    k_out = torch.empty(B, H, out_len, D, device=device)
+    v_out = torch.empty_like(k_out)
+    with pytest.raises(RuntimeError, match=f"sets, expected {out_len}"):  # the binding's error
+        C.kv_merge_apply(capsule(keys), capsule(values), capsule(scores), capsule(sims),
+                         capsule(k_out), capsule(v_out), 0, B * H, S, D, D, lo, hi, 10, 0.99,
+                         5.0, removed + 1, stream)
+
+
 def test_native_is_used():
     assert fastmerge.build_info().get("native", True)
     from fastmerge import _native

@@ -74,9 +74,11 @@ __device__ __forceinline__ void store_element(void* p, int dtype, int64_t i, flo
 
 // Fixed-shape tree reduction of kCount doubles per thread over a block of kThreads threads,
 // one statistic at a time through one shared buffer; every thread gets the sums. The order of
-// the additions depends only on kThreads, never on scheduling.
+// the additions depends only on kThreads, never on scheduling. Launch with exactly kThreads.
 template <int kThreads, int kCount>
 __device__ void block_reduce(double (&v)[kCount]) {
+  static_assert(kThreads > 0 && (kThreads & (kThreads - 1)) == 0,
+                "the halving tree needs a power-of-two block");
   __shared__ double shared[kThreads];
   for (int c = 0; c < kCount; ++c) {
     shared[threadIdx.x] = v[c];

@@ -98,7 +98,8 @@ __global__ void count_kernel(KernelParams p, int64_t* counts) {
 }
 
 // Per head: threshold key of the removed-th best candidate, then set_begin[0..out_len].
-__global__ void select_kernel(KernelParams p, int64_t removed, int64_t* set_begin) {
+__global__ void select_kernel(KernelParams p, int64_t removed, int64_t* set_begin,
+                              int64_t* set_count) {
   __shared__ unsigned int hist[256];
   __shared__ unsigned long long prefix_s;
   __shared__ long long rank_s;
@@ -169,6 +170,7 @@ __global__ void select_kernel(KernelParams p, int64_t removed, int64_t* set_begi
   if (tid == 0) {
     begin[0] = 0;
     begin[out_len] = p.seq;
+    set_count[bh] = offsets[blockDim.x];
   }
 }
 
@@ -271,6 +273,7 @@ int64_t kv_merge_plan_cuda(const TensorView& keys, const TensorView& sims, const
   check_flat(sims, "sims", p.batch_heads * pairs);
   FM_CHECK(sims.dtype == DType::f32, "sims must be float32");
   FM_CHECK(p.batch_heads < (int64_t(1) << 31), "kv_merge: too many (batch, head) pairs");
+  if (p.batch_heads == 0) return std::max<int64_t>(p.target, 0);  // a zero-block grid fails
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const KernelParams k = kernel_params(keys, nullptr, nullptr, sims, p);
   const int threads = 256;
@@ -296,11 +299,23 @@ void kv_merge_apply_cuda(const TensorView& keys, const TensorView& values,
   const int64_t S = p.seq, BH = p.batch_heads, out_len = S - removed;
   check_apply_views(keys, values, scores, sims, p, removed, keys_out, values_out);
   FM_CHECK(BH < (int64_t(1) << 31), "kv_merge: too many (batch, head) pairs");
+  if (BH == 0) return;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const KernelParams k = kernel_params(keys, &values, &scores, sims, p);
   DeviceBuffer set_begin(size_t(BH * (out_len + 1)) * sizeof(int64_t), stream);
-  select_kernel<<<unsigned(BH), kSelectThreads, 0, stream>>>(k, removed, set_begin.as<int64_t>());
+  DeviceBuffer set_count(size_t(BH) * sizeof(int64_t), stream);
+  select_kernel<<<unsigned(BH), kSelectThreads, 0, stream>>>(k, removed, set_begin.as<int64_t>(),
+                                                             set_count.as<int64_t>());
   FM_CUDA_LAUNCHED();
+  // A `removed` the plan did not give would leave set bounds unwritten and send the merge out of
+  // bounds: check the set counts first, as the CPU does (one small copy and a sync).
+  std::vector<int64_t> counts(static_cast<size_t>(BH));
+  FM_CUDA_CHECK(cudaMemcpyAsync(counts.data(), set_count.as<int64_t>(), set_count.bytes(),
+                                cudaMemcpyDeviceToHost, stream));
+  FM_CUDA_CHECK(cudaStreamSynchronize(stream));
+  for (int64_t bh = 0; bh < BH; ++bh)
+    FM_CHECK(counts[size_t(bh)] == out_len, "kv_merge: head ", bh, " has ", counts[size_t(bh)],
+             " sets, expected ", out_len);
   DeviceBuffer weights(size_t(BH * S) * sizeof(double), stream);
   merge_kernel<<<grid_for(BH * out_len * kWarp, kMergeThreads), kMergeThreads, 0, stream>>>(
       k, out_len, set_begin.as<int64_t>(), weights.as<double>(), keys_out.data,
