@@ -146,3 +146,14 @@ def test_bad_models():
     bad["layer.weight"] = torch.zeros(3, 3)
     with pytest.raises(InvalidArgumentError, match="shape"):
         merger.add(bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_models_loaded_on_the_cpu_merge_on_the_bases_gpu():
+    """One model at a time from torch.load (CPU) into a base on the GPU."""
+    base, models = states(3, seed=4)
+    on_gpu = merge({k: v.cuda() for k, v in base.items()}, models).state_dict()
+    assert all(v.is_cuda for v in on_gpu.values())
+    on_cpu = merge(base, models).state_dict()
+    for k in base:
+        assert rel_err(on_gpu[k].cpu() - base[k], on_cpu[k] - base[k]) < 1e-4, k

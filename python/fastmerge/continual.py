@@ -48,6 +48,12 @@ def _clean(previous: torch.Tensor, task: torch.Tensor, alpha: float) -> torch.Te
     return cleaned - (rest_u * diagonal) @ rest_v.mT
 
 
+def _global_norm(tensors) -> float:
+    """The L2 norm over all the tensors, which may sit on different devices (a model spread
+    over several GPUs): each tensor's fp32 sum of squares, added on the CPU."""
+    return float(torch.sqrt(sum((t ** 2).sum().cpu() for t in tensors)))
+
+
 class ContinualMerger:
     """OPCM continual merging of models given one at a time as state dicts of tensors.
 
@@ -101,11 +107,12 @@ class ContinualMerger:
                                        f"base has {tuple(self._base[name].shape)}")
         if self._is_matrix(name, self._base[name]):  # decomposed when the next model comes
             check_decomposable(x, f"model {self.count}[{name!r}]")
-        return x.detach().float() - self._base[name].float()
+        # A model loaded on the CPU for a base on the GPU (one at a time, as they arrive)
+        # merges on the base tensor's device.
+        return x.detach().to(self._base[name].device).float() - self._base[name].float()
 
     def _merged_norm(self) -> float:
-        return float(torch.sqrt(sum(((m - self._base[k].float()) ** 2).sum()
-                                    for k, m in self._merged.items())))
+        return _global_norm(m - self._base[k].float() for k, m in self._merged.items())
 
     def add(self, state: Mapping[str, torch.Tensor]) -> None:
         """Merges one more fine-tuned model (a state dict with the base's tensor names)."""
@@ -114,7 +121,7 @@ class ContinualMerger:
                                        f"tensor), got {type(state).__name__}")
         with torch.no_grad():
             deltas = {k: self._task_vector(k, state) for k in self._base}
-            self._norms.append(float(torch.sqrt(sum((d ** 2).sum() for d in deltas.values()))))
+            self._norms.append(_global_norm(deltas.values()))
             if self._merged is None:
                 self._merged = {k: self._base[k].float() + d for k, d in deltas.items()}
                 self.count = 1

@@ -124,6 +124,7 @@ class _Prefetcher:
         self._readers = readers
         self._check_finite = check_finite
         self._cuda = device != "cpu"
+        self._device = device
         self._host_merge = host_kernels_merge  # the method merges HostArrays
         self._queue: "queue.Queue" = queue.Queue()
         self._bytes_ahead = 0
@@ -155,6 +156,12 @@ class _Prefetcher:
 
     def _run(self) -> None:
         try:
+            if self._cuda:
+                # Pinning allocates through the thread's current device: without this, a run on
+                # cuda:N would also open a context (hundreds of MB) on GPU 0.
+                import torch
+
+                torch.cuda.set_device(torch.device(self._device))
             for job in self._jobs:
                 with self._lock:  # wait for room: at most PREFETCH_BYTES ahead, or one group
                     while not self._stop and self._bytes_ahead > 0 and (
