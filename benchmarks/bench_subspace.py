@@ -9,8 +9,8 @@
 * batched_svd vs torch.linalg.svd on batches of 64x64 and 256x256 matrices (CPU here; on a GPU
   with --device cuda, where the references run there too, on cuSOLVER).
 
-Usage: python benchmarks/bench_subspace.py [--llama | --only-llama] [--reps 3] [--ref-reps 3]
-           [--device cpu] [--json PATH] [--txt PATH]
+Usage: python benchmarks/bench_subspace.py [--llama | --only-llama | --only-svd] [--reps 3]
+           [--ref-reps 3] [--device cpu] [--json PATH] [--txt PATH]
 """
 from __future__ import annotations
 
@@ -83,6 +83,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--llama", action="store_true", help="also 4096x4096 x 4 tasks (minutes)")
     p.add_argument("--only-llama", action="store_true",
                    help="only the 4096x4096 x 4 cases (fastmerge timed once: minutes each)")
+    p.add_argument("--only-svd", action="store_true",
+                   help="only batched_svd against torch.linalg.svd (a short GPU lease)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--ref-reps", type=int, default=3,
                    help="runs of each reference (median; a single run swings by 1.5x on a noisy "
@@ -103,9 +105,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     say(f"median of {args.reps} run(s), references of {args.ref_reps}, interleaved "
         f"(4096x4096: one run each)")
     rows: List[Dict[str, object]] = []
-    cases = [] if args.only_llama else [((768, 768), 8, "decay"), ((768, 3072), 8, "decay"),
+    cases = [] if args.only_llama or args.only_svd else [((768, 768), 8, "decay"), ((768, 3072), 8, "decay"),
                                         ((768, 3072), 8, "power")]
-    if args.llama or args.only_llama:
+    if (args.llama or args.only_llama) and not args.only_svd:
         cases.append(((4096, 4096), 4, "decay"))
     methods = {"tsv": (ops.tsv, reference.tsv), "iso_cts": (ops.iso_cts, reference.iso_cts),
                "iso_c": (ops.iso_c, reference.iso_c),

@@ -1,40 +1,80 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine should run, in one call: build with CUDA, the whole test suite
-# (CUDA cases included), compute-sanitizer over every launcher, and the GPU benchmarks.
-# Outputs go to $OUT (or ./gpu-out). The device has torch, pybind11, scikit-build-core, cmake,
-# ninja and nvcc but no network: the build runs without isolation.
-# QUICK=1 (a short lease): CUDA-parametrised tests only, memcheck only, no profile.
+# Everything a lent GPU machine should run, in one call: build with CUDA, the CUDA tests,
+# compute-sanitizer over every launcher, and the GPU benchmarks of the open targets.
+# The device has torch, pybind11, scikit-build-core, cmake, ninja and nvcc but no network, so
+# the build runs without isolation.
+#
+# A lease is short (15 minutes of device time in all, one command at most 10) and only 8 files
+# come back from $OUT, so: every step runs under its own timeout (a hung step cannot starve the
+# ones after it), the key lines go to $OUT/summary.txt as they happen, and the full logs and
+# result files are re-packed into $OUT/logs.tgz after every step (a command killed at its limit
+# still returns what had finished).
+# QUICK=1 (a short lease): the benchmarks of the open targets come before the sanitizers;
+# no full test suite, racecheck or profile.
 set -uo pipefail
 out=${OUT:-gpu-out}
-mkdir -p "$out"
-export FASTMERGE_CUDA=ON FASTMERGE_CUDA_ARCHS=${FASTMERGE_CUDA_ARCHS:-90}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
-step() { echo "== $1"; }
-step build
-( time python3 -m pip install --no-build-isolation --no-deps -q . ) >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
-(cd /tmp && python3 -X faulthandler -c "import fastmerge, json; print(json.dumps(fastmerge.build_info()))") 2>&1 | tee -a "$out/device.txt"
-step tests
-python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/test_cuda.py >"$out/tests_cuda.log" 2>&1
-echo "test_cuda exit $?"; grep -E "passed|failed|Fatal|^E " "$out/tests_cuda.log" | head -20
-python3 -X faulthandler -m pytest -q -p no:cacheprovider tests ${QUICK:+-k cuda} >"$out/tests.log" 2>&1
-echo "tests exit $?"; grep -E "passed|failed|Fatal|FAILED" "$out/tests.log" | head -20
-grep -A12 "Fatal Python error" "$out/tests.log" | head -30
-step sanitizer
-compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/gpu/sanitize_ops.py >"$out/memcheck.log" 2>&1
-echo "memcheck exit $?" | tee -a "$out/memcheck.log"; tail -5 "$out/memcheck.log"
-[ -n "${QUICK:-}" ] || compute-sanitizer --tool racecheck --error-exitcode 3 python3 benchmarks/gpu/sanitize_ops.py >"$out/racecheck.log" 2>&1
-echo "racecheck exit $?" | tee -a "$out/racecheck.log"; tail -5 "$out/racecheck.log"
-step profile
-[ -n "${QUICK:-}" ] || python3 benchmarks/gpu/profile_ops.py >"$out/profile.txt" 2>&1; grep -E "==|Self CUDA time total|Kernel|kernel|Memcpy|Memset|cub" "$out/profile.txt" | head -60
-step bench
-python3 benchmarks/gpu/bench_gpu.py --json "$out/bench_gpu.json" 2>&1 | tee "$out/bench_gpu.txt"
-# The families benchmarked against their torch references on the GPU (issue 5: batched_svd
-# >= 3x torch.linalg.svd; issue 6: ToMe and kv_merge >= 3x). QUICK=1 skips them.
-if [ -z "${QUICK:-}" ]; then
-  step "bench subspace + batched_svd"
-  python3 benchmarks/bench_subspace.py --device cuda --ref-reps 1 --txt "$out/subspace-gpu.txt" --json "$out/subspace-gpu.json" 2>&1 | tail -20
-  step "bench tome"
-  python3 benchmarks/bench_tome.py --device cuda --txt "$out/tome-gpu.txt" --json "$out/tome-gpu.json" 2>&1 | tail -12
-  step "bench kv_merge"
-  python3 benchmarks/bench_kvmerge.py --device cuda --skip-loop --txt "$out/kvmerge-gpu.txt" --json "$out/kvmerge-gpu.json" 2>&1 | tail -8
+work=${WORK:-/tmp/fastmerge-gpu}
+mkdir -p "$out" "$work"
+summary="$out/summary.txt"
+export FASTMERGE_CUDA=ON FASTMERGE_CUDA_ARCHS=${FASTMERGE_CUDA_ARCHS:-90} PYTHONUNBUFFERED=1
+started=$SECONDS
+
+note() { echo "$*" | tee -a "$summary"; }
+pack() { tar -czf "$out/logs.tgz" -C "$work" . 2>/dev/null; }
+# step NAME SECONDS COMMAND...: run COMMAND with its output in $work/NAME.log, then record
+# its exit status (124: timed out) and the lines matching $keep in the summary.
+keep='passed|failed|error|Error|Fatal|FAILED|ERROR SUMMARY|speed-up|copy bandwidth|x[0-9]+ +[0-9]+ \|'
+step() {
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout -k 10 "$limit" "$@" >"$work/$name.log" 2>&1
+  local rc=$?
+  note "== $name: exit $rc after $((SECONDS - t0)) s (limit $limit s; $((SECONDS - started)) s in all)"
+  grep -E "$keep" "$work/$name.log" | tail -25 | tee -a "$summary"
+  pack
+  return $rc
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$summary"
+step build 300 python3 -m pip install --no-build-isolation --no-deps -q . || {
+  tail -40 "$work/build.log" | tee -a "$summary"; exit 1; }
+(cd /tmp && python3 -c "import fastmerge, json; print(json.dumps(fastmerge.build_info()))") \
+  2>&1 | tee -a "$summary"
+
+# pytest-xdist is on the device image; the tests pass with or without it.
+parallel=(); python3 -c "import xdist" 2>/dev/null && parallel=(-n 8)
+py=(python3 -X faulthandler)  # an array: timeout runs commands, not shell functions
+step tests_cuda_vs_cpu 120 "${py[@]}" -m pytest -q -p no:cacheprovider "${parallel[@]}" tests/test_cuda.py
+if [ -n "${QUICK:-}" ]; then
+  step tests_cuda_rows 180 "${py[@]}" -m pytest -q -p no:cacheprovider "${parallel[@]}" tests -k cuda
+else
+  step tests_all 420 "${py[@]}" -m pytest -q -p no:cacheprovider "${parallel[@]}" tests
 fi
+
+# Open targets: issue 2 (fused TIES >= 50% of device copy bandwidth), issue 5 (batched_svd
+# >= 3x torch.linalg.svd on small matrices), issue 6 (ToMe and kv_merge >= 3x their torch
+# references).
+benches() {
+  step bench_gta 120 "${py[@]}" benchmarks/gpu/bench_gpu.py --json "$work/bench_gpu.json"
+  step bench_batched_svd 90 "${py[@]}" benchmarks/bench_subspace.py --device cuda --only-svd \
+    --txt "$work/svd-gpu.txt" --json "$work/svd-gpu.json"
+  step bench_tome 120 "${py[@]}" benchmarks/bench_tome.py --device cuda \
+    --txt "$work/tome-gpu.txt" --json "$work/tome-gpu.json"
+  step bench_kvmerge 120 "${py[@]}" benchmarks/bench_kvmerge.py --device cuda --skip-loop \
+    --txt "$work/kvmerge-gpu.txt" --json "$work/kvmerge-gpu.json"
+}
+sanitizers() {
+  step memcheck 180 compute-sanitizer --tool memcheck --error-exitcode 3 \
+    python3 benchmarks/gpu/sanitize_ops.py
+  [ -n "${QUICK:-}" ] || step racecheck 300 compute-sanitizer --tool racecheck \
+    --error-exitcode 3 python3 benchmarks/gpu/sanitize_ops.py
+}
+if [ -n "${QUICK:-}" ]; then
+  benches; sanitizers
+else
+  sanitizers; benches
+  step bench_subspace 300 "${py[@]}" benchmarks/bench_subspace.py --device cuda --ref-reps 1 \
+    --txt "$work/subspace-gpu.txt" --json "$work/subspace-gpu.json"
+  step profile 120 "${py[@]}" benchmarks/gpu/profile_ops.py
+fi
+note "done in $((SECONDS - started)) s"
