@@ -135,7 +135,8 @@ class _Prefetcher:
 
     def _load(self, job: TensorJob) -> list:
         """The job's inputs: HostArrays mapped from the page cache when the host kernels can
-        merge them (no torch), else torch tensors (CUDA: pinned copies for fast transfer)."""
+        merge them (no torch), else torch tensors (CUDA: read into pinned memory, for fast
+        transfer)."""
         host = not self._cuda and (job.copy_only or (self._host_merge and host_kernels.supports(
             [x.dtype for x in job.inputs] + [job.out_dtype])))
         tensors = []
@@ -144,14 +145,14 @@ class _Prefetcher:
             if host:
                 t = reader.get_array(x.tensor, mapped=True)
             else:
-                t = reader.get(x.tensor, mapped=not self._cuda)
+                t = reader.get(x.tensor, mapped=not self._cuda, pinned=self._cuda)
             if self._check_finite and x.dtype.is_floating_point:
                 bad = host_kernels.count_non_finite(t)
                 if bad:
                     raise MergeInputError(f"tensor {x.tensor} of model {x.model} "
                                           f"({reader.info(x.tensor).file}) has {bad} NaN/Inf "
                                           f"value(s)")
-            tensors.append(t.pin_memory() if self._cuda else t)
+            tensors.append(t)
         return tensors
 
     def _run(self) -> None:

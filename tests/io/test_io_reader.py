@@ -157,6 +157,25 @@ def test_get_from_a_background_thread_while_querying(tmp_path):
 
 # ---- refused inputs ----
 
+def test_pinned_reads_need_an_own_copy(tmp_path):
+    save_file(sample_tensors(), str(tmp_path / "model.safetensors"))
+    with CheckpointReader(tmp_path) as reader:
+        with pytest.raises(ValueError, match="mapped tensor cannot be pinned"):
+            reader.get(reader.names()[0], mapped=True, pinned=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_pinned_reads_equal_plain_reads(tmp_path):
+    tensors = sample_tensors()
+    tensors["empty"] = torch.zeros(0, 3)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with CheckpointReader(tmp_path) as reader:
+        for name in reader.names():
+            pinned = reader.get(name, pinned=True)
+            assert pinned.is_pinned() or pinned.numel() == 0  # no storage to pin
+            assert torch.equal(pinned, reader.get(name))
+
+
 def test_missing_directory(tmp_path):
     missing = tmp_path / "no-such-model"
     with pytest.raises(ModelNotFoundError, match=str(missing)) as info:

@@ -151,29 +151,34 @@ class CheckpointReader:
         raise TensorNotFoundError(f"tensor {name!r} is not in model {self.path} "
                                   f"({len(self._infos)} tensors){hint}")
 
-    def get(self, name: str, *, mapped: bool = False):
+    def get(self, name: str, *, mapped: bool = False, pinned: bool = False):
         """The tensor as a CPU torch tensor, reading only its bytes.
 
         mapped=False: a tensor of its own, read with pread (mapping the whole file, as
         safetensors does, would count every page touched as ours until the file is unmapped).
         mapped=True: a read-only view of the file's pages in the page cache, mapped for this
         tensor alone and unmapped when the tensor is freed: no copy and no fresh memory, for
-        callers that only read it and drop it soon."""
+        callers that only read it and drop it soon.
+        pinned=True (needs CUDA; not with mapped): read straight into page-locked memory, for a
+        fast copy to the GPU without a second host copy."""
         import torch
 
+        if mapped and pinned:
+            raise ValueError("get: a mapped tensor cannot be pinned")
         info = self.info(name)
         if self._pickle_cache is not None:
             with self._lock:
-                return self._pickle_cache.get(info.file, name)
+                t = self._pickle_cache.get(info.file, name)
+            return t.pin_memory() if pinned else t
         if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype.torch)
+            return torch.empty(info.shape, dtype=info.dtype.torch, pin_memory=pinned)
         if mapped:
             with warnings.catch_warnings():  # read-only: callers never write their inputs
                 warnings.simplefilter("ignore", UserWarning)
                 data = torch.frombuffer(self._map(info), dtype=torch.uint8, count=info.nbytes,
                                         offset=info.offset % mmap.ALLOCATIONGRANULARITY)
         else:
-            data = torch.empty(info.nbytes, dtype=torch.uint8)
+            data = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pinned)
             self._read_into(info, data.numpy())
         return data.view(info.dtype.torch).reshape(info.shape)
 
