@@ -181,6 +181,32 @@ def test_cuda_large_della_ranks():
     assert_same(fn(base.cuda(), on_cuda(experts), [1.0, 0.5]), fn(base, experts, [1.0, 0.5]), exact=True)
 
 
+@pytest.mark.parametrize("shape", [(300, 130), (64, 4096), (3, 5, 7)], ids=str)
+@pytest.mark.parametrize("method", ["della_norescale", "della"])
+def test_cuda_della_ranks_sorted_in_chunks(method, shape, monkeypatch):
+    """Rank groups sorted a few at a time (as tensors above 2^27 elements are): the same ranks,
+    whatever the chunk and however it divides the groups."""
+    base, experts = group(shape, 2, torch.bfloat16, seed=9)
+    fn = {**METHODS, **RESCALED}[method]
+    cpu = fn(base, experts, [1.0, 0.5])
+    for chunk in ("1000", "1"):
+        monkeypatch.setenv("FASTMERGE_DELLA_CHUNK_ITEMS", chunk)
+        assert_same(fn(base.cuda(), on_cuda(experts), [1.0, 0.5]), cpu,
+                    exact=method == "della_norescale")
+
+
+@pytest.mark.parametrize("shape", [(4097,), (2048, 4096)], ids=str)
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "ties_count"])
+def test_cuda_top_k_with_the_global_histogram(method, shape, monkeypatch):
+    """GPUs that cannot give a block 128 KiB of shared memory (sm_86, sm_89, sm_120) count the
+    top-k histogram in global memory: the same counts, so the same result."""
+    monkeypatch.setenv("FASTMERGE_GTA_GLOBAL_HISTOGRAM", "1")
+    base, experts = group(shape, 3, torch.bfloat16, seed=10)
+    weights = [1.0, 0.6, -0.4]
+    assert_same(METHODS[method](base.cuda(), on_cuda(experts), weights),
+                METHODS[method](base, experts, weights), exact=True)
+
+
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs", "dare_ties_norescale", "della_norescale",
                                     "task_arithmetic"])
 def test_cuda_non_contiguous(method):

@@ -1,7 +1,24 @@
 """Exercises every CUDA launcher on small inputs, for compute-sanitizer (memcheck, racecheck)."""
+import contextlib
+import os
+
 import torch
 
 from fastmerge import ops
+
+
+@contextlib.contextmanager
+def _env(**values):
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
 
 
 def main():
@@ -24,6 +41,11 @@ def main():
         ops.model_stock(base, experts)
         ops.model_stock(base, experts, filter_wise=True)
         ops.ties(base, [base.float() + 1 for _ in range(10)], 1.0, 0.5)
+        # the launch variants chosen by size or device: DELLA ranks sorted in chunks, the
+        # top-k histogram in global memory (GPUs without 128 KiB of shared memory per block)
+        with _env(FASTMERGE_DELLA_CHUNK_ITEMS="1000", FASTMERGE_GTA_GLOBAL_HISTOGRAM="1"):
+            ops.della(base, experts, w, 0.5)
+            ops.ties(base, experts, w, 0.3)
         # PEFT's conventions in the GTA kernel, and the stacked-tensor PEFT kernels
         ops.generalized_task_arithmetic(None, experts, w, density=0.4, sparsification="magnitude",
                                         consensus="sum", normalize="count", rescale="density",

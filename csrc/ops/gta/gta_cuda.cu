@@ -1,12 +1,14 @@
 // CUDA launcher of the fused GTA merge, with the semantics of gta_cpu.cpp (shared plan in
 // gta_plan.cpp). Exact top-k on the device: a 15-bit histogram of magnitude keys finds the bin
-// holding the k-th largest, the bin's elements are compacted and radix-sorted (CUB), and the
-// boundary composite is read off the sorted candidates. L1 norms are exact integer sums per
-// exponent, so no result depends on thread order. Two host synchronisations per merge.
+// holding the k-th largest, a histogram of that bin's low 16 key bits gives its exact key, and
+// the ties at that key are ranked by index. DELLA's per-row ranks come from a segmented radix
+// sort (CUB). L1 norms are exact integer sums per exponent, so no result depends on thread
+// order.
 #include <cub/cub.cuh>  // segmented sort for DELLA's ranks
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <vector>
 
 #include "fastmerge/cuda_utils.cuh"
@@ -31,6 +33,15 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kHistShift = 16;                   // bin = key >> 16 (sign bit is always 0)
 constexpr int kHistBins = 1 << (31 - kHistShift);  // 32768
+// DELLA's rank groups are sorted at most this many elements at a time (24 bytes of scratch
+// each: 3 GiB), which keeps CUB's int item count and the scratch in bounds on any tensor.
+// FASTMERGE_DELLA_CHUNK_ITEMS sets a smaller chunk (for the tests of the chunking).
+int64_t della_chunk_items() {
+  constexpr int64_t kDefault = int64_t(1) << 27;
+  const char* text = std::getenv("FASTMERGE_DELLA_CHUNK_ITEMS");
+  const long long value = text ? std::atoll(text) : 0;
+  return value > 0 && value < kDefault ? int64_t(value) : kDefault;
+}
 
 struct Pair {
   const void* base;
@@ -46,20 +57,42 @@ __device__ __forceinline__ float delta_at(const Pair& p, int64_t i) {
 
 // ---- pass A: histogram of key bins ----
 
+// kSharedBins: counted per block in 128 KiB of shared memory, then added to hist (GPUs that
+// grant a block that much: sm_80, sm_90, sm_100); otherwise straight into hist. The counts are
+// integers, so both give the same histogram.
+template <bool kSharedBins>
 __global__ void histogram_kernel(Pair p, int64_t n, unsigned int* hist) {
   extern __shared__ unsigned int shared_hist[];
-  for (int b = threadIdx.x; b < kHistBins; b += blockDim.x) shared_hist[b] = 0;
-  __syncthreads();
+  unsigned int* bins = kSharedBins ? shared_hist : hist;
+  if (kSharedBins) {
+    for (int b = threadIdx.x; b < kHistBins; b += blockDim.x) shared_hist[b] = 0;
+    __syncthreads();
+  }
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
     const uint32_t bin = magnitude_key(delta_at(p, i)) >> kHistShift;
     // Magnitudes cluster in few bins: one atomic per distinct bin in the warp, not per lane.
     const unsigned same = __match_any_sync(__activemask(), bin);
-    if ((threadIdx.x & 31) == unsigned(__ffs(same) - 1)) atomicAdd(&shared_hist[bin], unsigned(__popc(same)));
+    if ((threadIdx.x & 31) == unsigned(__ffs(same) - 1)) atomicAdd(&bins[bin], unsigned(__popc(same)));
   }
-  __syncthreads();
-  for (int b = threadIdx.x; b < kHistBins; b += blockDim.x)
-    if (shared_hist[b]) atomicAdd(&hist[b], shared_hist[b]);
+  if (kSharedBins) {
+    __syncthreads();
+    for (int b = threadIdx.x; b < kHistBins; b += blockDim.x)
+      if (shared_hist[b]) atomicAdd(&hist[b], shared_hist[b]);
+  }
+}
+
+constexpr size_t kHistSharedBytes = size_t(kHistBins) * sizeof(unsigned int);  // 128 KiB
+
+// Whether the current device grants a block the shared histogram (sm_86, sm_89 and sm_120
+// stop at 99 KiB). FASTMERGE_GTA_GLOBAL_HISTOGRAM=1 forces the global one (for its tests).
+bool shared_histogram_fits() {
+  const char* force_global = std::getenv("FASTMERGE_GTA_GLOBAL_HISTOGRAM");
+  if (force_global && force_global[0] == '1') return false;
+  int device = 0, optin = 0;
+  FM_CUDA_CHECK(cudaGetDevice(&device));
+  FM_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return size_t(optin) >= kHistSharedBytes;
 }
 
 // ---- pass B: the low 16 key bits inside the boundary bin (exact key of the k-th) ----
@@ -213,12 +246,14 @@ __global__ void random_l1_kernel(Pair p, int64_t n, RandomStream stream, float k
 
 // ---- DELLA: keep probabilities from ranks within each rank group ----
 
-__global__ void della_keys_kernel(Pair p, int64_t L, int64_t I, int64_t groups,
+// Rank groups [group0, group0 + groups) of L elements each; keys and positions are indexed
+// within the chunk.
+__global__ void della_keys_kernel(Pair p, int64_t L, int64_t I, int64_t group0, int64_t groups,
                                   unsigned long long* keys, uint32_t* positions) {
   const int64_t total = groups * L;
   for (int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; g < total;
        g += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t group = g / L, j = g % L;
+    const int64_t group = group0 + g / L, j = g % L;
     const int64_t o = group / I, c = group % I;
     const int64_t i = o * L * I + j * I + c;
     keys[g] = composite_key(magnitude_key(delta_at(p, i)), j);
@@ -227,11 +262,12 @@ __global__ void della_keys_kernel(Pair p, int64_t L, int64_t I, int64_t groups,
 }
 
 __global__ void della_probs_kernel(const uint32_t* sorted_positions, int64_t L, int64_t I,
-                                   int64_t groups, float prob_base, float prob_span, float* prob) {
+                                   int64_t group0, int64_t groups, float prob_base,
+                                   float prob_span, float* prob) {
   const int64_t total = groups * L;
   for (int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; g < total;
        g += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t group = g / L, r = g % L;
+    const int64_t group = group0 + g / L, r = g % L;
     const int64_t o = group / I, c = group % I;
     const int64_t j = sorted_positions[g];
     const float rank_norm = L > 1 ? float(r) / float(L - 1) : 0.5f;
@@ -413,42 +449,53 @@ GtaDevicePlan gta_prepare_cuda(const TensorView* base, const std::vector<TensorV
   GtaPlan& plan = out.plan;
   if (n == 0) return out;
   const int T = int(plan.experts.size());
-  const size_t hist_smem = size_t(kHistBins) * sizeof(unsigned int);
-  FM_CUDA_CHECK(cudaFuncSetAttribute(histogram_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     int(hist_smem)));
 
   // DELLA probabilities first: the L1 statistics and the merge both read them.
   out.della_probs.resize(size_t(T));
   const int64_t L = params.rank_len, I = params.rank_inner, groups = params.rank_outer * I;
+  // The rank groups are sorted in chunks: CUB's segmented sort counts items in an int, and the
+  // 24 bytes of scratch per element would not fit beside a large tensor. Every group holds L
+  // elements, so one table of offsets serves every chunk.
+  const int64_t chunk_groups =
+      std::min(groups, std::max<int64_t>(1, della_chunk_items() / std::max<int64_t>(L, 1)));
+  FM_CHECK(chunk_groups * L <= INT32_MAX, "della: a rank group of ", L, " elements is too long");
   for (int t = 0; t < T; ++t) {
     const ExpertPlan& x = plan.experts[size_t(t)];
     if (x.kind != MaskKind::della) continue;
     const Pair p = pair_of(base, experts[size_t(t)]);
-    DeviceBuffer keys(size_t(n) * 8, stream), keys_sorted(size_t(n) * 8, stream);
-    DeviceBuffer pos(size_t(n) * 4, stream), pos_sorted(size_t(n) * 4, stream);
-    std::vector<int64_t> offsets_host(size_t(groups) + 1);
-    for (int64_t g = 0; g <= groups; ++g) offsets_host[size_t(g)] = g * L;
+    const int64_t items = chunk_groups * L;
+    DeviceBuffer keys(size_t(items) * 8, stream), keys_sorted(size_t(items) * 8, stream);
+    DeviceBuffer pos(size_t(items) * 4, stream), pos_sorted(size_t(items) * 4, stream);
+    std::vector<int64_t> offsets_host(size_t(chunk_groups) + 1);
+    for (int64_t g = 0; g <= chunk_groups; ++g) offsets_host[size_t(g)] = g * L;
     DeviceBuffer offsets(offsets_host.size() * 8, stream);
     FM_CUDA_CHECK(cudaMemcpyAsync(offsets.as<void>(), offsets_host.data(), offsets.bytes(),
                                   cudaMemcpyHostToDevice, stream));
-    della_keys_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(
-        p, L, I, groups, keys.as<unsigned long long>(), pos.as<uint32_t>());
-    FM_CUDA_LAUNCHED();
-    size_t temp_bytes = 0;
-    FM_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairs(
-        nullptr, temp_bytes, keys.as<unsigned long long>(), keys_sorted.as<unsigned long long>(),
-        pos.as<uint32_t>(), pos_sorted.as<uint32_t>(), n, groups, offsets.as<int64_t>(),
-        offsets.as<int64_t>() + 1, 0, 64, stream));
-    DeviceBuffer temp(temp_bytes, stream);
-    FM_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairs(
-        temp.as<void>(), temp_bytes, keys.as<unsigned long long>(),
-        keys_sorted.as<unsigned long long>(), pos.as<uint32_t>(), pos_sorted.as<uint32_t>(), n,
-        groups, offsets.as<int64_t>(), offsets.as<int64_t>() + 1, 0, 64, stream));
     out.della_probs[size_t(t)] = DeviceBuffer(size_t(n) * 4, stream);
-    della_probs_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(
-        pos_sorted.as<uint32_t>(), L, I, groups, x.prob_base, x.prob_span,
-        out.della_probs[size_t(t)].as<float>());
-    FM_CUDA_LAUNCHED();
+    DeviceBuffer temp;
+    for (int64_t group0 = 0; group0 < groups; group0 += chunk_groups) {
+      const int64_t count = std::min(chunk_groups, groups - group0);
+      const int num_items = int(count * L), num_segments = int(count);
+      della_keys_kernel<<<grid_for(count * L, kThreads), kThreads, 0, stream>>>(
+          p, L, I, group0, count, keys.as<unsigned long long>(), pos.as<uint32_t>());
+      FM_CUDA_LAUNCHED();
+      size_t temp_bytes = 0;
+      FM_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairs(
+          nullptr, temp_bytes, keys.as<unsigned long long>(),
+          keys_sorted.as<unsigned long long>(), pos.as<uint32_t>(), pos_sorted.as<uint32_t>(),
+          num_items, num_segments, offsets.as<int64_t>(), offsets.as<int64_t>() + 1, 0, 64,
+          stream));
+      if (temp.bytes() < temp_bytes) temp = DeviceBuffer(temp_bytes, stream);
+      FM_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairs(
+          temp.as<void>(), temp_bytes, keys.as<unsigned long long>(),
+          keys_sorted.as<unsigned long long>(), pos.as<uint32_t>(), pos_sorted.as<uint32_t>(),
+          num_items, num_segments, offsets.as<int64_t>(), offsets.as<int64_t>() + 1, 0, 64,
+          stream));
+      della_probs_kernel<<<grid_for(count * L, kThreads), kThreads, 0, stream>>>(
+          pos_sorted.as<uint32_t>(), L, I, group0, count, x.prob_base, x.prob_span,
+          out.della_probs[size_t(t)].as<float>());
+      FM_CUDA_LAUNCHED();
+    }
     // offsets_host must outlive the copy: synchronise before it goes out of scope.
     FM_CUDA_CHECK(cudaStreamSynchronize(stream));
   }
@@ -479,6 +526,11 @@ GtaDevicePlan gta_prepare_cuda(const TensorView* base, const std::vector<TensorV
   int hist_count = 0;
   for (const DeviceSelection& s : sels)
     if (hist_index[size_t(s.expert)] < 0) hist_index[size_t(s.expert)] = hist_count++;
+  const bool shared_bins = hist_count > 0 && shared_histogram_fits();
+  if (shared_bins)
+    FM_CUDA_CHECK(cudaFuncSetAttribute(histogram_kernel<true>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       int(kHistSharedBytes)));
   DeviceBuffer hist(size_t(hist_count) * kHistBins * 4, stream);
   DeviceBuffer random_l1(size_t(T) * 2 * kExactBins * 8, stream);
   hist.zero();
@@ -488,8 +540,11 @@ GtaDevicePlan gta_prepare_cuda(const TensorView* base, const std::vector<TensorV
     const Pair p = pair_of(base, experts[size_t(t)]);
     if (hist_index[size_t(t)] >= 0) {
       const size_t h = size_t(hist_index[size_t(t)]);
-      // 128 KiB of shared histogram: one block per multiprocessor.
-      histogram_kernel<<<sm_count(), 1024, hist_smem, stream>>>(p, n, hist.as<unsigned int>() + h * kHistBins);
+      unsigned int* expert_hist = hist.as<unsigned int>() + h * kHistBins;
+      if (shared_bins)  // 128 KiB of shared histogram: one block per multiprocessor
+        histogram_kernel<true><<<sm_count(), 1024, kHistSharedBytes, stream>>>(p, n, expert_hist);
+      else
+        histogram_kernel<false><<<grid_for(n, 1024), 1024, 0, stream>>>(p, n, expert_hist);
       FM_CUDA_LAUNCHED();
     }
     if (x.rescale && (x.kind == MaskKind::bernoulli || x.kind == MaskKind::della)) {
