@@ -1,4 +1,6 @@
-// CUDA passes of kv_merge (see kvmerge.h), the same arithmetic as kvmerge_cpu.cpp:
+// CUDA passes of kv_merge (see kvmerge.h). The similarities use kvmerge_cpu.cpp's arithmetic
+// exactly (the same sets on both devices); a weight's squared distance is summed in another
+// order (a warp butterfly), so merged values may differ from the CPU's in the last bit:
 //   similarity_kernel  eight lanes per adjacent pair: fp64 dot and norms summed in the CPU's
 //                      order (lane_sum in kvmerge_cpu.cpp), so both devices pick the same pairs;
 //   count_kernel       one block per head: candidate count (integer block reduction);
