@@ -526,6 +526,10 @@ GtaDevicePlan gta_prepare_cuda(const TensorView* base, const std::vector<TensorV
   int hist_count = 0;
   for (const DeviceSelection& s : sels)
     if (hist_index[size_t(s.expert)] < 0) hist_index[size_t(s.expert)] = hist_count++;
+  // The device histograms count in 32 bits: one bin could hold every element.
+  FM_CHECK(hist_count == 0 || n <= int64_t(UINT32_MAX),
+           "exact top-k on CUDA takes at most 2^32 - 1 elements per tensor, got ", n,
+           " (the CPU takes up to 2^33)");
   const bool shared_bins = hist_count > 0 && shared_histogram_fits();
   if (shared_bins)
     FM_CUDA_CHECK(cudaFuncSetAttribute(histogram_kernel<true>,
