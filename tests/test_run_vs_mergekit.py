@@ -202,6 +202,65 @@ def test_tied_embeddings_handled_as_mergekit_does(family32, tmp_path):
         _assert_loads_and_runs(tmp_path / f"ours-{label}")
 
 
+def test_filters_of_a_tied_expert_match_the_heads_name(family32, tmp_path):
+    """An expert without lm_head gives its embeddings for the head; its per-model filters
+    still match lm_head (the name asked for), not embed_tokens."""
+    fam = synthetic.build_family(tmp_path / "tied", preset="tiny", experts=2,
+                                 dtype=torch.float32, seed=9, tie_word_embeddings=True)
+    text = (f"merge_method: task_arithmetic\nbase_model: {family32.base}\nmodels:\n"
+            f"  - model: {fam.experts[0]}\n"
+            f"    parameters: {{weight: [{{filter: lm_head, value: 0.9}}, {{value: 0.2}}]}}\n"
+            f"  - model: {fam.experts[1]}\n"
+            f"    parameters: {{weight: [{{filter: embed, value: 0.7}}, {{value: 0.3}}]}}\n"
+            f"dtype: float32\n")
+    ours, theirs = merge_both(text, tmp_path)
+    for name in theirs:
+        assert torch.allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_mixed_input_dtypes_without_dtype_merge_in_the_promoted_dtype(family32, tmp_path):
+    fam16 = synthetic.build_family(tmp_path / "bf16", preset="tiny", experts=1,
+                                   dtype=torch.bfloat16, seed=4)
+    text = (f"merge_method: task_arithmetic\nbase_model: {fam16.base}\nmodels:\n"
+            f"  - model: {family32.experts[0]}\n    parameters: {{weight: 0.4}}\n"
+            f"  - model: {fam16.experts[0]}\n    parameters: {{weight: 0.6}}\n")
+    ours, theirs = merge_both(text, tmp_path)
+    for name in theirs:
+        assert ours[name].dtype == theirs[name].dtype == torch.float32, name
+        assert torch.allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_post_layer_tensors_take_as_many_models_as_the_first_slice(family32, tmp_path):
+    """mergekit pairs the last slice's models with the first slice's count of weights: a
+    third model that joins in the last slice is left out of the final norm and the head."""
+    b, e0, e1 = family32.base, family32.experts[0], family32.experts[1]
+    text = (f"merge_method: task_arithmetic\nbase_model: {b}\nslices:\n"
+            f"  - sources:\n      - {{model: {b}, layer_range: [0, 2]}}\n"
+            f"      - {{model: {e0}, layer_range: [0, 2]}}\n"
+            f"  - sources:\n      - {{model: {b}, layer_range: [2, 4]}}\n"
+            f"      - {{model: {e0}, layer_range: [2, 4]}}\n"
+            f"      - {{model: {e1}, layer_range: [2, 4]}}\n"
+            f"parameters:\n  weight: 0.5\ndtype: float32\n")
+    ours, theirs = merge_both(text, tmp_path)
+    for name in theirs:
+        assert torch.allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_optional_base_missing_from_a_slice_is_refused_as_mergekit_does(family32, tmp_path):
+    e0, e1 = family32.experts[0], family32.experts[1]
+    text = (f"merge_method: nuslerp\nbase_model: {family32.base}\nslices:\n  - sources:\n"
+            f"      - {{model: {e0}, layer_range: [0, 4], parameters: {{weight: 0.3}}}}\n"
+            f"      - {{model: {e1}, layer_range: [0, 4], parameters: {{weight: 0.7}}}}\n"
+            f"dtype: float32\n")
+    from fastmerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not among the models of a slice"):
+        run_fastmerge(text, tmp_path / "ours", tmp_path)
+    assert not (tmp_path / "ours").exists()
+    with pytest.raises(ValueError, match="Base input is not present"):
+        run_mergekit(text, tmp_path / "theirs")
+
+
 # ---- sphere family: nuslerp, multislerp, karcher ----
 
 from types import SimpleNamespace  # noqa: E402

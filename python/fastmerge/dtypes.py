@@ -69,3 +69,20 @@ def as_dtype(value: Union[DType, str, object]) -> DType:
     if text.startswith("torch.") and text[6:] in BY_NAME and "torch" in sys.modules:
         return BY_NAME[text[6:]]
     raise ValueError(f"not a dtype fastmerge knows: {value!r}")
+
+
+def promoted_float(dtypes) -> DType:
+    """torch.promote_types over floating dtypes, without torch: the widest, and float32 for
+    float16 with bfloat16 (neither holds the other). Float8 types only promote to themselves in
+    torch; mixed with another, the wider one is taken."""
+    result = None
+    for d in dtypes:
+        if result is None or d == result:
+            result = d
+        elif {d.name, result.name} == {"float16", "bfloat16"}:
+            result = float32
+        elif d.itemsize > result.itemsize:
+            result = d
+    if result is None:
+        raise ValueError("promoted_float: no dtypes")
+    return result

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .config import MergeConfig, OutputSlice, resolve
-from .dtypes import DType
+from .dtypes import DType, promoted_float
 from .errors import ConfigError, MergeInputError
 from .methods import INPUT_SCOPES, MethodSpec, get_method
 
@@ -130,13 +130,20 @@ class Planner:
 
     # ---- inputs of one tensor ----
 
-    def _models_of(self, out_slice: OutputSlice) -> Tuple[List[str], Optional[str]]:
-        models = [s.model for s in out_slice.sources]
+    def _models_of(self, out_slice: OutputSlice, limit: Optional[int] = None
+                   ) -> Tuple[List[str], Optional[str]]:
+        """The slice's input models (the first `limit` sources) and its base among them."""
+        models = [s.model for s in out_slice.sources][:limit]
         base = out_slice.base_model or self.config.base_model
         if not self.config.uses_slices and base is not None and base not in models:
             models.append(base)  # mergekit adds the base model as an input
         if len(set(models)) != len(models):
             raise ConfigError(f"a model is listed twice in one merge: {models}")
+        if base is not None and base not in models and self.method.optional_base:
+            # mergekit refuses it too ("Base input is not present in merge inputs"): merging
+            # without the base the config names would silently change the method.
+            raise ConfigError(f"{self.config.merge_method} merges against base_model {base}, "
+                              f"which is not among the models of a slice ({models})")
         return models, base if base in models else None
 
     def _find(self, model: str, name: str, out_name: str, optional: bool) -> Optional[InputTensor]:
@@ -152,8 +159,8 @@ class Planner:
                               f"{model} ({reader.path})")
 
     def _job(self, out_name: str, in_names: Mapping[str, str], out_slice: OutputSlice, t: float,
-             optional_head: bool = False) -> Optional[TensorJob]:
-        models, base = self._models_of(out_slice)
+             optional_head: bool = False, limit: Optional[int] = None) -> Optional[TensorJob]:
+        models, base = self._models_of(out_slice, limit)
         found = [(m, self._find(m, in_names[m], out_name, optional_head)) for m in models]
         found = [(m, x) for m, x in found if x is not None]
         if not found:
@@ -181,10 +188,13 @@ class Planner:
         for model, x in zip(models, inputs):
             levels = [s.parameters for s in out_slice.sources if s.model == model] + shared_levels
             scopes = INPUT_SCOPES if model != base else ("input",)
-            per_input.append({p.name: parameter_value(p, levels, x.tensor, t,
+            # Filters match the name asked for (mergekit): a tied head's is lm_head, not the
+            # embeddings it was read from.
+            per_input.append({p.name: parameter_value(p, levels, in_names[model], t,
                                                   f"model {model}, tensor {x.tensor}")
                               for p in self.method.parameters if p.scope in scopes})
-        out_dtype = self.config.out_dtype or self.config.dtype or first.dtype
+        out_dtype = (self.config.out_dtype or self.config.dtype
+                     or promoted_float([x.dtype for x in inputs]))
         return TensorJob(out_name, inputs, base_index, shared, tuple(per_input), shape, out_dtype)
 
     # ---- the whole output ----
@@ -209,11 +219,12 @@ class Planner:
         ref_layout = self.layouts[self.reference]
         jobs: List[TensorJob] = []
 
-        def non_layer(names: Sequence[str], out_slice: OutputSlice) -> None:
-            models, _ = self._models_of(out_slice)
+        def non_layer(names: Sequence[str], out_slice: OutputSlice,
+                      limit: Optional[int] = None) -> None:
+            models, _ = self._models_of(out_slice, limit)
             for name in names:
                 optional = name not in self.readers[self.reference]  # a tied head
-                job = self._job(name, {m: name for m in models}, out_slice, 0.0, optional)
+                job = self._job(name, {m: name for m in models}, out_slice, 0.0, optional, limit)
                 if job is not None:
                     jobs.append(job)
 
@@ -239,9 +250,12 @@ class Planner:
                 out_layer += 1
         # A head tied to the embeddings is an output when any model has it; the models
         # without one contribute their embeddings (mergekit: optional weight, tied_names).
+        # mergekit pairs the last slice's models with as many weights as the first slice has
+        # sources: only that many of the last slice's models go into the norm and the head.
+        post_limit = len(slices[0].sources) if self.config.uses_slices else None
         heads = [h for h in ref_layout.tied if h not in self.readers[self.reference]
-                 and any(h in self.readers[m] for m in self._models_of(slices[-1])[0])]
-        non_layer(ref_layout.post + heads, slices[-1])
+                 and any(h in self.readers[m] for m in self._models_of(slices[-1], post_limit)[0])]
+        non_layer(ref_layout.post + heads, slices[-1], post_limit)
 
         names = [j.name for j in jobs]
         if len(set(names)) != len(names):
