@@ -555,6 +555,16 @@ def test_svd_clamp_is_served_by_peft_with_a_warning():
         assert torch.equal(got[key], want[key]), key
 
 
+def test_svd_driver_is_left_to_peft_and_torch():
+    """A driver is torch's to check (CUDA only): the patched call fails where PEFT's does."""
+    with pytest.raises(RuntimeError) as theirs:
+        weighted("svd", False, svd_driver="gesvd")
+    fpeft._warned.clear()
+    with pytest.warns(RuntimeWarning, match="svd_driver"), pytest.raises(RuntimeError) as ours:
+        weighted("svd", True, svd_driver="gesvd")
+    assert str(ours.value) == str(theirs.value)
+
+
 def test_unpatch_restores_the_lora_svd_method():
     from peft.tuners.lora.model import LoraModel
 

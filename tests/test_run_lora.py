@@ -33,25 +33,26 @@ def tiny_llama(seed=0):
     return transformers.LlamaForCausalLM(config).eval()
 
 
+def make_adapter(path, seed, **lora_config):
+    """A saved PEFT LoRA adapter of tiny_llama with random (non-zero) factors."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(tiny_llama(), LoraConfig(init_lora_weights=False, **lora_config))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.3)
+    model.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def adapter_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    paths = []
-    for i, (r, alpha, targets, extra) in enumerate(ADAPTERS):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = get_peft_model(tiny_llama(), LoraConfig(r=r, lora_alpha=alpha,
-                                                            target_modules=targets,
-                                                            init_lora_weights=False, **extra))
-        torch.manual_seed(100 + i)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.normal_(0.0, 0.3)
-        path = root / f"adapter{i}"
-        model.save_pretrained(path)
-        paths.append(path)
-    return paths
+    return [make_adapter(root / f"adapter{i}", 100 + i, r=r, lora_alpha=alpha,
+                         target_modules=targets, **extra)
+            for i, (r, alpha, targets, extra) in enumerate(ADAPTERS)]
 
 
 def peft_updates(path):
@@ -109,6 +110,30 @@ def test_knots_run_matches_the_reference_and_loads_in_peft(tmp_path, adapter_dir
     assert saved["r"] == saved["lora_alpha"] and not saved["use_rslora"]
 
 
+def test_merged_adapter_adapts_exactly_the_merged_modules(tmp_path):
+    """Sources that select their modules differently (a name list restricted to one layer, a
+    regex, an exclusion): PEFT loads the merged adapter on exactly the union of their modules,
+    each with its merged update, and creates no module without saved factors."""
+    adapters = [
+        make_adapter(tmp_path / "a", 1, r=4, target_modules=["q_proj"], layers_to_transform=[0]),
+        make_adapter(tmp_path / "b", 2, r=3, target_modules=r".*\.v_proj"),
+        make_adapter(tmp_path / "c", 3, r=2, target_modules=["o_proj", "q_proj"],
+                     exclude_modules=["model.layers.0.self_attn.o_proj"]),
+    ]
+    weights = [1.0, 0.7, 1.2]
+    config = write_config(tmp_path, "knots", adapters, weights, density=1.0)
+    run_merge(config, tmp_path / "merged", MergeOptions(quiet=True))
+    sources = [peft_updates(p) for p in adapters]
+    merged = peft_updates(tmp_path / "merged")
+    assert set(merged) == set().union(*sources)
+    for module, got in merged.items():
+        have = [(u[module], w) for u, w in zip(sources, weights) if module in u]
+        expected = ref.knots([u for u, _ in have], weights=[w for _, w in have], density=1.0,
+                             sparsification="magnitude", lambda_=1.0, seed=0,
+                             name=f"{module}.weight")
+        assert float((got - expected).norm() / expected.norm()) < 1e-5, module
+
+
 def test_knots_output_model_runs_forward(tmp_path, adapter_dirs):
     config = write_config(tmp_path, "knots", adapter_dirs, [1, 1, 1], density=0.3)
     run_merge(config, tmp_path / "merged", MergeOptions(quiet=True))
@@ -128,6 +153,17 @@ def test_knots_rejects_a_checkpoint_that_is_not_an_adapter(tmp_path, adapter_dir
     tiny_llama().save_pretrained(plain)
     config = write_config(tmp_path, "knots", [adapter_dirs[0], plain], [1, 1])
     with pytest.raises(FastmergeError, match="not a PEFT LoRA adapter"):
+        run_merge(config, tmp_path / "out", MergeOptions(quiet=True))
+
+
+def test_knots_names_an_adapter_without_factors(tmp_path, adapter_dirs):
+    from safetensors.torch import save_file
+
+    empty = tmp_path / "empty"
+    shutil.copytree(adapter_dirs[0], empty)
+    save_file({}, str(empty / "adapter_model.safetensors"))
+    config = write_config(tmp_path, "knots", [empty, adapter_dirs[1]], [1, 1])
+    with pytest.raises(MergeInputError, match="holds no LoRA factor pairs"):
         run_merge(config, tmp_path / "out", MergeOptions(quiet=True))
 
 

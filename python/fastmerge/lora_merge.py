@@ -13,7 +13,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
@@ -110,13 +110,12 @@ def run_lora_merge(config: MergeConfig, out_dir, options):
         tensors[key] = _common_base_layer(key, [(s.model, adapters[s.model]) for s in sources
                                                 if key in adapters[s.model].base_layers])
 
-    targets = _target_modules([adapters[s.model].config for s in sources])
     first = dict(adapters[sources[0].model].config)
     if config.base_model:
         first["base_model_name_or_path"] = config.base_model
     staging = StagedOutput(out_dir, fingerprint=_fingerprint(config, adapters, options),
                            overwrite=options.overwrite)
-    write_adapter(staging.directory, merged_adapter_config(first, ranks, targets), tensors)
+    write_adapter(staging.directory, merged_adapter_config(first, ranks), tensors)
     staging.commit()
     for a in adapters.values():
         a.close()
@@ -144,17 +143,3 @@ def _pad(x: torch.Tensor, rows: int) -> torch.Tensor:
     if x.shape[0] == rows:
         return x.contiguous()
     return torch.cat([x, x.new_zeros(rows - x.shape[0], x.shape[1])]).contiguous()
-
-
-def _target_modules(configs: List[dict]) -> Optional[object]:
-    """The adapters' target_modules: the common value, or the union of their lists."""
-    values = [c.get("target_modules") for c in configs]
-    if all(v == values[0] for v in values):
-        return values[0]
-    if any(isinstance(v, str) for v in values):  # a regex: the union is their alternation
-        return "|".join(f"(?:{v})" if isinstance(v, str) else "|".join(map(re.escape, v))
-                        for v in values if v)
-    union: List[str] = []
-    for v in values:
-        union += [m for m in (v or []) if m not in union]
-    return union

@@ -28,7 +28,7 @@ from ..ops.subspace import _FP64_GRAM_MIN_RATIO, _gram_eig, _kept_ratio, _triple
 METHOD = "_svd_generalized_task_arithmetic_weighted_adapter"
 
 
-def _reason(adapters, new_rank, target, clamp) -> Optional[str]:
+def _reason(adapters, new_rank, target, clamp, driver=None) -> Optional[str]:
     """Why PEFT's own code must serve this layer, or None."""
     from peft.tuners.lora import layer
 
@@ -38,6 +38,8 @@ def _reason(adapters, new_rank, target, clamp) -> Optional[str]:
         return "conv layers"
     if clamp is not None:
         return "svd_clamp (clamped factors depend on the SVD's sign convention)"
+    if driver is not None:
+        return "svd_driver (torch validates it, and it only applies on CUDA)"
     used = [a for a in adapters if a in target.lora_A or a in target.lora_embedding_A]
     if not used:
         return None  # PEFT raises its own error
@@ -87,7 +89,7 @@ def accelerated(original: Callable) -> Callable:
                             target_lora_A, target_lora_B, density, majority_sign_method,
                             clamp=clamp, full_matrices=full_matrices, driver=driver)
 
-        reason = _reason(adapters, new_rank, target, clamp)
+        reason = _reason(adapters, new_rank, target, clamp, driver)
         if reason is not None:
             _say_once("add_weighted_adapter SVD", reason)
             return peft_own()

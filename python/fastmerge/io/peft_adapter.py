@@ -130,6 +130,8 @@ class LoraAdapter:
             modules[module] = LoraModule(module, kinds[module], a_shape[0],
                                          self._scaling(module, a_shape[0]), sides["A"],
                                          sides["B"])
+        if not modules:
+            raise MergeInputError(f"{self.label}: {WEIGHTS_FILE} holds no LoRA factor pairs")
         return modules
 
     def _scaling(self, module: str, rank: int) -> float:
@@ -180,14 +182,18 @@ def write_adapter(directory: Path, config: dict, tensors: Mapping[str, torch.Ten
                                          encoding="utf-8")
 
 
-def merged_adapter_config(first: dict, ranks: Mapping[str, int],
-                          target_modules: List[str]) -> dict:
+def merged_adapter_config(first: dict, ranks: Mapping[str, int]) -> dict:
     """The config of a merged adapter whose factors carry the whole update (scaling 1): r and
-    lora_alpha equal, per module through rank_pattern/alpha_pattern when the ranks differ."""
+    lora_alpha equal, per module through rank_pattern/alpha_pattern when the ranks differ.
+    PEFT adapts exactly the merged modules: target_modules lists their full names, and the
+    first adapter's layer selection (layers_to_transform, exclude_modules) and initialisation
+    would drop merged updates or add random ones, so they are reset."""
     config = dict(first)
     common = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
     patterns = {re.escape(m): r for m, r in ranks.items() if r != common}
     config.update(r=common, lora_alpha=common, use_rslora=False, rank_pattern=patterns,
-                  alpha_pattern=dict(patterns), target_modules=target_modules,
-                  use_dora=False, modules_to_save=None, inference_mode=True)
+                  alpha_pattern=dict(patterns), target_modules=list(ranks),
+                  layers_to_transform=None, layers_pattern=None, exclude_modules=None,
+                  init_lora_weights=True, use_dora=False, modules_to_save=None,
+                  inference_mode=True)
     return config
