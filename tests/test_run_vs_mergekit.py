@@ -261,6 +261,47 @@ def test_optional_base_missing_from_a_slice_is_refused_as_mergekit_does(family32
         run_mergekit(text, tmp_path / "theirs")
 
 
+def test_tokenizer_source_base_drops_the_vocabulary_padding_as_mergekit_does(family32, tmp_path):
+    """The synthetic tokenizer has fewer tokens than config.vocab_size (padding rows, as in
+    Qwen2.5): embeddings and head keep one row per token, and vocab_size follows."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    tokens = len(AutoTokenizer.from_pretrained(family32.base).get_vocab())
+    padded = json.loads((family32.base / "config.json").read_text())["vocab_size"]
+    assert tokens < padded  # the case under test
+    text = (f"merge_method: task_arithmetic\nbase_model: {family32.base}\n"
+            f"{models_block(family32, {'weight': WEIGHTS})}\ntokenizer_source: base\n"
+            f"dtype: float32\n")
+    ours, theirs = merge_both(text, tmp_path)
+    assert ours["model.embed_tokens.weight"].shape[0] == ours["lm_head.weight"].shape[0] == tokens
+    for name in theirs:
+        assert ours[name].shape == theirs[name].shape, name
+        assert torch.allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-6), name
+    for out in ("ours", "theirs"):
+        assert json.loads((tmp_path / out / "config.json").read_text())["vocab_size"] == tokens
+    _assert_loads_and_runs(tmp_path / "ours")
+
+
+def test_tokenizer_source_base_refuses_vocabularies_it_would_have_to_permute(family32, tmp_path):
+    import json
+
+    from fastmerge.errors import ConfigError
+
+    expert = tmp_path / "expert"
+    shutil.copytree(family32.experts[0], expert)
+    tok = json.loads((expert / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[5:7]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (expert / "tokenizer.json").write_text(json.dumps(tok))
+    text = (f"merge_method: task_arithmetic\nbase_model: {family32.base}\nmodels:\n"
+            f"  - model: {expert}\n    parameters: {{weight: 0.5}}\ntokenizer_source: base\n")
+    with pytest.raises(ConfigError, match="2 of the base's tokens other ids"):
+        run_fastmerge(text, tmp_path / "ours", tmp_path)
+
+
 # ---- sphere family: nuslerp, multislerp, karcher ----
 
 from types import SimpleNamespace  # noqa: E402

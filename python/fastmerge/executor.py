@@ -146,6 +146,8 @@ class _Prefetcher:
                 t = reader.get_array(x.tensor, mapped=True)
             else:
                 t = reader.get(x.tensor, mapped=not self._cuda, pinned=self._cuda)
+            if x.rows is not None:  # a leading block of rows: still one contiguous view
+                t = host_kernels.HostArray(t.data[:x.rows], t.dtype) if host else t[:x.rows]
             if self._check_finite and x.dtype.is_floating_point:
                 bad = host_kernels.count_non_finite(t)
                 if bad:

@@ -29,7 +29,8 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def output_config(config: MergeConfig, reference_config: dict, plan: MergePlan) -> dict:
-    """The reference model's config.json with the output's dtype and number of layers."""
+    """The reference model's config.json with the output's dtype, number of layers and (with
+    tokenizer_source: base) vocabulary size."""
     out = json.loads(json.dumps(reference_config))  # deep copy
     dtype = config.out_dtype or config.dtype
     if dtype is None:
@@ -44,6 +45,10 @@ def output_config(config: MergeConfig, reference_config: dict, plan: MergePlan) 
             if key in out:
                 out[key] = plan.num_layers
                 break
+    if plan.vocab_size is not None:  # mergekit sets it from the written tokenizer
+        holder = out if "vocab_size" in out or not isinstance(out.get("text_config"), dict) \
+            else out["text_config"]
+        holder["vocab_size"] = plan.vocab_size
     return out
 
 

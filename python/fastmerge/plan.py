@@ -16,6 +16,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 from .config import MergeConfig, OutputSlice, resolve
 from .dtypes import DType, promoted_float
 from .errors import ConfigError, MergeInputError
+from .io.vocabulary import base_vocabulary_rows, vocab_size_of
 from .methods import INPUT_SCOPES, MethodSpec, get_method
 
 LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer)\.)(?P<index>\d+)\.(?P<rest>.+)$")
@@ -51,9 +52,10 @@ def parameter_value(spec, levels, tensor_name: str, t: float, where: str):
 class InputTensor:
     model: str               # the model as named in the config
     tensor: str              # its name inside that checkpoint
-    shape: Tuple[int, ...]
+    shape: Tuple[int, ...]   # as merged: `rows` rows when set
     dtype: DType
-    nbytes: int
+    nbytes: int              # of what is merged
+    rows: Optional[int] = None  # merge only the first rows (a vocabulary's padding dropped)
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class MergePlan:
     jobs: Tuple[TensorJob, ...]
     reference_model: str                 # config.json, tokenizer and card come from it
     num_layers: int                      # decoder layers of the output
+    vocab_size: Optional[int] = None     # tokenizer_source: base: the output's vocab_size
 
 
 def layer_count(reader) -> int:
@@ -127,6 +130,21 @@ class Planner:
         self.method: MethodSpec = get_method(config.merge_method)
         self.reference = config.base_model or config.slices[0].sources[0].model
         self.layouts = {m: _Layout(r) for m, r in readers.items()}
+        self.vocabulary_rows = (self._base_vocabulary_rows()
+                                if config.tokenizer_source == "base" else None)
+
+    def _base_vocabulary_rows(self) -> int:
+        donor = self.config.base_model or self.config.referenced_models()[0]
+        return base_vocabulary_rows(
+            self.readers[donor].path, self.readers[donor].config,
+            {m: (r.path, r.config) for m, r in self.readers.items()})
+
+    def _on_vocabulary(self, name: str) -> bool:
+        """Whether a non-layer tensor has a row per token (embeddings, the output head)."""
+        if "position" in name or "wpe" in name:
+            return False
+        return (any(h in name for h in EMBEDDING_HINTS) or name in self.layouts[self.reference].tied
+                or name.endswith(("lm_head.weight", "embed_out.weight")))
 
     # ---- inputs of one tensor ----
 
@@ -146,22 +164,30 @@ class Planner:
                               f"which is not among the models of a slice ({models})")
         return models, base if base in models else None
 
-    def _find(self, model: str, name: str, out_name: str, optional: bool) -> Optional[InputTensor]:
+    def _find(self, model: str, name: str, out_name: str, optional: bool,
+              rows: Optional[int] = None) -> Optional[InputTensor]:
         reader = self.readers[model]
         candidates = [name] + list(self.layouts[model].tied.get(name, ()))
         for candidate in candidates:
             if candidate in reader:
                 info = reader.info(candidate)
-                return InputTensor(model, candidate, tuple(info.shape), info.dtype, info.nbytes)
+                shape = tuple(info.shape)
+                if rows is not None and shape and shape[0] == vocab_size_of(reader.config) \
+                        and shape[0] != rows:
+                    kept = info.nbytes // shape[0] * rows
+                    return InputTensor(model, candidate, (rows,) + shape[1:], info.dtype, kept,
+                                       rows)
+                return InputTensor(model, candidate, shape, info.dtype, info.nbytes)
         if optional:
             return None
         raise MergeInputError(f"tensor {name} (for output {out_name}) is missing from model "
                               f"{model} ({reader.path})")
 
     def _job(self, out_name: str, in_names: Mapping[str, str], out_slice: OutputSlice, t: float,
-             optional_head: bool = False, limit: Optional[int] = None) -> Optional[TensorJob]:
+             optional_head: bool = False, limit: Optional[int] = None,
+             rows: Optional[int] = None) -> Optional[TensorJob]:
         models, base = self._models_of(out_slice, limit)
-        found = [(m, self._find(m, in_names[m], out_name, optional_head)) for m in models]
+        found = [(m, self._find(m, in_names[m], out_name, optional_head, rows)) for m in models]
         found = [(m, x) for m, x in found if x is not None]
         if not found:
             return None
@@ -224,7 +250,9 @@ class Planner:
             models, _ = self._models_of(out_slice, limit)
             for name in names:
                 optional = name not in self.readers[self.reference]  # a tied head
-                job = self._job(name, {m: name for m in models}, out_slice, 0.0, optional, limit)
+                rows = self.vocabulary_rows if self._on_vocabulary(name) else None
+                job = self._job(name, {m: name for m in models}, out_slice, 0.0, optional, limit,
+                                rows)
                 if job is not None:
                     jobs.append(job)
 
@@ -261,4 +289,4 @@ class Planner:
         if len(set(names)) != len(names):
             raise MergeInputError("the merge would write a tensor twice; are two layer ranges "
                                   "overlapping in name?")
-        return MergePlan(tuple(jobs), self.reference, out_layer)
+        return MergePlan(tuple(jobs), self.reference, out_layer, self.vocabulary_rows)
