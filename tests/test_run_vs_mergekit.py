@@ -45,6 +45,17 @@ def merge_both(text: str, tmp_path: Path, label: str = ""):
     return ours, theirs
 
 
+def assert_matches_mergekit(text: str, tmp_path: Path, label: str = ""):
+    """merge_both, and every tensor of the same shape and dtype, equal within fp32 reduction
+    order; returns (ours, theirs)."""
+    ours, theirs = merge_both(text, tmp_path, label)
+    for name in theirs:
+        a, b = ours[name], theirs[name]
+        assert a.shape == b.shape and a.dtype == b.dtype, (label, name)
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (label, name)
+    return ours, theirs
+
+
 def models_block(family, params) -> str:
     lines = ["models:"]
     for i, path in enumerate(family.experts):
@@ -213,9 +224,7 @@ def test_filters_of_a_tied_expert_match_the_heads_name(family32, tmp_path):
             f"  - model: {fam.experts[1]}\n"
             f"    parameters: {{weight: [{{filter: embed, value: 0.7}}, {{value: 0.3}}]}}\n"
             f"dtype: float32\n")
-    ours, theirs = merge_both(text, tmp_path)
-    for name in theirs:
-        assert torch.allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-6), name
+    assert_matches_mergekit(text, tmp_path)
 
 
 def test_mixed_input_dtypes_without_dtype_merge_in_the_promoted_dtype(family32, tmp_path):
@@ -224,10 +233,8 @@ def test_mixed_input_dtypes_without_dtype_merge_in_the_promoted_dtype(family32, 
     text = (f"merge_method: task_arithmetic\nbase_model: {fam16.base}\nmodels:\n"
             f"  - model: {family32.experts[0]}\n    parameters: {{weight: 0.4}}\n"
             f"  - model: {fam16.experts[0]}\n    parameters: {{weight: 0.6}}\n")
-    ours, theirs = merge_both(text, tmp_path)
-    for name in theirs:
-        assert ours[name].dtype == theirs[name].dtype == torch.float32, name
-        assert torch.allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-6), name
+    ours, _ = assert_matches_mergekit(text, tmp_path)
+    assert all(t.dtype == torch.float32 for t in ours.values())
 
 
 def test_post_layer_tensors_take_as_many_models_as_the_first_slice(family32, tmp_path):
@@ -241,9 +248,7 @@ def test_post_layer_tensors_take_as_many_models_as_the_first_slice(family32, tmp
             f"      - {{model: {e0}, layer_range: [2, 4]}}\n"
             f"      - {{model: {e1}, layer_range: [2, 4]}}\n"
             f"parameters:\n  weight: 0.5\ndtype: float32\n")
-    ours, theirs = merge_both(text, tmp_path)
-    for name in theirs:
-        assert torch.allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-6), name
+    assert_matches_mergekit(text, tmp_path)
 
 
 def test_optional_base_missing_from_a_slice_is_refused_as_mergekit_does(family32, tmp_path):
@@ -274,11 +279,8 @@ def test_tokenizer_source_base_drops_the_vocabulary_padding_as_mergekit_does(fam
     text = (f"merge_method: task_arithmetic\nbase_model: {family32.base}\n"
             f"{models_block(family32, {'weight': WEIGHTS})}\ntokenizer_source: base\n"
             f"dtype: float32\n")
-    ours, theirs = merge_both(text, tmp_path)
+    ours, _ = assert_matches_mergekit(text, tmp_path)
     assert ours["model.embed_tokens.weight"].shape[0] == ours["lm_head.weight"].shape[0] == tokens
-    for name in theirs:
-        assert ours[name].shape == theirs[name].shape, name
-        assert torch.allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-6), name
     for out in ("ours", "theirs"):
         assert json.loads((tmp_path / out / "config.json").read_text())["vocab_size"] == tokens
     _assert_loads_and_runs(tmp_path / "ours")
