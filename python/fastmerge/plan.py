@@ -220,7 +220,7 @@ class Planner:
                                                   f"model {model}, tensor {x.tensor}")
                               for p in self.method.parameters if p.scope in scopes})
         out_dtype = (self.config.out_dtype or self.config.dtype
-                     or promoted_float([x.dtype for x in inputs]))
+                     or promoted_float([x.dtype for x in inputs if x.dtype.is_floating_point]))
         return TensorJob(out_name, inputs, base_index, shared, tuple(per_input), shape, out_dtype)
 
     # ---- the whole output ----
