@@ -167,6 +167,18 @@ def test_knots_names_an_adapter_without_factors(tmp_path, adapter_dirs):
         run_merge(config, tmp_path / "out", MergeOptions(quiet=True))
 
 
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
+def test_knots_refuses_adapters_that_change_the_base(tmp_path, adapter_dirs, init):
+    changed = tmp_path / "changed"
+    shutil.copytree(adapter_dirs[0], changed)
+    cfg = json.loads((changed / "adapter_config.json").read_text())
+    cfg["init_lora_weights"] = init
+    (changed / "adapter_config.json").write_text(json.dumps(cfg))
+    config = write_config(tmp_path, "knots", [changed, adapter_dirs[1]], [1, 1])
+    with pytest.raises(MergeInputError, match="changes the base weights"):
+        run_merge(config, tmp_path / "out", MergeOptions(quiet=True))
+
+
 def test_knots_rejects_dora_adapters(tmp_path, adapter_dirs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

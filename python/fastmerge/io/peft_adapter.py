@@ -27,6 +27,8 @@ from ..errors import CorruptCheckpointError, MergeInputError, ModelNotFoundError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+# Initialisations after which PEFT subtracts the initial factors from the base weights.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 PREFIX = "base_model.model."
 _PAIR = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|"
                    r"lora_embedding_A|lora_embedding_B)$")
@@ -91,6 +93,12 @@ class LoraAdapter:
             if c.get(flag):
                 raise MergeInputError(f"{self.label}: {what} adapters ({flag}: true) cannot be "
                                       f"merged as factor pairs")
+        init = c.get("init_lora_weights")
+        if isinstance(init, str) and init.startswith(_BASE_CHANGING_INITS):
+            raise MergeInputError(
+                f"{self.label}: init_lora_weights {init!r} changes the base weights when PEFT "
+                f"loads the adapter, so its factors are not an update of the base model; save "
+                f"it converted to plain LoRA (path_initial_model_for_weight_conversion) first")
         if c.get("modules_to_save"):
             raise MergeInputError(f"{self.label}: modules_to_save {c['modules_to_save']} are "
                                   f"full weights, not LoRA factors; merge them separately")
