@@ -164,6 +164,34 @@ def test_training_backward_flows_through_merges():
     assert float(model.patch_embed.proj.weight.grad.abs().sum()) > 0
 
 
+def test_forward_intermediates_merges_as_forward_does():
+    """A pass that does not go through forward_features (timm's forward_intermediates), first
+    and after a forward of another batch size, merges with the current schedule."""
+    model = tome_timm.patch(make("vit"), r=6)
+    x = images()
+    with torch.no_grad():
+        for _ in range(2):
+            final, _ = model.forward_intermediates(x, output_fmt="NLC")
+            assert_close(final, model.forward_features(x), "exact")
+            model(images(batch=3))
+    assert final.shape[1] == expected_counts(37, [6] * 12, 1)[-1]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """Checkpointed blocks run again in the backward pass, after the later blocks merged:
+    each must see the token sizes it saw in the forward pass."""
+    grads = []
+    for checkpointing in (False, True):
+        model = tome_timm.patch(make("layerscale"), r=5)
+        model.set_grad_checkpointing(checkpointing)
+        model.train()
+        model(images()).square().sum().backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()
+                                if p.grad is not None]))
+    assert grads[0].shape == grads[1].shape
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
 def test_bad_arguments():
     with pytest.raises(InvalidArgumentError, match="VisionTransformer"):
         tome_timm.patch(torch.nn.Linear(2, 2))

@@ -15,6 +15,7 @@ classes exactly. patch() is never applied on import, and timm is imported only b
 """
 from __future__ import annotations
 
+import weakref
 from typing import Dict, Optional
 
 import torch
@@ -73,11 +74,19 @@ def _block_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = No
                    is_causal: bool = False) -> torch.Tensor:
     if attn_mask is not None or is_causal:
         raise FastmergeError("a ToMe-patched timm block takes no attn_mask / is_causal")
-    info = self._tome_info
+    info, layer = self._tome_info, self._tome_layer
+    if layer == 0:  # a pass over the blocks starts (forward, forward_intermediates, ...)
+        model = info["model"]()
+        info.update(r=parse_r(len(info["layer_sizes"]), model.r), size=None, source=None)
+    if info["size"] is not None and info["size"].shape[1] != x.shape[1]:
+        # A recomputation (gradient checkpointing) after the pass went on merging: this
+        # block's input sizes are the ones it saw in the pass.
+        info["size"] = info["layer_sizes"][layer]
+    info["layer_sizes"][layer] = info["size"]
     size = info["size"] if info["prop_attn"] else None
     x_attn, metric = _attention(self.attn, self.norm1(x), size)
     x = x + self.drop_path1(self.ls1(x_attn))
-    r = info["r"][self._tome_layer]
+    r = info["r"][layer]
     if r > 0:
         maps = tome_match(metric, r, class_token=info["class_token"],
                           distill_token=info["distill_token"])
@@ -85,11 +94,6 @@ def _block_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = No
             info["source"] = tome_merge_source(info["source"], maps)
         x, info["size"] = tome_merge(x, maps, info["size"])
     return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-
-def _forward_features(self, *args, **kwargs):
-    self._tome_info.update(r=parse_r(len(self.blocks), self.r), size=None, source=None)
-    return getattr(type(self), _ORIGINAL).forward_features(self, *args, **kwargs)
 
 
 def _patched_class(cls: type, methods: dict) -> type:
@@ -133,13 +137,14 @@ def patch(model: torch.nn.Module, r=0, *, trace_source: bool = False,
                 f"blocks[{i}] is a {type(block).__name__} with {type(block.attn).__name__}; "
                 f"ToMe patches timm's Block with Attention only")
     model._tome_info = {
+        "model": weakref.ref(model), "layer_sizes": [None] * len(blocks),
         "r": [0] * len(blocks), "size": None, "source": None,
         "trace_source": bool(trace_source), "prop_attn": bool(prop_attn),
         "class_token": getattr(model, "cls_token", None) is not None,
         "distill_token": getattr(model, "dist_token", None) is not None,
     }
     model.r = _check_r(r)
-    model.__class__ = _patched_class(type(model), {"forward_features": _forward_features})
+    model.__class__ = _patched_class(type(model), {})  # marks the model as patched
     for i, block in enumerate(blocks):
         block._tome_info = model._tome_info
         block._tome_layer = i
