@@ -144,6 +144,45 @@ def test_fallbacks_warn_once_and_give_mergekit_results(kernel_calls):
     assert torch.equal(got64, merge_tensors(d64, "ties", parameters=params, base_index=0))
 
 
+@pytest.mark.parametrize("method,params", [
+    ("ties", {"weight": WEIGHTS, "density": 1.5}),
+    ("breadcrumbs", {"weight": WEIGHTS, "density": -0.1, "gamma": 0.01}),
+    ("linear", {"weight": [1e-9, 0.0, 0.0, 0.0]}),    # normalised by a sum below 1e-8
+    ("linear", {"weight": [0.0, 0.1, 0.2, -0.3]}),    # a float32 sum of exactly 0
+], ids=str)
+def test_arguments_the_kernels_do_not_take_go_to_mergekit(method, params, kernel_calls):
+    """Densities outside [0, 1] and linear weights summing to (almost) zero: mergekit merges
+    them (or divides by zero), so its own code serves them, with the same result."""
+    base, experts = group(shape=(7, 5))
+    inputs = [base] + experts
+    want = merge_tensors(inputs, method, parameters=params, base_index=0, name="w")
+    with fmk.patch():
+        got = merge_tensors(inputs, method, parameters=params, base_index=0, name="w")
+    assert kernel_calls == []
+    assert torch.equal(got.nan_to_num(7.0, 8.0, 9.0), want.nan_to_num(7.0, 8.0, 9.0))
+
+
+@pytest.mark.parametrize("method,params", [("ramplus_tl", {"r": 0.3, "alpha": 0.5}),
+                                           ("arcee_fusion", {})], ids=str)
+def test_half_precision_results_keep_mergekit_s_float32(method, params, kernel_calls):
+    base, experts = group(shape=(40, 30), dtype=torch.bfloat16)
+    inputs = [base] + experts[:1 if method == "arcee_fusion" else 3]
+    want = merge_tensors(inputs, method, parameters=params, base_index=0, name="w")
+    with fmk.patch():
+        got = merge_tensors(inputs, method, parameters=params, base_index=0, name="w")
+    assert kernel_calls
+    assert want.dtype == got.dtype == torch.float32
+
+
+def test_mergekit_yaml_leaves_the_caller_s_patches_in_place(tmp_path):
+    from fastmerge import cli
+
+    fmk.patch(["ties"])
+
+    assert cli.main(["mergekit-yaml", "--help"]) == 0
+    assert fmk.is_patched("ties") and not fmk.is_patched("slerp")
+
+
 def test_patch_and_unpatch_swap_registry_entries():
     original = registry._METHODS["ties"]
     handle = fmk.patch(["ties"])

@@ -100,12 +100,15 @@ def _gta_kernel(original) -> Callable:
         if not entries:
             return base
         ids = [e.id for e in entries]
+        densities = [parameters["density"][i] for i in ids]
+        if not all(0.0 <= float(d) <= 1.0 for d in densities):
+            return None  # mergekit merges with such densities (no pruning, or none kept)
         extra = {key: [parameters[key][i] for i in ids] for key in ("gamma", "epsilon")
                  if key in parameters}
         seed = _torch_seed() if sparsification in ("random", "della_magprune") else 0
         return ops.generalized_task_arithmetic(
             base, [e.tensor for e in entries], [parameters["weight"][i] for i in ids],
-            density=[parameters["density"][i] for i in ids], sparsification=sparsification,
+            density=densities, sparsification=sparsification,
             consensus=consensus, rescale=parameters["rescale"],
             normalize=parameters["normalize"], lambda_=parameters["lambda"], seed=seed,
             name=group.metadata.name or "", out_dtype=base.dtype, **extra)
@@ -116,9 +119,11 @@ def _gta_kernel(original) -> Callable:
 def _linear(group, parameters):
     from .. import ops
 
+    import torch
+
     weights = [parameters["weight"][e.id] for e in group.entries]
-    if parameters["normalize"] and sum(weights) == 0:
-        return None  # mergekit divides by zero; let it
+    if parameters["normalize"] and abs(float(torch.tensor(weights).sum())) < 1e-8:
+        return None  # mergekit divides by this (fp32) sum unguarded; the kernel would not
     first = group.entries[0].tensor
     return ops.linear([e.tensor for e in group.entries], weights,
                       normalize=parameters["normalize"], out_dtype=first.dtype)
@@ -153,8 +158,10 @@ def _consensus_kernel(name: str, keys) -> Callable:
 
         if not group.non_base:
             return group.base.tensor
-        return getattr(ops, name)(group.base.tensor, [e.tensor for e in group.non_base],
-                                  **{k: parameters[k] for k in keys})
+        base = group.base.tensor
+        out_dtype = _float32_promoted(base.dtype) if name == "ramplus_tl" else None
+        return getattr(ops, name)(base, [e.tensor for e in group.non_base],
+                                  out_dtype=out_dtype, **{k: parameters[k] for k in keys})
 
     return merge
 
@@ -163,7 +170,16 @@ def _arcee_fusion(group, parameters):
     from .. import ops
 
     (other,) = group.non_base
-    return ops.arcee_fusion(group.base.tensor, other.tensor)
+    base = group.base.tensor
+    return ops.arcee_fusion(base, other.tensor, out_dtype=_float32_promoted(base.dtype))
+
+
+def _float32_promoted(dtype):
+    """mergekit's ramplus_tl and arcee_fusion scale by a float32 tensor (ratio of counts, a
+    float mask), so their results are float32 for half-precision inputs."""
+    import torch
+
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _nuslerp(group, parameters):
@@ -263,15 +279,15 @@ def patch(methods: Iterable[str] = METHODS) -> _Patched:
     return _Patched(sorted(_originals))
 
 
-def unpatch() -> None:
-    """Puts mergekit's own methods back."""
-    if not _originals:
+def unpatch(methods: Optional[Iterable[str]] = None) -> None:
+    """Puts mergekit's own methods back (these, or every patched one)."""
+    names = [m for m in (_originals if methods is None else methods) if m in _originals]
+    if not names:
         return
     from mergekit.merge_methods import registry
 
-    for name, original in list(_originals.items()):
-        registry._METHODS[name] = original
-        del _originals[name]
+    for name in names:
+        registry._METHODS[name] = _originals.pop(name)
 
 
 def is_patched(method: str = "ties") -> bool:
@@ -283,6 +299,7 @@ def run_mergekit_yaml(args) -> int:
     import click
     from mergekit.scripts.run_yaml import main
 
+    added = [m for m in METHODS if m not in _originals]  # the caller's own patches stay
     patch()
     try:
         result = main.main(args=list(args), prog_name="fastmerge mergekit-yaml",
@@ -293,5 +310,5 @@ def run_mergekit_yaml(args) -> int:
     except click.exceptions.Exit as exc:
         return exc.exit_code
     finally:
-        unpatch()
+        unpatch(added)
     return result if isinstance(result, int) else 0
