@@ -14,7 +14,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E4
 
 from fastmerge.errors import InvalidArgumentError  # noqa: E402
 from fastmerge.integrations.transformers import KVMergePress  # noqa: E402
-from fastmerge.ops import kv_merge  # noqa: E402
+from fastmerge.ops import kv_merge, kv_merge_budget  # noqa: E402
 from fastmerge.ops._reference import kvmerge as R  # noqa: E402
 
 PROMPT = 70
@@ -120,20 +120,44 @@ def test_compressed_cache_is_kv_merge_of_the_full_cache():
     full, seen = captured_attention_inputs(model, ids)
     with press(model):
         merged = prefill(model, ids)
+    # every layer removes the smallest of the layers' own budgets
+    removed = min(kv_merge_budget(layer.keys, ratio=0.7, eps=0.0, window=6, sinks=3)
+                  for layer in full.layers)
     for i, layer in enumerate(model.model.layers):
         hidden, pe = seen[i]
         keys, values = full.layers[i].keys, full.layers[i].values
         scores = press.attention_scores(layer.self_attn, hidden, keys, pe)
         want_k, want_v = kv_merge(keys, values, scores, ratio=0.7, eps=0.0, sigma=4.0, window=6,
-                                  sinks=3)
+                                  sinks=3, max_removed=removed)
+        assert want_k.shape[2] == PROMPT - removed
         assert torch.equal(merged.layers[i].keys, want_k)
         assert torch.equal(merged.layers[i].values, want_v)
         # and the op agrees with the algorithm's reference on this real cache
         rk, rv, _ = R.kv_merge(keys, values, scores, ratio=0.7, eps=0.0, sigma=4.0, window=6,
-                               sinks=3)
+                               sinks=3, max_removed=removed)
         assert rk.shape == want_k.shape
         assert torch.allclose(want_k, rk, rtol=1e-6, atol=1e-6)
         assert torch.allclose(want_v, rv, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_layers_with_different_budgets_keep_one_length_and_generate(attn):
+    """With eps > -1 each layer alone would remove a different number of tokens; the cache
+    must keep one length (eager attention sizes its mask from layer 0) and decode on."""
+    model = tiny_llama(attn)
+    ids = prompt(seed=4)
+    full = prefill(model, ids)
+    eps = 0.1
+    budgets = [kv_merge_budget(layer.keys, ratio=0.9, eps=eps, window=4, sinks=2)
+               for layer in full.layers]
+    assert len(set(budgets)) > 1, budgets  # the case under test
+    press = KVMergePress(ratio=0.9, eps=eps, sigma=4.0, window=4, sinks=2)
+    with press(model), torch.no_grad():
+        cache = prefill(model, ids)
+        assert {layer.keys.shape[2] for layer in cache.layers} == {PROMPT - min(budgets)}
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+                             do_sample=False)
+    assert out.shape == (1, PROMPT + 5)
 
 
 def test_scores_match_eager_attention_weights():

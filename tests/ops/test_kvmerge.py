@@ -4,6 +4,7 @@ thread counts and argument errors."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 import fastmerge
 from fastmerge.errors import InvalidArgumentError
 from fastmerge.ops import kv_merge
+from fastmerge.ops import kv_merge_budget as ops_budget
 from fastmerge.ops._reference import kvmerge as R
 
 from helpers import assert_close
@@ -254,6 +256,30 @@ def test_argument_errors():
         kv_merge(keys, values, scores[..., :-1], ratio=0.5)
     with pytest.raises(InvalidArgumentError, match="dtype"):
         kv_merge(keys.long(), values, scores, ratio=0.5)
+
+
+@pytest.mark.parametrize("eps", [-1.0, 0.1, 0.4])
+def test_budget_is_what_kv_merge_removes_and_max_removed_caps_it(device, eps, monkeypatch):
+    keys, values, scores = (t.to(device) for t in inputs((2, 3, 300, 16), seed=8))
+    kw = dict(ratio=0.6, eps=eps, window=8, sinks=2)
+    merged = kv_merge(keys, values, scores, sigma=3.0, **kw)
+    n = ops_budget(keys, **kw)
+    assert keys.shape[2] - merged[0].shape[2] == n > 0
+    capped = kv_merge(keys, values, scores, sigma=3.0, max_removed=n // 2,
+                      return_positions=True, **kw)
+    assert capped[0].shape[2] == keys.shape[2] - n // 2
+    rk, rv, rpos = R.kv_merge(keys.cpu(), values.cpu(), scores.cpu(), sigma=3.0,
+                              max_removed=n // 2, **kw)
+    assert torch.equal(capped[2].cpu(), rpos)
+    assert_close(capped[0].cpu(), rk, "kvmerge", msg="keys")
+    from fastmerge import _native
+
+    monkeypatch.setattr(_native, "_C", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert ops_budget(keys, **kw) == n  # the torch path counts alike
+    with pytest.raises(InvalidArgumentError, match="max_removed"):
+        kv_merge(keys, values, scores, max_removed=-1, **kw)
 
 
 def test_apply_refuses_a_budget_the_plan_did_not_give(device):

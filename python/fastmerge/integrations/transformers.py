@@ -6,11 +6,14 @@
 
 Entering press(model) registers a forward hook on every attention module (Llama, Mistral,
 Qwen2/Qwen3 style: q_proj, optional q_norm, rotary position embeddings, grouped-query
-attention); leaving it removes them. Nothing happens on import.
+attention) and on the model itself; leaving it removes them. Nothing happens on import.
 
 After an attention layer's prefill forward (the call that filled an empty cache layer, so the
-layer's cache length equals the number of tokens of the call), the hook replaces that layer's
-DynamicCache keys and values by fastmerge.ops.kv_merge of them:
+layer's cache length equals the number of tokens of the call), the layer's hook scores its
+keys; when the model's forward ends, every layer prefilled in it has its DynamicCache keys and
+values replaced by fastmerge.ops.kv_merge of them, all removing the same number of tokens (the
+smallest kv_merge_budget among the layers: with eps > -1 the layers' own budgets differ, and
+attention masks are sized from one layer's cache length):
 
 * scores: the attention the last `score_window` prompt queries pay to every key (softmax of
   q k^T / sqrt(d) with the causal mask, fp32), summed over those queries and over the query
@@ -20,7 +23,7 @@ DynamicCache keys and values by fastmerge.ops.kv_merge of them:
   (see its docstring: every kv head of a layer keeps the same, dense length).
 
 The attention output of the prefill itself is computed on the full cache; later tokens attend
-to the merged cache. Decoding steps are left alone. generate() derives position ids from the
+to the merged cache. Call the model the press was entered with (its forward hook merges). Decoding steps are left alone. generate() derives position ids from the
 attention mask, so new tokens keep their true RoPE positions while the cache is shorter.
 
 Limits: batches must not contain padding (the 2D attention mask is not compressed along with
@@ -34,13 +37,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from typing import Iterator, List
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional
 
 import torch
 
 from ..errors import InvalidArgumentError
-from ..ops import kv_merge
+from ..ops import kv_merge, kv_merge_budget
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -75,6 +78,8 @@ class KVMergePress:
     window: int = 32
     sinks: int = 4
     score_window: int = 32
+    # layers prefilled in the running forward: (read, write, scores, budget)
+    _pending: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if isinstance(self.score_window, bool) or not isinstance(self.score_window, int) \
@@ -115,12 +120,32 @@ class KVMergePress:
 
     # ---- the hook ----
 
-    def compress(self, module: torch.nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor,
-                 values: torch.Tensor, position_embeddings):
+    def compress(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor,
+                 max_removed: Optional[int] = None):
         """(keys, values) of one layer's cache after merging."""
-        scores = self.attention_scores(module, hidden_states, keys, position_embeddings)
         return kv_merge(keys, values, scores, ratio=self.ratio, eps=self.eps, sigma=self.sigma,
-                        window=self.window, sinks=self.sinks)
+                        window=self.window, sinks=self.sinks, max_removed=max_removed)
+
+    def budget(self, keys: torch.Tensor) -> int:
+        """Tokens kv_merge would remove from this layer's cache on its own."""
+        return kv_merge_budget(keys, ratio=self.ratio, eps=self.eps, window=self.window,
+                               sinks=self.sinks)
+
+    def start_forward(self, model, args, kwargs):
+        self._pending.clear()
+
+    def finish_forward(self, model, args, kwargs, output):
+        """After the model's forward: every layer prefilled in it is merged, all by the
+        smallest budget among them, so the layers keep one cache length (attention masks
+        are sized from one layer's length)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return output
+        removed = min(budget for *_, budget in pending)
+        with torch.no_grad():
+            for read, write, scores, _ in pending:
+                write(*self.compress(*read(), scores, max_removed=removed))
+        return output
 
     def forward_hook(self, module, args, kwargs, output):
         # transformers 5.25 renamed the attention's past_key_values argument to cache
@@ -137,21 +162,30 @@ class KVMergePress:
             layer = layers[idx]
             if getattr(layer, "is_sliding", False) or getattr(layer, "keys", None) is None:
                 return output
-            keys, values = layer.keys, layer.values
+
+            def read(layer=layer):
+                return layer.keys, layer.values
+
+            def write(keys, values, layer=layer):
+                layer.keys, layer.values = keys, values
         elif hasattr(cache, "key_cache"):  # older DynamicCache: lists of tensors
             if idx >= len(cache.key_cache):
                 return output
-            keys, values = cache.key_cache[idx], cache.value_cache[idx]
+
+            def read(cache=cache, idx=idx):
+                return cache.key_cache[idx], cache.value_cache[idx]
+
+            def write(keys, values, cache=cache, idx=idx):
+                cache.key_cache[idx], cache.value_cache[idx] = keys, values
         else:
             return output
+        keys, _ = read()
         if keys.dim() != 4 or keys.shape[-2] != hidden_states.shape[1]:
             return output  # a decoding step or a continued prompt: not a prefill
+        # Scored now (the layer's inputs are at hand), merged when the model's forward ends.
         with torch.no_grad():
-            keys, values = self.compress(module, hidden_states, keys, values, position_embeddings)
-        if layers is not None:
-            layer.keys, layer.values = keys, values
-        else:
-            cache.key_cache[idx], cache.value_cache[idx] = keys, values
+            scores = self.attention_scores(module, hidden_states, keys, position_embeddings)
+            self._pending.append((read, write, scores, self.budget(keys)))
         return output
 
     @contextlib.contextmanager
@@ -160,6 +194,8 @@ class KVMergePress:
         try:
             for module in _attention_modules(model):
                 handles.append(module.register_forward_hook(self.forward_hook, with_kwargs=True))
+            handles.append(model.register_forward_pre_hook(self.start_forward, with_kwargs=True))
+            handles.append(model.register_forward_hook(self.finish_forward, with_kwargs=True))
             yield model
         finally:
             for handle in handles:

@@ -15,7 +15,7 @@ from .gta import (
     task_arithmetic,
     ties,
 )
-from .kvmerge import kv_merge
+from .kvmerge import kv_merge, kv_merge_budget
 from .interp import model_stock, nearswap, slerp
 from .lowrank import concatenated_svd, knots, lowrank_svd
 from .select import magnitude_mask
@@ -44,6 +44,7 @@ __all__ = [
     "karcher",
     "knots",
     "kv_merge",
+    "kv_merge_budget",
     "linear",
     "lowrank_svd",
     "magnitude_mask",

@@ -5,7 +5,7 @@ O(S) extra memory per (batch, kv head), deterministic on CPU and CUDA.
 from __future__ import annotations
 
 import math
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -54,7 +54,7 @@ def _check_inputs(keys, values, scores):
 
 def kv_merge(keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, *, ratio: float,
              eps: float = -1.0, sigma: float = 1.0, window: int = 0, sinks: int = 0,
-             return_positions: bool = False
+             return_positions: bool = False, max_removed: Optional[int] = None
              ) -> Union[Tuple[torch.Tensor, torch.Tensor],
                         Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """KVMerger-style merging of a KV cache, independently per (batch, kv head).
@@ -83,6 +83,9 @@ def kv_merge(keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, *, 
     Arithmetic is fp64 inside, results are rounded once to the input dtypes (float64 inputs are
     computed as float32). Returns (keys, values), plus the pivot positions (B, H, S - n) int64
     (the original index of every output token) when return_positions.
+
+    max_removed caps n further (several caches merged to one length: kv_merge_budget of each,
+    then their smallest as max_removed of every call).
     """
     keys, values, scores = _check_inputs(keys, values, scores)
     ratio = _check_float(ratio, "ratio", 0.0, 1.0)
@@ -92,6 +95,8 @@ def kv_merge(keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, *, 
         raise InvalidArgumentError(f"sigma must be finite, got {sigma!r}")
     window = _check_int(window, "window")
     sinks = _check_int(sinks, "sinks")
+    if max_removed is not None:
+        max_removed = _check_int(max_removed, "max_removed")
     if not isinstance(return_positions, bool):
         raise InvalidArgumentError(f"return_positions must be a bool, got {return_positions!r}")
     B, H, S, D = keys.shape
@@ -99,6 +104,8 @@ def kv_merge(keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, *, 
     device = keys.device
     lo, hi = _ref.mergeable_range(S, window, sinks)
     target = _ref.removal_target(S, ratio, window, sinks)
+    if max_removed is not None:
+        target = min(target, max_removed)
     kdtype = keys.dtype if keys.dtype != torch.float64 else torch.float32
     vdtype = values.dtype if values.dtype != torch.float64 else torch.float32
     if S < 2 or target == 0 or B * H == 0 or D == 0:
@@ -109,7 +116,8 @@ def kv_merge(keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, *, 
         return out
     if not use_native(device):
         k, v, pos = _ref.kv_merge(keys, values, scores, ratio=ratio, eps=eps,
-                                   sigma=sigma, window=window, sinks=sinks)
+                                   sigma=sigma, window=window, sinks=sinks,
+                                   max_removed=max_removed)
         out = (k.to(kdtype), v.to(vdtype))
         return out + (pos,) if return_positions else out
     k_in, v_in, s_in = kernel_input(keys), kernel_input(values), kernel_input(scores)
@@ -128,3 +136,31 @@ def kv_merge(keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, *, 
     if return_positions:
         return k_out, v_out, pos
     return k_out, v_out
+
+
+def kv_merge_budget(keys: torch.Tensor, *, ratio: float, eps: float = -1.0, window: int = 0,
+                    sinks: int = 0) -> int:
+    """The number of tokens kv_merge removes from every (batch, head) of keys with these
+    settings: int(ratio * M), capped by the smallest candidate count over (batch, head).
+    Several caches (a model's layers) merge to one length when each kv_merge call gets the
+    smallest of their budgets as max_removed."""
+    keys = check_tensor(keys, "keys")
+    if keys.dim() != 4:
+        raise InvalidArgumentError(
+            f"keys must have shape (batch, kv_heads, seq, head_dim), got {tuple(keys.shape)}")
+    ratio = _check_float(ratio, "ratio", 0.0, 1.0)
+    eps = _check_float(eps, "eps")
+    window = _check_int(window, "window")
+    sinks = _check_int(sinks, "sinks")
+    B, H, S, D = keys.shape
+    target = _ref.removal_target(S, ratio, window, sinks)
+    if S < 2 or target == 0 or B * H == 0 or D == 0:
+        return 0
+    lo, hi = _ref.mergeable_range(S, window, sinks)
+    if not use_native(keys.device):
+        candidates = _ref.candidate_pairs(_ref.adjacent_similarity(keys), S, eps, window, sinks)
+        return int(candidates.sum(-1).clamp_max(target).min())
+    k_in = kernel_input(keys)
+    sims = torch.empty(B, H, S - 1, dtype=torch.float32, device=keys.device)
+    return int(_native.native().kv_merge_plan(capsule(k_in), capsule(sims), B * H, S, D, lo, hi,
+                                              target, eps, cuda_stream(keys.device)))

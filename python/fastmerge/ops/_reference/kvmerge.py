@@ -26,7 +26,7 @@ vectorised float64 torch. For one (batch, head) with keys k_0..k_{S-1}:
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -63,7 +63,7 @@ def candidate_pairs(sims: torch.Tensor, seq_len: int, eps: float, window: int,
 
 
 def select_pairs(keys: torch.Tensor, *, ratio: float, eps: float, window: int,
-                 sinks: int) -> Tuple[torch.Tensor, int]:
+                 sinks: int, max_removed: Optional[int] = None) -> Tuple[torch.Tensor, int]:
     """(selected (B, H, S - 1) bool, n removed per head)."""
     B, H, S, _ = keys.shape
     if S < 2:
@@ -71,6 +71,8 @@ def select_pairs(keys: torch.Tensor, *, ratio: float, eps: float, window: int,
     sims = adjacent_similarity(keys)
     cand = candidate_pairs(sims, S, eps, window, sinks)
     target = removal_target(S, ratio, window, sinks)
+    if max_removed is not None:
+        target = min(target, max_removed)
     per_head = cand.sum(-1).clamp_max(target)
     n = int(per_head.min()) if per_head.numel() else 0
     flat = torch.where(cand, sims, torch.full_like(sims, float("-inf"))).reshape(B * H, S - 1)
@@ -81,13 +83,15 @@ def select_pairs(keys: torch.Tensor, *, ratio: float, eps: float, window: int,
 
 
 def kv_merge(keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, *, ratio: float,
-             eps: float, sigma: float, window: int, sinks: int
+             eps: float, sigma: float, window: int, sinks: int,
+             max_removed: Optional[int] = None
              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(merged keys, merged values) as float32 (B, H, S', D) / (B, H, S', Dv), and the pivot
     positions (B, H, S') int64."""
     B, H, S, D = keys.shape
     Dv = values.shape[-1]
-    selected, n = select_pairs(keys, ratio=ratio, eps=eps, window=window, sinks=sinks)
+    selected, n = select_pairs(keys, ratio=ratio, eps=eps, window=window, sinks=sinks,
+                               max_removed=max_removed)
     out_len = S - n
     k = keys.double().reshape(B * H, S, D)
     v = values.double().reshape(B * H, S, Dv)
