@@ -26,9 +26,11 @@ The attention output of the prefill itself is computed on the full cache; later 
 to the merged cache. Call the model the press was entered with (its forward hook merges). Decoding steps are left alone. generate() derives position ids from the
 attention mask, so new tokens keep their true RoPE positions while the cache is shorter.
 
-Limits: batches must not contain padding (the 2D attention mask is not compressed along with
-the cache); a prompt fed in several forward calls is compressed after its first call only;
-only full-attention DynamicCache layers are compressed (sliding-window layers are skipped).
+Limits: a decoding loop written by hand must pass position_ids (the cache is shorter than the
+positions it covers; generate() derives them from the attention mask); batches must not
+contain padding (the 2D attention mask is not compressed along with the cache); a prompt fed
+in several forward calls is compressed after its first call only; only full-attention
+DynamicCache layers are compressed (sliding-window layers are skipped).
 Tested with transformers 5.23 and 5.25 (DynamicCache.layers; 5.25 names the attention's cache
 argument `cache`, earlier releases `past_key_values`: both are read); the older
 key_cache/value_cache lists are handled the same way but not covered by the tests.
