@@ -266,6 +266,20 @@ def test_dc_merge_refuses_bad_keep_fraction(fraction):
         ops.dc_merge(base, experts, keep_fraction=fraction)
 
 
+@pytest.mark.parametrize("shape,tasks,fraction", [
+    ((64, 64), 14, 1e-3),   # int(f k^2) = 4 entries: a fraction of the cover rounds to 3
+    ((10, 10), 3, 1.0),     # more entries than the (T r)^2 cover holds: keep them all
+    ((50, 50), 3, 0.95),
+], ids=str)
+@pytest.mark.parametrize("exact", [True, False])
+def test_dc_merge_keeps_the_authors_count_of_entries(shape, tasks, fraction, exact):
+    """The authors keep max(1, int(f k^2)) entries of the zero-padded k x k matrix."""
+    _, _, deltas = family(shape, tasks, seed=3)
+    ours = ops.dc_merge(torch.zeros(shape), deltas, keep_fraction=fraction, exact=exact)
+    want = ref.dc_merge(deltas, keep_fraction=fraction)
+    assert rel_err(ours, want) < (1e-5 if exact else 1e-3)
+
+
 def test_dc_merge_keeps_only_each_task_block_in_the_cover_basis():
     _, _, deltas = family((64, 64), 4, seed=8)
     merged = ops.dc_merge(torch.zeros(64, 64), deltas, keep_fraction=0.05, exact=True).double()

@@ -240,11 +240,23 @@ def _subspace(name: str, extra, description: str) -> MethodSpec:
         # YAML's `lambda` is the ops' `lambda_` (a Python keyword otherwise)
         kwargs = {("lambda_" if p.name == "lambda" else p.name): call.shared[p.name]
                   for p in params}
-        return getattr(_ops(), name)(call.base, call.inputs, out_dtype=call.out_dtype.torch,
-                                     **kwargs)
+        op = getattr(_ops(), name)
+        if name == "cart" and not _cart_low_ranks(call.name):
+            # flattened, the op takes the mean task vector, as the authors do for these
+            flat = op(call.base.reshape(-1), [x.reshape(-1) for x in call.inputs],
+                      out_dtype=call.out_dtype.torch, **kwargs)
+            return flat.reshape(call.base.shape)
+        return op(call.base, call.inputs, out_dtype=call.out_dtype.torch, **kwargs)
 
     return register(MethodSpec(name, params, merge, uses_base=True, host_kernels=False,
                                description=description))
+
+
+def _cart_low_ranks(tensor_name: str) -> bool:
+    """CART's rule (the authors' merging.py): attention and MLP weights get the low-rank
+    correction; embeddings, heads, norms and biases are averaged."""
+    return (("attn" in tensor_name or "mlp" in tensor_name)
+            and not ("ln" in tensor_name or "bias" in tensor_name))
 
 
 _subspace("tsv", (), "Task Singular Vectors (TSV-M): each task's top singular vectors, "

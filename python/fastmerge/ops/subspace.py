@@ -51,7 +51,7 @@ from ._validate import (
 from .svd import (_polar, eigenvalues_above, float64_gram_pays, gram, largest_eigenvalue,
                   polar_product)
 from ._reference.subspace import (
-    _keep_top_fraction,
+    _keep_top_count,
     _sign_elected_mean,
     cart_rank,
     iso_cts_split,
@@ -314,8 +314,10 @@ def _dc_merge_matrix(d: torch.Tensor, keep_fraction: float, exact: bool) -> torc
     # to every task's singular vectors, so those rows and columns are zero and only the count
     # kept by the sparsification (a fraction of k^2) depends on it.
     inner = ((cover_u.mT @ u) * s.unsqueeze(-2)) @ (vh @ cover_v.mT)
-    keep = max(1, int(keep_fraction * k * k)) / inner[0].numel()
-    inner = torch.stack([_keep_top_fraction(x, keep) for x in inner])
+    # The authors keep max(1, int(f k^2)) entries of the zero-padded k x k matrix: that count
+    # (all entries when it reaches the cover's size, the rest being zeros).
+    keep = max(1, int(keep_fraction * k * k))
+    inner = torch.stack([_keep_top_count(x, keep) for x in inner])
     merged = _sign_elected_mean(inner)
     blocks = torch.block_diag(*[torch.ones(rank, rank, device=d.device)] * tasks)
     return cover_u @ (merged * blocks) @ cover_v
@@ -394,7 +396,9 @@ def cart(base: torch.Tensor, experts: Sequence[torch.Tensor], *, alpha: float = 
          out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """CART (Centered Arithmetic with Rank-reduced Task vectors): the experts' average plus
     lambda_ times the sum of each expert's offset from that average reduced to rank
-    max(1, int(rank_ratio * min(m, n))); base + alpha * (that - base)."""
+    max(1, int(rank_ratio * min(m, n))); base + alpha * (that - base). Every 2-D tensor given
+    is low-ranked; `fastmerge run` does so for attention and MLP weights only, as the authors'
+    code does (the rest is averaged)."""
     exact = _check_exact(exact)
     ratio = check_scalar(rank_ratio, "rank_ratio")
     if not 0.0 < ratio <= 1.0:

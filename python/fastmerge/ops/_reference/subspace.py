@@ -105,9 +105,16 @@ def iso_cts(deltas: List[torch.Tensor], common_space_fraction: float = 0.8) -> t
 def _keep_top_fraction(x: torch.Tensor, fraction: float) -> torch.Tensor:
     """x with all but its top max(1, int(fraction * numel)) magnitudes zeroed (ties at the
     threshold kept)."""
+    return _keep_top_count(x, max(1, int(fraction * x.numel())))
+
+
+def _keep_top_count(x: torch.Tensor, count: int) -> torch.Tensor:
+    """x with all but its top `count` magnitudes zeroed (ties at the threshold kept); all of x
+    when count reaches its size (the threshold of a zero-padded matrix is then 0)."""
     flat = x.abs().reshape(-1)
-    k = max(1, int(fraction * flat.numel()))
-    threshold = torch.topk(flat, k).values.min()
+    if count >= flat.numel():
+        return x
+    threshold = torch.topk(flat, count).values.min()
     return x * (x.abs() >= threshold)
 
 
