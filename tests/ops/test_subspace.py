@@ -259,6 +259,12 @@ def test_cart_is_the_average_plus_low_rank_centred_parts():
     assert int((torch.linalg.svdvals(merged.double()) > 1e-6).sum()) <= 3 * 4  # T * k
 
 
+def test_iso_cts_refuses_a_fraction_that_leaves_no_common_space():
+    _, _, deltas = family((10, 12), 6)
+    with pytest.raises(InvalidArgumentError, match="common_space_fraction 0.0 leaves 12"):
+        ops.iso_cts(torch.zeros(10, 12), deltas, common_space_fraction=0.0)
+
+
 @pytest.mark.parametrize("fraction", [0.0, 1.5, "x"])
 def test_dc_merge_refuses_bad_keep_fraction(fraction):
     base, experts, _ = family((8, 8), 2)

@@ -279,6 +279,11 @@ def _iso_cts_matrix(d: torch.Tensor, common_space_fraction: float, exact: bool) 
     tasks, m, n = d.shape
     k = min(m, n)
     common, per_task = iso_cts_split(k, tasks, common_space_fraction)
+    if common < 0:  # the authors' code fails on a shape here
+        raise InvalidArgumentError(
+            f"iso_cts: common_space_fraction {common_space_fraction} leaves {k - common} "
+            f"task-specific dims (a multiple of {tasks} tasks) for a {m}x{n} matrix of rank "
+            f"{k}; use a larger fraction")
     parts = None if exact else _iso_cts_fast_parts(d, common, per_task)
     if parts is None:
         u_c, s_c, v_c = _svd_top(d.sum(0), common)
