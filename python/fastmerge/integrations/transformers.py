@@ -23,8 +23,9 @@ attention masks are sized from one layer's cache length):
   (see its docstring: every kv head of a layer keeps the same, dense length).
 
 The attention output of the prefill itself is computed on the full cache; later tokens attend
-to the merged cache. Call the model the press was entered with (its forward hook merges). Decoding steps are left alone. generate() derives position ids from the
-attention mask, so new tokens keep their true RoPE positions while the cache is shorter.
+to the merged cache. Call the model the press was entered with (its forward hook merges).
+Decoding steps are left alone. generate() derives position ids from the attention mask, so new
+tokens keep their true RoPE positions while the cache is shorter.
 
 Limits: a decoding loop written by hand must pass position_ids (the cache is shorter than the
 positions it covers; generate() derives them from the attention mask); batches must not
