@@ -175,6 +175,15 @@ def test_half_precision_results_keep_mergekit_s_float32(method, params, kernel_c
     assert want.dtype == got.dtype == torch.float32
 
 
+def test_karcher_of_0d_half_tensors_keeps_mergekit_s_float32():
+    inputs = [torch.tensor(v, dtype=torch.bfloat16) for v in (1.5, -0.5, 0.25)]
+    want = merge_tensors(inputs, "karcher", parameters={})
+    with fmk.patch():
+        got = merge_tensors(inputs, "karcher", parameters={})
+    assert want.dtype == got.dtype == torch.float32
+    assert torch.allclose(got, want, rtol=1e-6)
+
+
 def test_mergekit_yaml_leaves_the_caller_s_patches_in_place(tmp_path):
     from fastmerge import cli
 

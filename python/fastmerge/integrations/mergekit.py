@@ -82,11 +82,13 @@ def _say_once(method: str, reason: str) -> None:
                       stacklevel=4)
 
 
-def _torch_seed() -> int:
-    """A seed drawn from torch's global generator, as mergekit's own random methods draw."""
+def _torch_seed(device) -> int:
+    """A seed drawn from torch's global generator of the tensors' device, where mergekit's own
+    random methods draw (under its multi-GPU executor each device's generator is its own, so
+    the draws do not depend on thread timing)."""
     import torch
 
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64, device=device))
 
 
 def _gta_kernel(original) -> Callable:
@@ -105,7 +107,7 @@ def _gta_kernel(original) -> Callable:
             return None  # mergekit merges with such densities (no pruning, or none kept)
         extra = {key: [parameters[key][i] for i in ids] for key in ("gamma", "epsilon")
                  if key in parameters}
-        seed = _torch_seed() if sparsification in ("random", "della_magprune") else 0
+        seed = _torch_seed(base.device) if sparsification in ("random", "della_magprune") else 0
         return ops.generalized_task_arithmetic(
             base, [e.tensor for e in entries], [parameters["weight"][i] for i in ids],
             density=densities, sparsification=sparsification,
@@ -208,8 +210,13 @@ def _multislerp(group, parameters):
 def _karcher(group, parameters):
     from .. import ops
 
-    return ops.karcher([e.tensor for e in group.entries], max_iter=parameters["max_iter"],
-                       tol=parameters["tol"])
+    tensors = [e.tensor for e in group.entries]
+    # 0-d half tensors divided by mergekit's float32 0-d norms come out float32 (type promotion
+    # among 0-d tensors); any other shape keeps its dtype
+    out_dtype = (_float32_promoted(tensors[0].dtype)
+                 if len(tensors) > 1 and tensors[0].dim() == 0 else None)
+    return ops.karcher(tensors, max_iter=parameters["max_iter"], tol=parameters["tol"],
+                       out_dtype=out_dtype)
 
 
 def _wrapper_class():

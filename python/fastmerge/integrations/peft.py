@@ -189,11 +189,12 @@ def _density(density, tensors, *, random: bool):
     return density
 
 
-def _torch_seed() -> int:
-    """A seed drawn from torch's global generator, as PEFT's torch.bernoulli draws."""
+def _torch_seed(device) -> int:
+    """A seed drawn from torch's global generator of the tensors' device, where PEFT's
+    torch.bernoulli draws (each GPU's generator on its own)."""
     import torch
 
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64, device=device))
 
 
 # ---- kernels (each returns the result or a _Fallback) ----
@@ -225,7 +226,7 @@ def _merge(task_tensors, weights, density=None, majority_sign_method="total", *,
             return d
         options.update(density=d, sparsification=sparsification, min_keep=0)
         if sparsification == "random":
-            options.update(rescale="density", seed=_torch_seed())
+            options.update(rescale="density", seed=_torch_seed(tensors[0].device))
     out_dtype = _result_dtype(tensors, weights, at_least_float32=consensus)
     return ops.generalized_task_arithmetic(None, tensors, values, out_dtype=out_dtype, **options)
 
@@ -258,7 +259,7 @@ def _prune_one(tensor, density: float, random: bool, rescale: bool):
     options = dict(density=density, sparsification="random" if random else "magnitude",
                    out_dtype=tensor.dtype)
     if random:
-        options.update(seed=_torch_seed(), rescale="density" if rescale else False)
+        options.update(seed=_torch_seed(tensor.device), rescale="density" if rescale else False)
     else:
         options.update(min_keep=0)
     return ops.generalized_task_arithmetic(None, [tensor], 1.0, **options)
