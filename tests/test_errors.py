@@ -189,6 +189,53 @@ _CALLS = {
 }
 
 
+@pytest.mark.skipif(not fastmerge.build_info()["native"], reason="needs fastmerge._C")
+def test_native_checks_raise_a_fastmerge_error():
+    """A check in C++ (here: merge maps that index past the tokens) is a NativeKernelError,
+    which the CLI reports without a traceback, not a bare RuntimeError."""
+    maps = F.tome_match(torch.randn(2, 33, 16), 8)
+    corrupt = maps._replace(members=maps.members.clone().fill_(10**6))
+    with pytest.raises(fastmerge.errors.NativeKernelError, match="corrupt merge members"):
+        F.tome_merge(torch.randn(2, 33, 5), corrupt)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support")
+def test_sparse_inputs_are_refused_by_name():
+    raises(lambda: F.linear([E[0].to_sparse(), E[1]], 0.5), "experts[0]", "sparse_coo",
+           "to_dense")
+    raises(lambda: F.ties(B.to_sparse_csr(), E, 1.0, 0.5), "base", "sparse_csr")
+
+
+def test_outputs_sharing_memory_are_refused():
+    out = torch.empty(1).expand(12).reshape(3, 4)
+    raises(lambda: F.ties(B, E, 1.0, 0.5, out=out), "out", "expanded")
+    negated = torch.zeros(3, 4)._neg_view()
+    raises(lambda: F.ties(B, E, 1.0, 0.5, out=negated), "out", "negated")
+
+
+def test_lazily_negated_inputs_are_read_negated():
+    """torch's neg bit (e.g. the imaginary part of a conjugate) is not in the stored values
+    DLPack hands over: inputs are resolved first."""
+    negated = torch.randn(3, 4)._neg_view()
+    assert negated.is_neg()
+    plain = negated.resolve_neg()
+    assert torch.equal(F.linear([negated], 1.0), plain)
+    assert torch.equal(F.task_arithmetic(negated, E, 0.5), F.task_arithmetic(plain, E, 0.5))
+    assert torch.equal(F.ties(B, [negated, E[1]], 1.0, 0.5), F.ties(B, [plain, E[1]], 1.0, 0.5))
+
+
+def test_tome_ops_check_their_maps():
+    x = torch.randn(2, 9, 4)
+    for call in (lambda: F.tome_merge(x, None), lambda: F.tome_unmerge(x, (1, 2)),
+                 lambda: F.tome_merge_source(None, "maps")):
+        raises(call, "maps must be the TomeMaps")
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5])
+def test_randomized_svd_seed_range(seed):
+    raises(lambda: F.randomized_svd(torch.randn(8, 6), 2, seed=seed), "seed")
+
+
 @given(op=st.sampled_from(sorted(_CALLS)), x=_tensors,
        xs=st.one_of(st.lists(_tensors, min_size=1, max_size=3), _anything),
        a=_anything, b=_anything, c=_anything)

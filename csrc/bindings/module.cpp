@@ -93,7 +93,7 @@ PYBIND11_MODULE(_C, m) {
   using namespace fastmerge::bindings;
   m.doc() = "fastmerge native kernels (CPU and CUDA), torch-ABI free";
   // C++ checks surface as fastmerge.errors.NativeKernelError (a FastmergeError).
-  static py::exception<fastmerge::Error> native_error(
+  py::register_exception<fastmerge::Error>(
       m, "NativeError", py::module_::import("fastmerge.errors").attr("NativeKernelError"));
   m.def("build_info", &build_info);
   m.def("set_num_threads", &fastmerge::set_threads, py::arg("n"));

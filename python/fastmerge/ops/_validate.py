@@ -24,6 +24,9 @@ PerExpert = Union[float, Sequence[float], torch.Tensor]
 def check_tensor(x, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise InvalidArgumentError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise InvalidArgumentError(f"{name} has layout {x.layout}; fastmerge merges dense (strided) "
+                                   "tensors: call .to_dense() first")
     if x.dtype == torch.float64:
         return x  # computed in fp32 like every other input (numerics contract)
     if x.dtype not in KERNEL_DTYPES:
@@ -78,19 +81,12 @@ def check_same_layout(reference: torch.Tensor, ref_name: str, tensors: Sequence[
             raise InvalidArgumentError(f"{n} is on {t.device} but {ref_name} is on {reference.device}")
 
 
-
-
-
-
 def resolve_out_dtype(out_dtype, default: torch.dtype) -> torch.dtype:
     if out_dtype is None:
         return default if default in KERNEL_DTYPES or default == torch.float64 else torch.float32
     if out_dtype not in KERNEL_DTYPES and out_dtype != torch.float64:
         raise InvalidArgumentError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     return out_dtype
-
-
-
 
 
 def check_out(out, reference: torch.Tensor, out_dtype, inputs: Sequence[tuple]) -> torch.dtype:
@@ -111,6 +107,11 @@ def check_out(out, reference: torch.Tensor, out_dtype, inputs: Sequence[tuple]) 
         raise InvalidArgumentError(f"out_dtype={out_dtype} disagrees with out, which has dtype {out.dtype}")
     if out.requires_grad:
         raise InvalidArgumentError("out requires grad; fastmerge ops do not record autograd history")
+    if any(size > 1 and stride == 0 for size, stride in zip(out.shape, out.stride())):
+        raise InvalidArgumentError(f"out is an expanded view (strides {tuple(out.stride())}) whose "
+                                   "elements share memory; pass a tensor of its own")
+    if out.is_neg() or out.is_conj():
+        raise InvalidArgumentError("out is a lazily negated view; pass a materialised tensor")
     for name, t in inputs:
         if t is not None and _shares_memory(out, t):
             raise InvalidArgumentError(f"out overlaps {name} in memory; pass a separate tensor")
@@ -134,8 +135,9 @@ def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def kernel_input(t: torch.Tensor) -> torch.Tensor:
-    """Contiguous, kernel dtype (float64 is computed in fp32), no autograd."""
-    t = t.detach()
+    """Contiguous, kernel dtype (float64 is computed in fp32), no autograd, and torch's lazy
+    negation applied (DLPack hands over the stored values, not the negated ones)."""
+    t = t.detach().resolve_neg()
     if t.dtype == torch.float64:
         t = t.float()
     return t.contiguous()

@@ -13,8 +13,8 @@ import torch
 
 from .. import _native
 from ..errors import InvalidArgumentError
-from ._validate import (capsule, check_tensor, cuda_stream, finite_per_matrix, kernel_input,
-                        use_native)
+from ._validate import (capsule, check_seed, check_tensor, cuda_stream, finite_per_matrix,
+                        kernel_input, use_native)
 
 
 def batched_svd(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,8 +124,7 @@ def randomized_svd(x: torch.Tensor, rank: int, *, oversample: int = 8, n_iter: i
     for name, value in (("oversample", oversample), ("n_iter", n_iter)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise InvalidArgumentError(f"{name} must be a non-negative int, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise InvalidArgumentError(f"seed must be an int, got {seed!r}")
+    seed = check_seed(seed)
     a = x.detach().to(torch.float32)
     width = min(rank + oversample, k)
     generator = torch.Generator().manual_seed(seed)

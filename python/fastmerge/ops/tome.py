@@ -280,7 +280,14 @@ def tome_match(metric: torch.Tensor, r: int, *, class_token: bool = False,
     return TomeMaps(*maps, r, N, class_token, distill_token)
 
 
+def _check_maps(maps) -> None:
+    if not isinstance(maps, TomeMaps):
+        raise InvalidArgumentError(f"maps must be the TomeMaps that tome_match returned, got "
+                                   f"{type(maps).__name__}")
+
+
 def _check_tokens(x: torch.Tensor, maps: TomeMaps, name: str) -> None:
+    _check_maps(maps)
     if x.dim() != 3 or x.shape[0] != maps.dest.shape[0] or x.shape[1] != maps.tokens:
         raise InvalidArgumentError(
             f"{name} has shape {tuple(x.shape)}; the maps expect [{maps.dest.shape[0]}, "
@@ -313,16 +320,20 @@ def tome_unmerge(x: torch.Tensor, maps: TomeMaps) -> torch.Tensor:
     """ToMe's unmerge: x [B, N - r, C] -> [B, N, C], every original token taking the value of
     the merged token that holds it (a gather: exact, deterministic)."""
     x = check_tensor(x, "x")
+    _check_maps(maps)
     B, N = maps.dest.shape
     if x.dim() != 3 or x.shape[0] != B or x.shape[1] != maps.merged_tokens:
         raise InvalidArgumentError(
             f"x has shape {tuple(x.shape)}; the maps expect [{B}, {maps.merged_tokens}, C]")
+    if x.device != maps.dest.device:
+        raise InvalidArgumentError(f"x is on {x.device} but the maps are on {maps.dest.device}")
     return x.gather(1, maps.dest[..., None].expand(B, N, x.shape[-1]))
 
 
 def tome_merge_source(source: Optional[torch.Tensor], maps: TomeMaps) -> torch.Tensor:
     """ToMe's merge_source: source [B, N, N0] (None: the identity over the N tokens, fp32) ->
     [B, N - r, N0], each row the elementwise max over the tokens it holds."""
+    _check_maps(maps)
     B, N = maps.dest.shape
     if source is None:
         source = torch.eye(N, device=maps.dest.device)[None].expand(B, N, N)
