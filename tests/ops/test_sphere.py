@@ -269,6 +269,23 @@ def test_multislerp_closed_form_and_errors():
         F.multislerp([e0, e1], [1.0, 1.0], normalize_weights="yes")
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_karcher_alphas_summing_to_zero_are_refused(native, monkeypatch):
+    """The mean's weights are alphas / their sum over the inputs above tol: a zero sum (mergekit
+    would divide by it) is refused by name instead of giving NaN."""
+    xs = [randn((6, 7), seed=i) for i in range(3)]
+    if not native:
+        monkeypatch.setattr(_native, "_C", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(fastmerge.FastmergeError, match="alphas .* sum to zero"):
+            F.karcher(xs, alphas=[1.0, -1.0, 0.0])
+        # the sum counts only inputs above tol: the zero tensor's alpha takes no part
+        with pytest.raises(fastmerge.FastmergeError, match="alphas .* sum to zero"):
+            F.karcher(xs[:2] + [torch.zeros(6, 7)], alphas=[1.0, -1.0, 5.0])
+
+
+
 # ---------------------------------------------------------------------------------------------
 # karcher
 # ---------------------------------------------------------------------------------------------

@@ -163,6 +163,31 @@ def test_non_matrices_get_the_mean_task_vector(method, shape):
     assert torch.allclose(ours, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("exponent", [90, -100])
+def test_fast_mode_scales_with_task_vectors_of_extreme_magnitude(method, exponent):
+    """Every method is homogeneous in the task vectors. Fast mode scales matrices whose Gram
+    would overflow (|x| ~ 1e24) or underflow (~1e-33) fp32 by powers of two, so the merge of
+    2^e deltas is 2^e times the merge of the deltas."""
+    op, _ = METHODS[method]
+    _, _, deltas = family((40, 24), 3, seed=9)
+    scale = 2.0 ** exponent
+    zero = torch.zeros(40, 24)
+    plain = op(zero, deltas)
+    scaled = op(zero, [d * scale for d in deltas])
+    assert torch.isfinite(scaled).all()
+    assert rel_err(scaled / scale, plain) < 1e-5
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("shape", [(0, 4), (5, 0)])
+def test_empty_matrices_merge_to_empty(method, exact, shape):
+    op, _ = METHODS[method]
+    out = op(torch.zeros(shape), [torch.zeros(shape)] * 2, exact=exact)
+    assert out.shape == shape
+
+
 def test_iso_c_has_a_flat_spectrum_with_the_mean_singular_value():
     base, experts, deltas = family((64, 80), 3, seed=3)
     merged = ops.iso_c(base, experts) - base

@@ -121,6 +121,8 @@ std::vector<float> karcher_coefficients(const double* g, int n, const std::vecto
           g[valid[size_t(a)] * n + valid[size_t(b)]] / (norm[size_t(valid[size_t(a)])] * norm[size_t(valid[size_t(b)])]);
   double alpha_sum = 0.0;
   for (int j : valid) alpha_sum += alphas[size_t(j)];
+  // The mean weights are alphas / alpha_sum; mergekit would divide by zero here.
+  FM_CHECK(alpha_sum != 0.0, "karcher: the alphas of the inputs with norm above tol sum to zero");
   std::vector<double> alpha(K);
   for (int a = 0; a < k; ++a) alpha[size_t(a)] = alphas[size_t(valid[size_t(a)])] / alpha_sum;
 

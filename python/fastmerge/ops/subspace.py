@@ -192,13 +192,35 @@ def _top_triplets(d: torch.Tensor, count: int, exact: bool):
     *batch_shape, m, n = d.shape
     if exact:
         return _svd_top(d, count)
-    flat = d.reshape(-1, m, n)
+    flat, scale = _gram_safe_scaling(d.reshape(-1, m, n))
     head, route = _routed_triplets(flat[:1], count, first_route=0, screen=True)
     parts = [head]
     if flat.shape[0] > 1:
         parts.append(_routed_triplets(flat[1:], count, first_route=route)[0])
-    return tuple(torch.cat([p[i] for p in parts]).reshape(*batch_shape, *head[i].shape[1:])
-                 for i in range(3))
+    u, s, vh = (torch.cat([p[i] for p in parts]) for i in range(3))
+    if scale is not None:
+        s = s * scale.unsqueeze(-1)
+    return (u.reshape(*batch_shape, m, -1), s.reshape(*batch_shape, -1),
+            vh.reshape(*batch_shape, -1, n))
+
+
+# Entries beyond 2^±40 would overflow (or lose to underflow) the fp32 Gram matrix
+# (n * |x|^2 must stay below 3.4e38); such matrices are scaled by a power of two, which is exact.
+_GRAM_SAFE_EXPONENT = 40
+
+
+def _gram_safe_scaling(flat: torch.Tensor):
+    """(flat scaled so that every matrix's largest magnitude lies in [0.5, 1), per-matrix
+    scale) when some matrix has entries outside the safe range; (flat, None) otherwise."""
+    if flat.numel() == 0:
+        return flat, None
+    amax = flat.detach().abs().amax((-2, -1))
+    exponent = torch.frexp(amax).exponent
+    needs = (amax > 0) & (exponent.abs() > _GRAM_SAFE_EXPONENT)
+    if not bool(needs.any()):
+        return flat, None
+    scale = torch.ldexp(torch.ones_like(amax), torch.where(needs, exponent, 0))
+    return flat / scale[:, None, None], scale
 
 
 def _routed_triplets(d: torch.Tensor, count: int, first_route: int, screen: bool = False):
@@ -331,6 +353,8 @@ def _dc_merge_matrix(d: torch.Tensor, keep_fraction: float, exact: bool) -> torc
 def _cart_matrix(d: torch.Tensor, rank_ratio: float, lambda_: float, exact: bool) -> torch.Tensor:
     tasks, m, n = d.shape
     average = d.mean(0)
+    if average.numel() == 0:
+        return average
     rank = cart_rank(min(m, n), rank_ratio)
     u, s, vh = _top_triplets(d - average, rank, exact)
     # sum_t U_t S_t V_t as one GEMM over the concatenated factors

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from ...errors import InvalidArgumentError
 from .common import _f32, _scalar
 
 
@@ -83,7 +84,6 @@ def multislerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], *,
     (mean_hat cos tn + tangent sin(tn)/tn) * sum_i w_i |x_i| (+ base). One input: returned
     as is. |mean| < eps: two inputs are interpolated linearly, more raise."""
     from ..._params import MULTISLERP_ANTIPODAL
-    from ...errors import InvalidArgumentError
 
     shape = tuple(tensors[0].shape)
     if len(tensors) == 1:
@@ -140,6 +140,9 @@ def karcher(tensors: Sequence[torch.Tensor], alphas: Sequence[float], *, max_ite
         k = len(valid)
         gu = [[g[i][j] / (norm[i] * norm[j]) for j in valid] for i in valid]
         alpha_sum = sum(alphas[i] for i in valid)
+        if alpha_sum == 0:
+            raise InvalidArgumentError("karcher: the alphas of the inputs with norm above tol sum "
+                                       "to zero")
         alpha = [alphas[i] / alpha_sum for i in valid]
         c = list(alpha)
         mean_norm = _norm_of(gu, c)

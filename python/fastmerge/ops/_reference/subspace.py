@@ -173,7 +173,7 @@ def cart(deltas: List[torch.Tensor], rank_ratio: float = 0.08, lambda_: float = 
     average's offset from the base included)."""
     deltas = [d.float() for d in deltas]
     average = _mean(deltas)
-    if deltas[0].dim() != 2:
+    if deltas[0].dim() != 2 or average.numel() == 0:
         return average
     rank = cart_rank(min(deltas[0].shape), rank_ratio)
     total = torch.zeros_like(average)
