@@ -227,6 +227,51 @@ def test_thread_count_independent(restore_threads):
         assert torch.equal(x, y)
 
 
+def test_vanishing_sigma_keeps_each_pivot():
+    """With 2 sigma^2 below the smallest double every token but the pivot weighs 0 and the
+    pivot 1 (not 0 / 0): each output token is its pivot's key and value."""
+    keys, values, scores = inputs((1, 2, 30, 8), seed=11)
+    k, v, pos = kv_merge(keys, values, scores, ratio=0.5, sigma=1e-200, return_positions=True)
+    index = pos[..., None]
+    assert torch.equal(k, keys.gather(2, index.expand(-1, -1, -1, 8)))
+    assert torch.equal(v, values.gather(2, index.expand(-1, -1, -1, 8)))
+    check_against_reference(keys, values, scores, ratio=0.5, eps=-1.0, sigma=1e-200, window=0,
+                            sinks=0)
+
+
+def test_non_finite_keys_outside_merged_sets_are_copied():
+    keys, values, scores = inputs((1, 1, 24, 8), seed=12)
+    keys[0, 0, -1, 0] = float("inf")  # a recent token: never merged
+    keys[0, 0, 0, 1] = float("nan")   # a sink
+    k, v = kv_merge(keys, values, scores, ratio=1.0, window=2, sinks=1)
+    rk, rv, _ = R.kv_merge(keys, values, scores, ratio=1.0, eps=-1.0, sigma=1.0, window=2, sinks=1)
+    for got in (k, rk):
+        assert torch.equal(got[0, 0, -1], keys[0, 0, -1])
+        assert torch.equal(got[0, 0, 0].nan_to_num(), keys[0, 0, 0].nan_to_num())
+    assert torch.equal(v[0, 0, [0, -1]], values[0, 0, [0, -1]])
+    assert torch.equal(rv[0, 0, [0, -1]], values[0, 0, [0, -1]])
+
+
+def test_signed_zero_similarities_tie_by_index():
+    """Keys too small for the similarity floor give similarities that round to +0 or -0: one
+    value, so the lower index goes first, as for any other tie."""
+    keys = torch.randn(1, 1, 24, 8, generator=torch.Generator().manual_seed(14)) * 1e-30
+    sims = R.adjacent_similarity(keys)
+    assert bool((sims == 0).all()) and bool(torch.signbit(sims).any()) and \
+        bool((~torch.signbit(sims)).any())
+    values, scores = torch.randn(1, 1, 24, 3), torch.rand(1, 1, 24)
+    check_against_reference(keys, values, scores, ratio=0.3, eps=-1.0, sigma=1.0, window=0,
+                            sinks=0)
+
+
+def test_empty_value_dim():
+    keys, _, scores = inputs((1, 2, 20, 8), seed=13)
+    values = torch.zeros(1, 2, 20, 0)
+    k, v, _ = check_against_reference(keys, values, scores, ratio=0.5, eps=-1.0, sigma=1.0,
+                                      window=0, sinks=0)
+    assert v.shape == (1, 2, k.shape[2], 0)
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 0, 4), (1, 1, 1, 4), (0, 2, 5, 4)])
 def test_degenerate_shapes(shape):
     keys, values, scores = (torch.randn(shape), torch.randn(shape), torch.rand(shape[:3]))

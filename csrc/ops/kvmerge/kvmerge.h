@@ -15,6 +15,7 @@
 //      output dtype. Unmerged tokens are copied exactly.
 // No float atomics and no thread-count dependent reductions: results are deterministic.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #include "fastmerge/common.h"
@@ -35,10 +36,18 @@ struct KvMergeParams {
 constexpr double kSimFloor = 1e-12;  // |k_i| |k_j| below this: similarity 0
 
 // Ordering key of a pair: larger similarity first, then lower index. Unique per head.
+// -0 and +0 are one similarity (+ 0.0f turns -0 into +0), so their ties go by index too.
 FM_HD uint64_t pair_rank_key(float sim, int64_t index) {
-  const uint32_t u = float_bits(sim);
+  const uint32_t u = float_bits(sim + 0.0f);
   const uint32_t ordered = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
   return (uint64_t(ordered) << 32) | uint64_t(0xffffffffu - uint32_t(index));
+}
+
+// Gaussian-kernel weight of a token at squared key distance d2 from its set's pivot: exactly 1
+// for the pivot and at distance 0, even where 2 sigma^2 underflows to 0 (0 / 0 would be NaN) or
+// the pivot's key is not finite (inf - inf).
+FM_HD double gaussian_weight(bool is_pivot, double d2, double two_sigma2) {
+  return is_pivot || d2 == 0.0 ? 1.0 : exp(-d2 / two_sigma2);
 }
 
 // A pair is a candidate when both tokens are mergeable and sim >= eps (NaN never).

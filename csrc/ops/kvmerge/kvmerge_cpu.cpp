@@ -143,7 +143,7 @@ int64_t merge_set(const TensorView& keys, const TensorView& values, const Tensor
     float* k = s.a.data();
     load_row(keys, base + i, D, k);
     const double d2 = squared_distance(k, s.pivot.data(), D);
-    const double w = std::exp(-d2 / two_sigma2);
+    const double w = gaussian_weight(i == pivot, d2, two_sigma2);
     den += w;
     for (int64_t j = 0; j < D; ++j) s.acc_k[size_t(j)] += w * double(k[j]);
     float* v = s.b.data();

@@ -221,7 +221,7 @@ __global__ void merge_kernel(KernelParams p, int64_t out_len, const int64_t* set
         d2 += d * d;
       }
       d2 = warp_sum(d2);
-      const double wi = exp(-d2 / two_sigma2);
+      const double wi = gaussian_weight(i == pivot, d2, two_sigma2);
       den += wi;
       if (lane == 0) weights[base + i] = wi;
     }

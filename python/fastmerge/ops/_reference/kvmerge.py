@@ -109,11 +109,14 @@ def kv_merge(keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, *, 
     pivot = torch.full((groups,), S, dtype=torch.long, device=keys.device)
     pivot = pivot.scatter_reduce(0, gid, torch.where(is_best, token, torch.full_like(token, S)),
                                  reduce="amin")
-    flat_k = k.reshape(-1, D)
-    flat_v = v.reshape(-1, Dv)
+    flat_k = k.reshape(B * H * S, D)
+    flat_v = v.reshape(B * H * S, Dv)
     pivot_row = (gid // max(out_len, 1)) * S + pivot[gid]
     dist2 = (flat_k - flat_k[pivot_row]).pow(2).sum(-1)
-    w = torch.exp(-dist2 / (2.0 * sigma * sigma))
+    # the pivot (distance 0) weighs 1 even when 2 sigma^2 underflows, and a one-token set
+    # copies its token exactly even when that key is not finite
+    is_pivot = token == pivot[gid]
+    w = torch.where(is_pivot | (dist2 == 0), 1.0, torch.exp(-dist2 / (2.0 * sigma * sigma)))
     den = torch.zeros(groups, dtype=torch.float64, device=keys.device).index_add_(0, gid, w)
     num_k = torch.zeros(groups, D, dtype=torch.float64, device=keys.device)
     num_k.index_add_(0, gid, w[:, None] * flat_k)
