@@ -387,6 +387,22 @@ def test_thread_count_changes_nothing_and_is_restored(method, family, tmp_path):
         assert f.read_bytes() == (tmp_path / "default" / f.name).read_bytes(), f.name
 
 
+def test_missing_model_message_names_each_place_once(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from fastmerge.errors import ModelNotFoundError
+    from fastmerge.executor import resolve_model_path
+
+    monkeypatch.chdir(tmp_path)
+    config = SimpleNamespace(directory=tmp_path)  # the config sits in the working directory
+    with pytest.raises(ModelNotFoundError) as local:
+        resolve_model_path("./nope", config)
+    assert str(local.value).count(str(tmp_path / "nope")) == 1
+    assert "huggingface-cli" not in str(local.value)  # a path, not a hub id
+    with pytest.raises(ModelNotFoundError, match="huggingface-cli download org/model"):
+        resolve_model_path("org/model", config)
+
+
 # ---- the torch-free CPU path ----
 
 def test_cpu_run_does_not_import_torch(family, tmp_path):

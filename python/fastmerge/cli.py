@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-shard-size", type=parse_size, default=parse_size("5B"),
                    help="largest output shard in bytes: 5B (billion, the default), 500M, 2GB")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the random masks of dare_* and della* (0)")
+                   help="seed of the random masks of dare_*, della* and knots_dare_ties (0)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT if it exists (only once the new merge is complete)")
     p.add_argument("--allow-pickle", action="store_true",

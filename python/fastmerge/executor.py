@@ -95,10 +95,17 @@ def resolve_model_path(name: str, config: MergeConfig) -> Path:
     for path in candidates:
         if path.exists():
             return path
-    tried = " or ".join(str(p) for p in candidates)
-    raise ModelNotFoundError(f"model {name!r} not found (looked for {tried}); fastmerge reads "
-                             f"local checkpoints: download hub models first "
-                             f"(e.g. `huggingface-cli download {name} --local-dir DIR`)")
+    tried = " or ".join(dict.fromkeys(str(p.resolve()) for p in candidates))
+    message = f"model {name!r} not found (looked for {tried})"
+    if _looks_like_hub_id(name):
+        message += (f"; fastmerge reads local checkpoints: download hub models first "
+                    f"(e.g. `huggingface-cli download {name} --local-dir DIR`)")
+    raise ModelNotFoundError(message)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """'org/model' or 'model', not a path written as one ('./x', '../x', '/x', '~/x')."""
+    return not name.startswith((".", "/", "~")) and name.count("/") <= 1
 
 
 def fingerprint(config: MergeConfig, readers: Dict[str, CheckpointReader], options: MergeOptions) -> str:
