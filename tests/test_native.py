@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -77,6 +78,17 @@ def test_set_num_threads_round_trip(restore_threads):
     assert fastmerge.get_num_threads() == 1
     restore_threads(2)
     assert fastmerge.get_num_threads() == 2
+
+
+def test_thread_count_holds_in_every_thread(restore_threads):
+    """set_num_threads is for the process, as torch's is: a pool thread sees it too."""
+    seen = []
+    for count in (1, 2):
+        restore_threads(count)
+        worker = threading.Thread(target=lambda: seen.append(fastmerge.get_num_threads()))
+        worker.start()
+        worker.join()
+    assert seen == [1, 2]
 
 
 def test_results_do_not_depend_on_cpu_isa(tmp_path):

@@ -403,6 +403,22 @@ def test_missing_model_message_names_each_place_once(tmp_path, monkeypatch):
         resolve_model_path("org/model", config)
 
 
+def test_overlapping_runs_restore_the_callers_thread_counts():
+    """Thread counts are process-wide: of two overlapping runs (two threads of one process),
+    the one that ends first leaves the other's count, and the last restores the caller's."""
+    from fastmerge import _native
+    from fastmerge.executor import _cpu_threads
+
+    before = (torch.get_num_threads(), _native.get_num_threads())
+    first, second = _cpu_threads(1), _cpu_threads(3)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert (torch.get_num_threads(), _native.get_num_threads()) == (3, 3)
+    second.__exit__(None, None, None)
+    assert (torch.get_num_threads(), _native.get_num_threads()) == before
+
+
 # ---- the torch-free CPU path ----
 
 def test_cpu_run_does_not_import_torch(family, tmp_path):

@@ -75,7 +75,7 @@ py::dict build_info() {
 #endif
   d["cpu_simd"] = cpu_isa_name(active_cpu_isa());
   d["cpu_simd_detected"] = cpu_isa_name(detected_cpu_isa());
-  d["threads"] = max_threads();
+  d["threads"] = team_size();
 #ifdef _OPENMP
   d["openmp"] = true;
 #else
@@ -97,7 +97,7 @@ PYBIND11_MODULE(_C, m) {
       m, "NativeError", py::module_::import("fastmerge.errors").attr("NativeKernelError"));
   m.def("build_info", &build_info);
   m.def("set_num_threads", &fastmerge::set_threads, py::arg("n"));
-  m.def("get_num_threads", &fastmerge::max_threads);
+  m.def("get_num_threads", &fastmerge::team_size);
   bind_select(m);
   bind_gta(m);
   bind_interp(m);

@@ -45,10 +45,11 @@ def build_info() -> Dict[str, Any]:
 
 
 def set_num_threads(n: int) -> None:
-    """Threads used by the CPU kernels (results never depend on it).
+    """Threads used by the CPU kernels, in every thread of the process (results never depend
+    on it). Until it is called, the kernels follow the calling thread's OpenMP count.
 
     The kernels use the process's OpenMP runtime; where torch shares it (as the CPU wheels
-    do), this also sets torch's intra-op thread count, as torch.set_num_threads does ours.
+    do), this also sets torch's intra-op thread count in the calling thread.
     """
     native().set_num_threads(int(n))
 

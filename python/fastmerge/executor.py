@@ -316,29 +316,46 @@ def _check_device(options: MergeOptions) -> None:
                                        f"{torch.cuda.device_count()} CUDA device(s)")
 
 
+# Thread counts are process-wide, while several run_merge calls may overlap (threads of one
+# process): the first one in saves the caller's counts and the last one out restores them.
+_threads_lock = threading.Lock()
+_threads_users = 0
+_threads_saved: tuple = (None, None)
+
+
+def _set_cpu_threads(torch, kernels: Optional[int], torch_count: Optional[int]) -> None:
+    from ._native import set_num_threads
+
+    if kernels is not None:
+        set_num_threads(kernels)
+    if torch is not None and torch_count is not None:
+        torch.set_num_threads(torch_count)
+
+
 @contextlib.contextmanager
 def _cpu_threads(count: Optional[int]):
     """CPU threads for torch and the kernels during a merge, restored afterwards: run_merge is
     also a library call, and the caller's thread counts are not its to keep."""
+    global _threads_users, _threads_saved
     if count is None:
         yield
         return
-    from ._native import available, get_num_threads, set_num_threads
+    from ._native import available, get_num_threads
 
     torch = sys.modules.get("torch")  # not imported by torch-free CPU runs
-    torch_before = torch.get_num_threads() if torch else None
-    kernels_before = get_num_threads() if available() else None
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_saved = (get_num_threads() if available() else None,
+                              torch.get_num_threads() if torch else None)
+        _threads_users += 1
+        _set_cpu_threads(torch, count if available() else None, count)
     try:
-        if kernels_before is not None:
-            set_num_threads(count)
-        if torch is not None:
-            torch.set_num_threads(count)
         yield
     finally:
-        if kernels_before is not None:
-            set_num_threads(kernels_before)
-        if torch_before is not None:
-            torch.set_num_threads(torch_before)
+        with _threads_lock:
+            _threads_users -= 1
+            if _threads_users == 0:
+                _set_cpu_threads(torch, *_threads_saved)
 
 
 def run_merge(config: Union[MergeConfig, str, os.PathLike], out_dir: Union[str, os.PathLike],

@@ -53,15 +53,15 @@ CandidatePool& thread_candidate_pool() {
   return pool;
 }
 
-// The calling thread's pool, emptied and sized for `selections`.
-CandidatePool& candidate_pool(size_t selections) {
+// The calling thread's pool, emptied and sized for `selections` and a region of `team` threads.
+CandidatePool& candidate_pool(size_t selections, int team) {
   CandidatePool& pool = thread_candidate_pool();
-  pool.by_thread.resize(size_t(max_threads()));
+  pool.by_thread.resize(size_t(team));
   for (auto& per_thread : pool.by_thread) {
     per_thread.resize(std::max(per_thread.size(), selections));
     for (auto& buf : per_thread) buf.clear();
   }
-  pool.slice_counts.resize(size_t(max_threads()));
+  pool.slice_counts.resize(size_t(team));
   for (auto& per_thread : pool.slice_counts) {
     per_thread.resize(std::max(per_thread.size(), selections));
     for (auto& counts : per_thread) counts.assign(size_t(kWindowSlices), 0);
@@ -157,11 +157,11 @@ Ranges make_ranges(const GtaPlan& plan, const GtaParams& p, int64_t n) {
 }
 
 template <typename Fn>
-void for_each_range(const Ranges& ranges, Fn&& fn) {
+void for_each_range(const Ranges& ranges, Fn&& fn, int team = team_size()) {
   if (ranges.slabs) {
-    parallel_for(ranges.count, fn);
+    parallel_for(ranges.count, fn, team);
   } else {
-#pragma omp parallel for schedule(dynamic, 1) if (ranges.count > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(team) if (ranges.count > 1)
     for (int64_t r = 0; r < ranges.count; ++r) fn(r);
   }
 }
@@ -281,7 +281,8 @@ void stats_pass(const MergeInputs& in, GtaPlan& plan, std::vector<Selection>& se
   std::vector<int> active;  // selections still to scan
   for (size_t i = 0; i < sels.size(); ++i)
     if (!sels[i].resolved) active.push_back(int(i));
-  CandidatePool& pool = candidate_pool(sels.size());
+  const int team = team_size();  // the pool's per-thread buffers and the region's threads
+  CandidatePool& pool = candidate_pool(sels.size(), team);
 
   for_each_range(ranges, [&](int64_t r) {
     Scratch& s = scratch_for(T);
@@ -336,7 +337,7 @@ void stats_pass(const MergeInputs& in, GtaPlan& plan, std::vector<Selection>& se
     }
     for (int i : active)
       st.cand_count[size_t(i)] = int64_t(bufs[size_t(i)].size()) - st.cand_offset[size_t(i)];
-  });
+  }, team);
 
   // Reduce in range order (never in thread order: results must not depend on threads).
   for (const RangeStats& st : stats)

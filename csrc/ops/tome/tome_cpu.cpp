@@ -220,7 +220,7 @@ void prepare_screening(BatchPack& pk) {
 // a-rows per scoring work item: a multiple of 8, several items per thread.
 int64_t rows_per_item(int64_t rows) {
   return std::clamp<int64_t>(
-      ((rows + 4 * max_threads() - 1) / (4 * max_threads()) + 7) / 8 * 8, 8, kTomeMaxRows);
+      ((rows + 4 * team_size() - 1) / (4 * team_size()) + 7) / 8 * 8, 8, kTomeMaxRows);
 }
 
 // Row maxima of a-rows [a0, a1) of a packed batch.
@@ -242,7 +242,7 @@ void all_scores(const TensorView& metric, const TomeShape& s, float* best, int64
     idx[batch * na] = 0;
   }
   if (rows <= 0) return;
-  if (s.batch >= 2 * max_threads()) {
+  if (s.batch >= 2 * team_size()) {
     parallel_for(s.batch, [&](int64_t batch) {
       BatchPack pk;  // per batch: nothing stays allocated after the call
       prepare_pack(s, want, pk);
@@ -256,7 +256,7 @@ void all_scores(const TensorView& metric, const TomeShape& s, float* best, int64
   std::vector<BatchPack> packs(static_cast<size_t>(s.batch));
   for (auto& pk : packs) prepare_pack(s, want, pk);
   const int64_t per = rows_per_item(rows), score_items = (rows + per - 1) / per;
-#pragma omp parallel
+#pragma omp parallel num_threads(team_size())
   {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < s.batch * token_blocks; ++item)
