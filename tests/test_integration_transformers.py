@@ -4,6 +4,7 @@ kv_merge of the uncompressed cache, and the attention scores against eager atten
 from __future__ import annotations
 
 import inspect
+import threading
 
 import pytest
 import torch
@@ -176,6 +177,40 @@ def test_scores_match_eager_attention_weights():
         want = a.view(1, 2, 2, PROMPT).sum(2)  # query heads 0,1 -> kv 0; 2,3 -> kv 1
         assert scores.shape == (1, 2, PROMPT)
         assert torch.allclose(scores, want, rtol=1e-5, atol=1e-6)
+
+
+def test_one_press_serves_concurrent_prefills():
+    """Two threads prefill through one model and press at once (both past the first layer
+    before either finishes): each cache is merged as it would be alone."""
+    model = tiny_llama()
+    press = KVMergePress(ratio=0.5, eps=-1.0, sigma=3.0, window=8, sinks=2)
+    prompts = [prompt(batch=1, length=60, seed=3), prompt(batch=2, length=80, seed=4)]
+    with press(model):
+        alone = [prefill(model, ids) for ids in prompts]
+        barrier = threading.Barrier(len(prompts), timeout=60)
+
+        def hold(*_):
+            barrier.wait()  # returns None: the output stays as it is
+
+        hook = model.model.layers[0].self_attn.register_forward_hook(hold)
+        caches, errors = [None] * len(prompts), []
+
+        def run(i):
+            try:
+                caches[i] = prefill(model, prompts[i])
+            except Exception as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        hook.remove()
+    assert not errors, errors
+    for got, want in zip(caches, alone):
+        for a, b in zip(got.layers, want.layers):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
 def test_bad_press_arguments():

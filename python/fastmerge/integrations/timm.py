@@ -15,6 +15,7 @@ classes exactly. patch() is never applied on import, and timm is imported only b
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Dict, Optional
 
@@ -70,29 +71,51 @@ def _attention(attn, x: torch.Tensor, size: Optional[torch.Tensor]):
     return attn.proj_drop(attn.proj(x)), k.mean(1)
 
 
+class _Pass:
+    """One pass over the blocks: r per layer, the running token sizes and source, and the sizes
+    each block saw (for recomputations under gradient checkpointing)."""
+
+    def __init__(self, r: list):
+        self.r, self.size, self.source = r, None, None
+        self.layer_sizes: list = [None] * len(r)
+
+
+def _current_pass(info: dict, layer: int) -> _Pass:
+    """This thread's pass (concurrent forwards of one model, as in a server, keep their own
+    sizes), started at block 0. A block recomputed on a thread that ran no pass (autograd's
+    device threads under gradient checkpointing) belongs to the model's latest pass."""
+    threads = info["passes"]
+    if layer == 0:  # a pass over the blocks starts (forward, forward_intermediates, ...)
+        model = info["model"]()
+        threads.current = _Pass(parse_r(info["layers"], model.r))
+        info["latest"] = threads.current
+    current = getattr(threads, "current", None)
+    return current if current is not None else info["latest"]
+
+
 def _block_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                    is_causal: bool = False) -> torch.Tensor:
     if attn_mask is not None or is_causal:
         raise FastmergeError("a ToMe-patched timm block takes no attn_mask / is_causal")
     info, layer = self._tome_info, self._tome_layer
-    if layer == 0:  # a pass over the blocks starts (forward, forward_intermediates, ...)
-        model = info["model"]()
-        info.update(r=parse_r(len(info["layer_sizes"]), model.r), size=None, source=None)
-    if info["size"] is not None and info["size"].shape[1] != x.shape[1]:
+    state = _current_pass(info, layer)
+    if state.size is not None and state.size.shape[1] != x.shape[1]:
         # A recomputation (gradient checkpointing) after the pass went on merging: this
         # block's input sizes are the ones it saw in the pass.
-        info["size"] = info["layer_sizes"][layer]
-    info["layer_sizes"][layer] = info["size"]
-    size = info["size"] if info["prop_attn"] else None
+        state.size = state.layer_sizes[layer]
+    state.layer_sizes[layer] = state.size
+    size = state.size if info["prop_attn"] else None
     x_attn, metric = _attention(self.attn, self.norm1(x), size)
     x = x + self.drop_path1(self.ls1(x_attn))
-    r = info["r"][layer]
+    r = state.r[layer]
     if r > 0:
         maps = tome_match(metric, r, class_token=info["class_token"],
                           distill_token=info["distill_token"])
         if info["trace_source"]:
-            info["source"] = tome_merge_source(info["source"], maps)
-        x, info["size"] = tome_merge(x, maps, info["size"])
+            state.source = tome_merge_source(state.source, maps)
+        x, state.size = tome_merge(x, maps, state.size)
+    # what the latest forward ended with (module doc): the sizes, and the source if traced
+    info["size"], info["source"] = state.size, state.source
     return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -137,8 +160,9 @@ def patch(model: torch.nn.Module, r=0, *, trace_source: bool = False,
                 f"blocks[{i}] is a {type(block).__name__} with {type(block.attn).__name__}; "
                 f"ToMe patches timm's Block with Attention only")
     model._tome_info = {
-        "model": weakref.ref(model), "layer_sizes": [None] * len(blocks),
-        "r": [0] * len(blocks), "size": None, "source": None,
+        "model": weakref.ref(model), "layers": len(blocks),
+        "passes": threading.local(), "latest": _Pass([0] * len(blocks)),
+        "size": None, "source": None,
         "trace_source": bool(trace_source), "prop_attn": bool(prop_attn),
         "class_token": getattr(model, "cls_token", None) is not None,
         "distill_token": getattr(model, "dist_token", None) is not None,

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
 
@@ -81,8 +82,10 @@ class KVMergePress:
     window: int = 32
     sinks: int = 4
     score_window: int = 32
-    # layers prefilled in the running forward: (read, write, scores, budget)
-    _pending: list = field(default_factory=list, init=False, repr=False, compare=False)
+    # per thread (one press may serve several threads' forwards at once): the layers prefilled
+    # in its running forward, as (read, write, scores, budget)
+    _threads: threading.local = field(default_factory=threading.local, init=False, repr=False,
+                                      compare=False)
 
     def __post_init__(self):
         if isinstance(self.score_window, bool) or not isinstance(self.score_window, int) \
@@ -134,14 +137,20 @@ class KVMergePress:
         return kv_merge_budget(keys, ratio=self.ratio, eps=self.eps, window=self.window,
                                sinks=self.sinks)
 
+    def _pending(self) -> list:
+        pending = getattr(self._threads, "pending", None)
+        if pending is None:
+            pending = self._threads.pending = []
+        return pending
+
     def start_forward(self, model, args, kwargs):
-        self._pending.clear()
+        self._threads.pending = []
 
     def finish_forward(self, model, args, kwargs, output):
         """After the model's forward: every layer prefilled in it is merged, all by the
         smallest budget among them, so the layers keep one cache length (attention masks
         are sized from one layer's length)."""
-        pending, self._pending = self._pending, []
+        pending, self._threads.pending = self._pending(), []
         if not pending:
             return output
         removed = min(budget for *_, budget in pending)
@@ -188,7 +197,7 @@ class KVMergePress:
         # Scored now (the layer's inputs are at hand), merged when the model's forward ends.
         with torch.no_grad():
             scores = self.attention_scores(module, hidden_states, keys, position_embeddings)
-            self._pending.append((read, write, scores, self.budget(keys)))
+            self._pending().append((read, write, scores, self.budget(keys)))
         return output
 
     @contextlib.contextmanager
