@@ -227,6 +227,16 @@ def test_thread_count_independent(restore_threads):
         assert torch.equal(x, y)
 
 
+def test_numpy_scalars_are_accepted_as_arguments():
+    import numpy as np
+
+    keys, values, scores = inputs((1, 2, 30, 8), seed=15)
+    want = kv_merge(keys, values, scores, ratio=0.5, sigma=2.0, window=3, sinks=1)
+    got = kv_merge(keys, values, scores, ratio=np.float32(0.5), sigma=np.float64(2.0),
+                   window=np.int64(3), sinks=np.int32(1))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_vanishing_sigma_keeps_each_pivot():
     """With 2 sigma^2 below the smallest double every token but the pivot weighs 0 and the
     pivot 1 (not 0 / 0): each output token is its pivot's key and value."""

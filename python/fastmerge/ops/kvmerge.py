@@ -5,6 +5,7 @@ O(S) extra memory per (batch, kv head), deterministic on CPU and CUDA.
 from __future__ import annotations
 
 import math
+from numbers import Integral, Real
 from typing import Optional, Tuple, Union
 
 import torch
@@ -16,14 +17,14 @@ from ._validate import capsule, check_tensor, cuda_stream, kernel_input, kernel_
 
 
 def _check_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
         raise InvalidArgumentError(f"{name} must be a non-negative int, got {value!r}")
-    return value
+    return int(value)
 
 
 def _check_float(value, name: str, low: float = -math.inf, high: float = math.inf,
                  low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, Real):
         raise InvalidArgumentError(f"{name} must be a number, got {value!r}")
     v = float(value)
     if math.isnan(v) or v < low or v > high or (low_open and v <= low):
