@@ -197,6 +197,39 @@ def test_passthrough_layer_stacking_matches_mergekit(family32, tmp_path):
     _assert_loads_and_runs(tmp_path / "ours")
 
 
+def _tiny_qwen2(path: Path, layer_types, seed: int) -> Path:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=len(layer_types), num_attention_heads=4,
+                         num_key_value_heads=2, max_window_layers=0, sliding_window=8,
+                         use_sliding_window=True, layer_types=list(layer_types))
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_layer_stacking_keeps_per_layer_config_lists_loadable(tmp_path):
+    """A config with layer_types (Qwen2/3, Gemma 2/3) must list one entry per output layer:
+    mergekit stops with the 4-entry list of its reference model; fastmerge takes each stacked
+    layer's entry from the layer it copies, and transformers loads the result."""
+    full, sliding = "full_attention", "sliding_attention"
+    a = _tiny_qwen2(tmp_path / "a", [full, sliding, full, sliding], seed=1)
+    b = _tiny_qwen2(tmp_path / "b", [sliding, sliding, full, full], seed=2)
+    text = (f"merge_method: passthrough\nslices:\n"
+            f"  - sources: [{{model: {a}, layer_range: [0, 3]}}]\n"
+            f"  - sources: [{{model: {b}, layer_range: [1, 4]}}]\n"
+            f"dtype: float32\n")
+    out = tmp_path / "ours"
+    run_fastmerge(text, out, tmp_path)
+    import json
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 6
+    assert cfg["layer_types"] == [full, sliding, full, sliding, full, full]
+    _assert_loads_and_runs(out)
+
+
 def test_tied_embeddings_handled_as_mergekit_does(family32, tmp_path):
     """All tied: no lm_head in the output. Untied base with tied experts: the base's head is
     merged with the experts' embeddings."""

@@ -28,7 +28,7 @@ from .errors import (FastmergeError, InvalidArgumentError, MergeInputError, Mode
                      OutputError)
 from .io import CheckpointReader, OutputTensor, ShardedWriter, StagedOutput
 from .methods import MergeCall, get_method
-from .output_files import write_model_files
+from .output_files import merged_model_config, write_model_files
 from .plan import MergePlan, Planner, TensorJob
 
 PREFETCH_BYTES = 64 << 20
@@ -394,6 +394,7 @@ def _run_merge(config: MergeConfig, out_dir: Union[str, os.PathLike], options: M
                for m in config.referenced_models()}
     try:
         plan: MergePlan = Planner(config, readers).plan()
+        merged_model_config(config, readers, plan)  # refuses an unwritable config.json now
         staging = StagedOutput(out_dir, fingerprint=fingerprint(config, readers, options),
                                overwrite=options.overwrite)
         planned = [OutputTensor(j.name, j.shape, j.out_dtype) for j in plan.jobs]

@@ -6,10 +6,11 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 from . import __version__
 from .config import MergeConfig
+from .errors import ConfigError
 from .plan import LAYER_COUNT_KEYS, MergePlan
 
 # Copied verbatim from the donor model when present (what HF tokenizers save).
@@ -19,6 +20,9 @@ TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenize
 TAGALONG_FILES = ("generation_config.json",)
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")  # what config.json may say
+# config.json lists with one entry per decoder layer (transformers checks their length against
+# num_hidden_layers): layer stacking takes each output layer's entry from the layer it copies.
+PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "layers_block_type")
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -28,9 +32,43 @@ def _write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def output_config(config: MergeConfig, reference_config: dict, plan: MergePlan) -> dict:
-    """The reference model's config.json with the output's dtype, number of layers and (with
-    tokenizer_source: base) vocabulary size."""
+def _layer_holders(cfg: dict) -> list:
+    """The dicts of a config that may describe the decoder layers: itself and its text_config
+    (multimodal models keep the language model's settings there)."""
+    text = cfg.get("text_config")
+    return [cfg] + ([text] if isinstance(text, dict) else [])
+
+
+def _stacked_layer_settings(out: dict, plan: MergePlan, configs: Dict[str, dict]) -> None:
+    """Layer count and per-layer lists of a layer-stacking merge's config."""
+    reference_holders = _layer_holders(configs.get(plan.reference_model) or {})
+    for depth, holder in enumerate(_layer_holders(out)):
+        for key in LAYER_COUNT_KEYS:
+            if key in holder:
+                holder[key] = plan.num_layers
+                break
+        for key in PER_LAYER_KEYS:
+            if not isinstance(holder.get(key), list):
+                continue
+            entries = []
+            for model, index in plan.layer_sources:
+                holders = _layer_holders(configs.get(model) or {})
+                values = holders[depth].get(key) if depth < len(holders) else None
+                if not isinstance(values, list) or index >= len(values):
+                    values = reference_holders[depth].get(key) if depth < len(reference_holders) \
+                        else None
+                if not isinstance(values, list) or index >= len(values):
+                    raise ConfigError(f"config.json of {model} has no {key} entry for its layer "
+                                      f"{index}, which the merge stacks")
+                entries.append(values[index])
+            holder[key] = entries
+
+
+def output_config(config: MergeConfig, reference_config: dict, plan: MergePlan,
+                  configs: Optional[Dict[str, dict]] = None) -> dict:
+    """The reference model's config.json with the output's dtype, number of layers (and, when
+    stacking layers, per-layer lists such as layer_types from the layers stacked; configs: the
+    models' config.json by name) and (with tokenizer_source: base) vocabulary size."""
     out = json.loads(json.dumps(reference_config))  # deep copy
     dtype = config.out_dtype or config.dtype
     if dtype is None:
@@ -41,10 +79,8 @@ def output_config(config: MergeConfig, reference_config: dict, plan: MergePlan) 
         for key in keys:
             out[key] = dtype.name
     if config.uses_slices:
-        for key in LAYER_COUNT_KEYS:
-            if key in out:
-                out[key] = plan.num_layers
-                break
+        _stacked_layer_settings(out, plan, {plan.reference_model: reference_config,
+                                            **(configs or {})})
     if plan.vocab_size is not None:  # mergekit sets it from the written tokenizer
         holder = out if "vocab_size" in out or not isinstance(out.get("text_config"), dict) \
             else out["text_config"]
@@ -67,12 +103,22 @@ def model_card(config: MergeConfig, plan: MergePlan) -> str:
     return "\n".join(lines)
 
 
+def merged_model_config(config: MergeConfig, readers: Dict[str, object],
+                        plan: MergePlan) -> Optional[dict]:
+    """The output's config.json (None when the reference model has none). The executor builds
+    it once before merging too, so a config it cannot write fails before any work."""
+    reference = readers[plan.reference_model]
+    if reference.config is None:
+        return None
+    return output_config(config, reference.config, plan,
+                         {m: r.config for m, r in readers.items() if r.config is not None})
+
+
 def write_model_files(directory: Path, config: MergeConfig, readers: Dict[str, object],
                       plan: MergePlan) -> None:
-    reference = readers[plan.reference_model]
-    if reference.config is not None:
-        _write_text(directory / "config.json",
-                    json.dumps(output_config(config, reference.config, plan), indent=2) + "\n")
+    model_config = merged_model_config(config, readers, plan)
+    if model_config is not None:
+        _write_text(directory / "config.json", json.dumps(model_config, indent=2) + "\n")
     # tokenizer_source: base (or none given): the base model's tokenizer, as mergekit copies it
     donor = readers[config.base_model or config.referenced_models()[0]]
     for name in TOKENIZER_FILES + TAGALONG_FILES:

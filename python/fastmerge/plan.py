@@ -88,6 +88,8 @@ class MergePlan:
     reference_model: str                 # config.json, tokenizer and card come from it
     num_layers: int                      # decoder layers of the output
     vocab_size: Optional[int] = None     # tokenizer_source: base: the output's vocab_size
+    # per output layer: the model and layer index it was made from (first source of its slice)
+    layer_sources: Tuple[Tuple[str, int], ...] = ()
 
 
 def layer_count(reader) -> int:
@@ -258,6 +260,7 @@ class Planner:
 
         non_layer(ref_layout.pre, slices[0])
         out_layer = 0
+        layer_sources: List[Tuple[str, int]] = []
         for out_slice in slices:
             spans = self._slice_lengths(out_slice)
             models, base = self._models_of(out_slice)
@@ -275,6 +278,7 @@ class Planner:
                     job = self._job(out_name, in_names, out_slice, t)
                     if job is not None:
                         jobs.append(job)
+                layer_sources.append((first_model, first_start + offset))
                 out_layer += 1
         # A head tied to the embeddings is an output when any model has it; the models
         # without one contribute their embeddings (mergekit: optional weight, tied_names).
@@ -289,4 +293,5 @@ class Planner:
         if len(set(names)) != len(names):
             raise MergeInputError("the merge would write a tensor twice; are two layer ranges "
                                   "overlapping in name?")
-        return MergePlan(tuple(jobs), self.reference, out_layer, self.vocabulary_rows)
+        return MergePlan(tuple(jobs), self.reference, out_layer, self.vocabulary_rows,
+                         tuple(layer_sources))
