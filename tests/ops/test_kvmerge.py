@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastmerge
-from fastmerge.errors import InvalidArgumentError
+from fastmerge.errors import InvalidArgumentError, NativeKernelError
 from fastmerge.ops import kv_merge
 from fastmerge.ops import kv_merge_budget as ops_budget
 from fastmerge.ops._reference import kvmerge as R
@@ -354,10 +354,31 @@ def test_apply_refuses_a_budget_the_plan_did_not_give(device):
     out_len = S - (removed + 1)
     k_out = torch.empty(B, H, out_len, D, device=device)
     v_out = torch.empty_like(k_out)
-    with pytest.raises(RuntimeError, match=f"sets, expected {out_len}"):  # the binding's error
+    with pytest.raises(NativeKernelError, match=f"sets, expected {out_len}"):
         C.kv_merge_apply(capsule(keys), capsule(values), capsule(scores), capsule(sims),
                          capsule(k_out), capsule(v_out), 0, B * H, S, D, D, lo, hi, 10, 0.99,
                          5.0, removed + 1, stream)
+
+
+def test_native_passes_refuse_views_that_would_read_out_of_bounds(device):
+    """What ops.kv_merge never passes, a direct _C call might: a mergeable range past the
+    sequence (the candidate loops index sims by it) or sims of another dtype."""
+    from fastmerge import _native
+    from fastmerge.ops._validate import capsule, cuda_stream
+
+    keys, values, scores = (t.to(device) for t in inputs((1, 1, 8, 4), seed=16))
+    S, D = 8, 4
+    C, stream = _native.native(), cuda_stream(keys.device)
+    sims = torch.empty(1, 1, S - 1, device=device)
+    with pytest.raises(NativeKernelError, match="mergeable range"):
+        C.kv_merge_plan(capsule(keys), capsule(sims), 1, S, D, 0, S + 40, 3, -1.0, stream)
+    removed = C.kv_merge_plan(capsule(keys), capsule(sims), 1, S, D, 0, S, 3, -1.0, stream)
+    k_out = torch.empty(1, 1, S - removed, D, device=device)
+    v_out = torch.empty_like(k_out)
+    with pytest.raises(NativeKernelError, match="sims must be float32"):
+        C.kv_merge_apply(capsule(keys), capsule(values), capsule(scores), capsule(sims.half()),
+                         capsule(k_out), capsule(v_out), 0, 1, S, D, D, 0, S, 3, -1.0, 1.0,
+                         removed, stream)
 
 
 def test_native_is_used():

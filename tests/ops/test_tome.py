@@ -306,6 +306,29 @@ def test_errors_name_the_value():
         F.tome_merge(torch.randn(1, 10, 4), maps, torch.ones(1, 10, 1, device="meta"))
 
 
+@pytest.mark.parametrize("field", ["offsets", "members", "dest"])
+def test_maps_of_another_index_dtype_are_refused(field):
+    """The kernels read offsets/members as int64: narrower maps would be read past their end."""
+    x = torch.randn(1, 6, 4)
+    maps = F.tome_match(torch.randn(1, 6, 4), 2)
+    narrow = maps._replace(**{field: getattr(maps, field).to(torch.uint8)})
+    with pytest.raises(InvalidArgumentError, match=f"maps.{field} must be an int64"):
+        F.tome_merge(x, narrow)
+
+
+def test_native_merge_refuses_maps_of_another_dtype():
+    from fastmerge import _native
+    from fastmerge.errors import NativeKernelError
+    from fastmerge.ops._validate import capsule
+
+    x = torch.randn(1, 6, 4)
+    maps = F.tome_match(torch.randn(1, 6, 4), 2)
+    out = torch.empty(1, 4, 4)
+    with pytest.raises(NativeKernelError, match="int64"):
+        _native.native().tome_merge(capsule(x), None, capsule(maps.offsets.to(torch.uint8)),
+                                    capsule(maps.members), capsule(out), None, True, 0)
+
+
 def test_zero_channels_match_like_equal_scores():
     """No channels: every similarity is 0, so each a-token's best is the first eligible b-token
     and the edges keep token order, as with identical tokens."""

@@ -55,17 +55,29 @@ FM_HD bool is_candidate(float sim, int64_t i, const KvMergeParams& p) {
   return i >= p.lo && i + 1 < p.hi && double(sim) >= p.eps;
 }
 
+// Views of the plan step (both devices): keys (BH, S, D), fp32 sims (BH, S - 1), and a
+// mergeable range inside the sequence (the candidate loops index sims by it).
+inline void check_plan_views(const TensorView& keys, const TensorView& sims,
+                             const KvMergeParams& p) {
+  const int64_t S = p.seq;
+  FM_CHECK(S >= 2, "kv_merge needs at least two tokens");
+  FM_CHECK(0 <= p.lo && p.lo <= p.hi && p.hi <= S, "kv_merge: mergeable range [", p.lo, ", ",
+           p.hi, ") is not inside the ", S, " tokens");
+  check_flat(keys, "keys", p.batch_heads * S * p.key_dim);
+  check_flat(sims, "sims", p.batch_heads * (S - 1));
+  FM_CHECK(sims.dtype == DType::f32, "sims must be float32");
+}
+
 // Views of the apply step (both devices): flat contiguous buffers of the expected sizes.
 inline void check_apply_views(const TensorView& keys, const TensorView& values,
                               const TensorView& scores, const TensorView& sims,
                               const KvMergeParams& p, int64_t removed,
                               const TensorView& keys_out, const TensorView& values_out) {
   const int64_t S = p.seq, BH = p.batch_heads, out_len = S - removed;
-  FM_CHECK(S >= 2 && removed >= 0 && removed < S, "kv_merge: bad removal count ", removed);
-  check_flat(keys, "keys", BH * S * p.key_dim);
+  check_plan_views(keys, sims, p);
+  FM_CHECK(removed >= 0 && removed < S, "kv_merge: bad removal count ", removed);
   check_flat(values, "values", BH * S * p.value_dim);
   check_flat(scores, "scores", BH * S);
-  check_flat(sims, "sims", BH * (S - 1));
   check_flat(keys_out, "keys_out", BH * out_len * p.key_dim);
   check_flat(values_out, "values_out", BH * out_len * p.value_dim);
 }

@@ -161,10 +161,7 @@ int64_t merge_set(const TensorView& keys, const TensorView& values, const Tensor
 
 int64_t kv_merge_plan_cpu(const TensorView& keys, const TensorView& sims, const KvMergeParams& p) {
   const int64_t S = p.seq, pairs = S - 1, D = p.key_dim;
-  FM_CHECK(S >= 2, "kv_merge needs at least two tokens");
-  check_flat(keys, "keys", p.batch_heads * S * D);
-  check_flat(sims, "sims", p.batch_heads * pairs);
-  FM_CHECK(sims.dtype == DType::f32, "sims must be float32");
+  check_plan_views(keys, sims, p);
   float* sim = sims.ptr<float>();
   const int64_t items_per_head = (pairs + kPairsPerItem - 1) / kPairsPerItem;
   parallel_for(p.batch_heads * items_per_head, [&](int64_t item) {

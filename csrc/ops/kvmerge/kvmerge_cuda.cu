@@ -270,10 +270,7 @@ KernelParams kernel_params(const TensorView& keys, const TensorView* values,
 int64_t kv_merge_plan_cuda(const TensorView& keys, const TensorView& sims, const KvMergeParams& p,
                            StreamHandle stream_handle) {
   const int64_t S = p.seq, pairs = S - 1;
-  FM_CHECK(S >= 2, "kv_merge needs at least two tokens");
-  check_flat(keys, "keys", p.batch_heads * S * p.key_dim);
-  check_flat(sims, "sims", p.batch_heads * pairs);
-  FM_CHECK(sims.dtype == DType::f32, "sims must be float32");
+  check_plan_views(keys, sims, p);
   FM_CHECK(p.batch_heads < (int64_t(1) << 31), "kv_merge: too many (batch, head) pairs");
   if (p.batch_heads == 0) return std::max<int64_t>(p.target, 0);  // a zero-block grid fails
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);

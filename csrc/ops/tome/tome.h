@@ -75,7 +75,12 @@ inline void check_merge_views(const TensorView& x, const TensorView* size,
   check_flat(out, "out", B * rows * c);
   check_flat(offsets, "offsets", B * (rows + 1));
   check_flat(members, "members", B * n);
+  FM_CHECK(offsets.dtype == DType::i64 && members.dtype == DType::i64,
+           "offsets and members must be int64");
   if (size) check_flat(*size, "size", B * n);
+  if (size)
+    FM_CHECK(size->dtype == DType::f32 || size->dtype == DType::f16 || size->dtype == DType::bf16,
+             "size must be a float32, float16 or bfloat16 tensor");
   if (size_out) check_flat(*size_out, "size_out", B * rows);
   check_same_device(out, x, "out");
   check_same_device(offsets, x, "offsets");

@@ -35,7 +35,9 @@ float load_one(const void* data, DType dtype, int64_t i) {
 
 void load_row(const TensorView& t, int64_t offset, int64_t len, float* dst) {
   switch (t.dtype) {
-    case DType::f32: std::memcpy(dst, t.ptr<const float>() + offset, size_t(len) * 4); break;
+    case DType::f32:  // std::copy_n, not memcpy: an empty row may have null pointers
+      std::copy_n(t.ptr<const float>() + offset, len, dst);
+      break;
     case DType::bf16: {
       const bf16_t* s = t.ptr<const bf16_t>() + offset;
       for (int64_t k = 0; k < len; ++k) dst[k] = to_float(s[k]);
@@ -52,7 +54,7 @@ void load_row(const TensorView& t, int64_t offset, int64_t len, float* dst) {
 
 void store_row(const TensorView& t, int64_t offset, int64_t len, const float* src) {
   switch (t.dtype) {
-    case DType::f32: std::memcpy(t.ptr<float>() + offset, src, size_t(len) * 4); break;
+    case DType::f32: std::copy_n(src, len, t.ptr<float>() + offset); break;
     case DType::bf16: {
       bf16_t* d = t.ptr<bf16_t>() + offset;
       for (int64_t k = 0; k < len; ++k) d[k] = from_float<bf16_t>(src[k]);
@@ -195,7 +197,7 @@ void normalise_tokens(const TensorView& metric, const TomeShape& s, int64_t batc
     for (int64_t k = 0; k < c; ++k) row16[k] = uint16_t(round_bf16(row[k]));
     row16[c] = 0;  // odd c: the last pair's high half
     if (t % 2 == 0) {
-      std::memcpy(pk.a_pairs.data() + j * cp, row16, size_t(cp) * 4);
+      if (cp > 0) std::memcpy(pk.a_pairs.data() + j * cp, row16, size_t(cp) * 4);  // C = 0: null
     } else {
       uint32_t* dst = pk.b_pairs.data() + (j / kTomePanel) * cp * kTomePanel + j % kTomePanel;
       for (int64_t k = 0; k < cp; ++k)

@@ -284,6 +284,11 @@ def _check_maps(maps) -> None:
     if not isinstance(maps, TomeMaps):
         raise InvalidArgumentError(f"maps must be the TomeMaps that tome_match returned, got "
                                    f"{type(maps).__name__}")
+    for field in ("offsets", "members", "dest"):
+        t = getattr(maps, field)
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
+            raise InvalidArgumentError(f"maps.{field} must be an int64 tensor, as tome_match "
+                                       f"returns it, got {getattr(t, 'dtype', type(t).__name__)}")
 
 
 def _check_tokens(x: torch.Tensor, maps: TomeMaps, name: str) -> None:
