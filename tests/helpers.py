@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence
+import threading
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -347,3 +348,36 @@ def spy_on_ops(monkeypatch, names: Sequence[str]) -> list:
             return _real(*a, **k)
         monkeypatch.setattr(F, name, spy)
     return calls
+
+
+def run_in_step(calls: Sequence[Callable[[], object]], module: torch.nn.Module) -> List[object]:
+    """Runs each call on a thread of its own, all held at `module`'s forward until every one
+    has reached it (so their forwards are in flight at once); returns the calls' results in
+    order, raising the first error any of them raised."""
+    barrier = threading.Barrier(len(calls), timeout=60)
+
+    def hold(*_):
+        barrier.wait()  # returns None: the module's output stays as it is
+
+    results: List[object] = [None] * len(calls)
+    errors: List[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = calls[i]()
+        except BaseException as error:  # noqa: BLE001 - re-raised below
+            errors.append(error)
+            barrier.abort()  # the other threads stop waiting for this one
+
+    hook = module.register_forward_hook(hold)
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        hook.remove()
+    if errors:
+        raise errors[0]
+    return results

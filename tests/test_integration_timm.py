@@ -1,15 +1,13 @@
 """fastmerge.integrations.timm: ToMe on random-init timm ViTs (ViT-Tiny, DeiT-Tiny distilled,
 LayerScale), against the unpatched model (r=0, unpatch) and against a step-by-step ToMe
 forward built from the pure-torch reference ops (ops/_reference/tome.py)."""
-import threading
-
 import pytest
 import torch
 
 from fastmerge.errors import FastmergeError, InvalidArgumentError
 from fastmerge.ops import _reference as R
 
-from helpers import assert_close
+from helpers import assert_close, run_in_step
 from timm_env import import_timm
 
 timm = import_timm()
@@ -194,40 +192,15 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
-def in_step(threads: int, hooked: torch.nn.Module):
-    """A forward hook on `hooked` that holds each thread there until all `threads` arrived, so
-    their forwards are all in flight at once."""
-    barrier = threading.Barrier(threads, timeout=60)
-
-    def hold(*_):
-        barrier.wait()  # returns None: the output stays as it is
-
-    return hooked.register_forward_hook(hold)
-
-
 def test_concurrent_forwards_keep_their_own_token_sizes():
     """One patched model serving several threads (an inference server): each forward merges
     with its own token sizes, as if it ran alone."""
     model = tome_timm.patch(make("vit"), r=6)
     xs = [images(batch) for batch in (2, 3)]
     alone = [run(model, x) for x in xs]
-    hook = in_step(len(xs), model.blocks[1])  # both forwards past block 0 before either goes on
-    results, errors = [None] * len(xs), []
-
-    def forward(i):
-        try:
-            results[i] = run(model, xs[i])
-        except Exception as error:  # noqa: BLE001 - reported below
-            errors.append(error)
-
-    threads = [threading.Thread(target=forward, args=(i,)) for i in range(len(xs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    hook.remove()
-    assert not errors, errors
-    for got, want in zip(results, alone):
+    # both forwards past block 0 (where a pass starts) before either goes on
+    together = run_in_step([lambda x=x: run(model, x) for x in xs], model.blocks[1])
+    for got, want in zip(together, alone):
         assert torch.equal(got, want)
 
 

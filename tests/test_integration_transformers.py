@@ -4,7 +4,6 @@ kv_merge of the uncompressed cache, and the attention scores against eager atten
 from __future__ import annotations
 
 import inspect
-import threading
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from fastmerge.errors import InvalidArgumentError  # noqa: E402
 from fastmerge.integrations.transformers import KVMergePress  # noqa: E402
 from fastmerge.ops import kv_merge, kv_merge_budget  # noqa: E402
 from fastmerge.ops._reference import kvmerge as R  # noqa: E402
+from helpers import run_in_step  # noqa: E402
 
 PROMPT = 70
 
@@ -187,28 +187,9 @@ def test_one_press_serves_concurrent_prefills():
     prompts = [prompt(batch=1, length=60, seed=3), prompt(batch=2, length=80, seed=4)]
     with press(model):
         alone = [prefill(model, ids) for ids in prompts]
-        barrier = threading.Barrier(len(prompts), timeout=60)
-
-        def hold(*_):
-            barrier.wait()  # returns None: the output stays as it is
-
-        hook = model.model.layers[0].self_attn.register_forward_hook(hold)
-        caches, errors = [None] * len(prompts), []
-
-        def run(i):
-            try:
-                caches[i] = prefill(model, prompts[i])
-            except Exception as error:  # noqa: BLE001 - reported below
-                errors.append(error)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        hook.remove()
-    assert not errors, errors
-    for got, want in zip(caches, alone):
+        together = run_in_step([lambda ids=ids: prefill(model, ids) for ids in prompts],
+                               model.model.layers[0].self_attn)
+    for got, want in zip(together, alone):
         for a, b in zip(got.layers, want.layers):
             assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
