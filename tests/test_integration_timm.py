@@ -1,6 +1,8 @@
 """fastmerge.integrations.timm: ToMe on random-init timm ViTs (ViT-Tiny, DeiT-Tiny distilled,
 LayerScale), against the unpatched model (r=0, unpatch) and against a step-by-step ToMe
 forward built from the pure-torch reference ops (ops/_reference/tome.py)."""
+import concurrent.futures
+
 import pytest
 import torch
 
@@ -202,6 +204,27 @@ def test_concurrent_forwards_keep_their_own_token_sizes():
     together = run_in_step([lambda x=x: run(model, x) for x in xs], model.blocks[1])
     for got, want in zip(together, alone):
         assert torch.equal(got, want)
+
+
+def test_checkpointed_steps_with_the_backward_on_another_thread():
+    """On CUDA, autograd recomputes checkpointed blocks on its own long-lived device thread.
+    Every step's recomputation must use that step's token sizes (a recomputed block 0 used to
+    leave a stale pass on that thread for the next step)."""
+    backward_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one, long-lived
+    grads = {}
+    for checkpointing in (False, True):
+        model = tome_timm.patch(make("layerscale"), r=5)
+        model.set_grad_checkpointing(checkpointing)
+        model.train()
+        for step, batch in enumerate((2, 3)):
+            model.zero_grad()
+            loss = model(images(batch)).square().sum()
+            backward_thread.submit(loss.backward).result()
+            grads[checkpointing, step] = torch.cat(
+                [p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+    backward_thread.shutdown()
+    for step in (0, 1):
+        assert torch.allclose(grads[False, step], grads[True, step], rtol=1e-4, atol=1e-6)
 
 
 def test_bad_arguments():

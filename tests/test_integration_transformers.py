@@ -194,6 +194,24 @@ def test_one_press_serves_concurrent_prefills():
             assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
+def test_presses_copy_pickle_and_convert_like_dataclasses():
+    import copy
+    import dataclasses
+    import pickle
+
+    press = KVMergePress(ratio=0.3, window=4)
+    assert dataclasses.asdict(press)["ratio"] == 0.3
+    for twin in (copy.deepcopy(press), pickle.loads(pickle.dumps(press)),
+                 dataclasses.replace(press, sinks=2)):
+        assert (twin.ratio, twin.window) == (0.3, 4) and twin._pending() == []
+    model, ids = tiny_llama(), prompt()
+    with copy.deepcopy(press)(model):
+        copied = prefill(model, ids)
+    with press(model):
+        original = prefill(model, ids)
+    assert torch.equal(copied.layers[0].keys, original.layers[0].keys)
+
+
 def test_bad_press_arguments():
     with pytest.raises(InvalidArgumentError, match="ratio"):
         KVMergePress(ratio=2.0)

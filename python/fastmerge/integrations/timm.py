@@ -80,12 +80,23 @@ class _Pass:
         self.layer_sizes: list = [None] * len(r)
 
 
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass on this thread (checkpointed blocks run
+    again there). Under torch.compile recomputation happens inside the compiled graphs, and
+    the query would break the graph: False."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
 def _current_pass(info: dict, layer: int) -> _Pass:
     """This thread's pass (concurrent forwards of one model, as in a server, keep their own
-    sizes), started at block 0. A block recomputed on a thread that ran no pass (autograd's
-    device threads under gradient checkpointing) belongs to the model's latest pass."""
+    sizes), started at block 0 of a forward. A block recomputed in a backward pass (gradient
+    checkpointing) belongs to the pass that ran it: this thread's, or on a thread that ran no
+    forward (autograd's device threads on CUDA), the model's latest; a recomputed block 0
+    starts nothing, or that device thread would keep a stale pass for the next step."""
     threads = info["passes"]
-    if layer == 0:  # a pass over the blocks starts (forward, forward_intermediates, ...)
+    if layer == 0 and not _in_backward():  # a forward starts a pass
         model = info["model"]()
         threads.current = _Pass(parse_r(info["layers"], model.r))
         info["latest"] = threads.current

@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, List, Optional
 
 import torch
@@ -82,12 +82,12 @@ class KVMergePress:
     window: int = 32
     sinks: int = 4
     score_window: int = 32
-    # per thread (one press may serve several threads' forwards at once): the layers prefilled
-    # in its running forward, as (read, write, scores, budget)
-    _threads: threading.local = field(default_factory=threading.local, init=False, repr=False,
-                                      compare=False)
 
     def __post_init__(self):
+        # per thread (one press may serve several threads' forwards at once): the layers
+        # prefilled in its running forward, as (read, write, scores, budget). Not a field, so
+        # presses still copy, pickle and convert with dataclasses.asdict.
+        self._threads = threading.local()
         if isinstance(self.score_window, bool) or not isinstance(self.score_window, int) \
                 or self.score_window < 1:
             raise InvalidArgumentError(f"score_window must be an int >= 1, got {self.score_window!r}")
@@ -95,6 +95,15 @@ class KVMergePress:
         probe = torch.zeros(1, 1, 2, 1)
         kv_merge(probe, probe, probe[..., 0], ratio=self.ratio, eps=self.eps, sigma=self.sigma,
                  window=self.window, sinks=self.sinks)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_threads"]  # running forwards' layers belong to this object only
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._threads = threading.local()
 
     # ---- scoring ----
 
