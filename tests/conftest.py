@@ -136,10 +136,12 @@ _wait_for_native()
 
 @pytest.fixture
 def restore_threads():
-    """Yields fastmerge.set_num_threads and restores the previous count afterwards."""
+    """Yields fastmerge.set_num_threads and restores the previous setting afterwards (0 when
+    none was made: the kernels then follow OpenMP's count again)."""
     import fastmerge
+    from fastmerge import _native
 
-    before = fastmerge.get_num_threads()
+    before = _native.requested_num_threads()
     try:
         yield fastmerge.set_num_threads
     finally:

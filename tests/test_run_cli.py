@@ -403,6 +403,37 @@ def test_missing_model_message_names_each_place_once(tmp_path, monkeypatch):
         resolve_model_path("org/model", config)
 
 
+def test_a_run_leaves_the_kernels_following_torch_again(restore_threads):
+    """Without a set_num_threads of the caller's, the kernels follow the calling thread's
+    OpenMP count (torch.set_num_threads); a run with threads=N must not pin its restore."""
+    from fastmerge import _native
+    from fastmerge.executor import _cpu_threads
+
+    restore_threads(0)  # nothing set
+    before = torch.get_num_threads()
+    with _cpu_threads(1):
+        pass
+    assert _native.requested_num_threads() == 0
+    try:
+        torch.set_num_threads(1)
+        assert _native.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("count", [0, -2, 1.5, True])
+def test_bad_thread_counts_are_refused_and_leave_nothing_behind(count):
+    from fastmerge import _native, executor
+    from fastmerge.errors import InvalidArgumentError
+
+    before = (torch.get_num_threads(), _native.requested_num_threads())
+    with pytest.raises(InvalidArgumentError, match="threads"):
+        with executor._cpu_threads(count):
+            pass
+    assert executor._threads_users == 0
+    assert (torch.get_num_threads(), _native.requested_num_threads()) == before
+
+
 def test_overlapping_runs_restore_the_callers_thread_counts():
     """Thread counts are process-wide: of two overlapping runs (two threads of one process),
     the one that ends first leaves the other's count, and the last restores the caller's."""

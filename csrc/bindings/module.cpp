@@ -98,6 +98,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info);
   m.def("set_num_threads", &fastmerge::set_threads, py::arg("n"));
   m.def("get_num_threads", &fastmerge::team_size);
+  m.def("requested_num_threads", [] { return fastmerge::requested_threads().load(); });
   bind_select(m);
   bind_gta(m);
   bind_interp(m);

@@ -46,7 +46,8 @@ def build_info() -> Dict[str, Any]:
 
 def set_num_threads(n: int) -> None:
     """Threads used by the CPU kernels, in every thread of the process (results never depend
-    on it). Until it is called, the kernels follow the calling thread's OpenMP count.
+    on it). Until it is called, and after set_num_threads(0), the kernels follow the calling
+    thread's OpenMP count.
 
     The kernels use the process's OpenMP runtime; where torch shares it (as the CPU wheels
     do), this also sets torch's intra-op thread count in the calling thread.
@@ -56,3 +57,8 @@ def set_num_threads(n: int) -> None:
 
 def get_num_threads() -> int:
     return int(native().get_num_threads())
+
+
+def requested_num_threads() -> int:
+    """What set_num_threads last set for the process (0: nothing, OpenMP's count applies)."""
+    return int(native().requested_num_threads())

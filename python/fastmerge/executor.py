@@ -340,22 +340,31 @@ def _cpu_threads(count: Optional[int]):
     if count is None:
         yield
         return
-    from ._native import available, get_num_threads
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise InvalidArgumentError(f"threads must be a positive int, got {count!r}")
+    from ._native import available, requested_num_threads
 
     torch = sys.modules.get("torch")  # not imported by torch-free CPU runs
     with _threads_lock:
-        if _threads_users == 0:
-            _threads_saved = (get_num_threads() if available() else None,
+        if _threads_users == 0:  # the kernels' own setting (0: unset), not its current value
+            _threads_saved = (requested_num_threads() if available() else None,
                               torch.get_num_threads() if torch else None)
+        elif torch is not None and _threads_saved[1] is None:  # torch came after the first run
+            _threads_saved = (_threads_saved[0], torch.get_num_threads())
+        try:
+            _set_cpu_threads(torch, count if available() else None, count)
+        except BaseException:
+            if _threads_users == 0:
+                _set_cpu_threads(torch, *_threads_saved)
+            raise
         _threads_users += 1
-        _set_cpu_threads(torch, count if available() else None, count)
     try:
         yield
     finally:
         with _threads_lock:
             _threads_users -= 1
-            if _threads_users == 0:
-                _set_cpu_threads(torch, *_threads_saved)
+            if _threads_users == 0:  # torch may have been imported by a run since
+                _set_cpu_threads(sys.modules.get("torch"), *_threads_saved)
 
 
 def run_merge(config: Union[MergeConfig, str, os.PathLike], out_dir: Union[str, os.PathLike],

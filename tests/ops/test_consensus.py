@@ -331,18 +331,12 @@ def test_mixed_dtypes_out_dtype_and_non_contiguous(op):
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_results_do_not_depend_on_thread_count(op):
+def test_results_do_not_depend_on_thread_count(op, restore_threads):
     base, ex = make_group((700, 1000), 3, seed=23, delta_scale=0.01)
-    C = _native.native()
-    before = C.get_num_threads() if hasattr(C, "get_num_threads") else None
-    try:
-        C.set_num_threads(1)
-        one = run(op, base, ex)
-        C.set_num_threads(2)
-        two = run(op, base, ex)
-    finally:
-        if before:
-            C.set_num_threads(before)
+    restore_threads(1)
+    one = run(op, base, ex)
+    restore_threads(2)
+    two = run(op, base, ex)
     assert torch.equal(one, two)
 
 

@@ -188,18 +188,12 @@ def test_empty_batch_and_empty_matrices():
     assert u.shape == (2, 0, 0) and s.shape == (2, 0) and vh.shape == (2, 0, 5)
 
 
-def test_results_do_not_depend_on_thread_count():
-    from fastmerge import _native
-
+def test_results_do_not_depend_on_thread_count(restore_threads):
     x = random_matrix((9, 33, 17), seed=7)
-    before = _native.native().get_num_threads()
-    try:
-        _native.native().set_num_threads(1)
-        one = ops.batched_svd(x)
-        _native.native().set_num_threads(2)
-        two = ops.batched_svd(x)
-    finally:
-        _native.native().set_num_threads(before)
+    restore_threads(1)
+    one = ops.batched_svd(x)
+    restore_threads(2)
+    two = ops.batched_svd(x)
     for a, b in zip(one, two):
         assert torch.equal(a, b)
 

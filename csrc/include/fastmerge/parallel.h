@@ -66,12 +66,13 @@ inline int thread_index() {
 }
 
 // Sets the kernels' thread count for every thread, and the calling thread's OpenMP count (which
-// torch's CPU wheels share, as torch.set_num_threads sets ours in its calling thread).
+// torch's CPU wheels share, as torch.set_num_threads sets ours in its calling thread). 0 unsets
+// it: the kernels follow each calling thread's OpenMP count again.
 inline void set_threads(int n) {
-  if (n <= 0) return;
+  if (n < 0) return;
   requested_threads().store(n, std::memory_order_relaxed);
 #ifdef _OPENMP
-  omp_set_num_threads(n);
+  if (n > 0) omp_set_num_threads(n);
 #endif
 }
 

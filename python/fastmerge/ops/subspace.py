@@ -210,7 +210,7 @@ _GRAM_SAFE_EXPONENT = 40
 
 
 def _gram_safe_scaling(flat: torch.Tensor):
-    """(flat scaled so that every matrix's largest magnitude lies in [0.5, 1), per-matrix
+    """(flat scaled so that every matrix's largest magnitude lies in [0.5, 2), per-matrix
     scale) when some matrix has entries outside the safe range; (flat, None) otherwise."""
     if flat.numel() == 0:
         return flat, None
@@ -219,7 +219,8 @@ def _gram_safe_scaling(flat: torch.Tensor):
     needs = (amax > 0) & (exponent.abs() > _GRAM_SAFE_EXPONENT)
     if not bool(needs.any()):
         return flat, None
-    scale = torch.ldexp(torch.ones_like(amax), torch.where(needs, exponent, 0))
+    # 2^128 is not a float32: entries from 2^127 on are scaled into [1, 2) instead
+    scale = torch.ldexp(torch.ones_like(amax), torch.where(needs, exponent.clamp_max(127), 0))
     return flat / scale[:, None, None], scale
 
 
