@@ -25,7 +25,8 @@ def batched_svd(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tens
     returned as fp32. Singular vectors are unique only up to sign (and rotation within repeated
     singular values); the vectors of numerically zero singular values are completed to an
     orthonormal set, as torch.linalg.svd's are. Non-finite input gives non-finite output.
-    On the CPU, clearly rectangular matrices (aspect >= 8, or >= 4 from min(m, n) = 64) are
+    On the CPU, min(m, n) above 64 goes to LAPACK (torch.linalg.svd), which is faster there,
+    and clearly rectangular smaller matrices (aspect >= 8, or >= 4 from min(m, n) = 64) are
     reduced by a QR first.
     """
     x = check_tensor(x, "x")
@@ -37,6 +38,8 @@ def batched_svd(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tens
     if not use_native(x.device) or (x.device.type == "cuda" and k > _CUDA_MAX_COLUMNS):
         u, s, vh = torch.linalg.svd(x.detach().float(), full_matrices=False)
         return u, s, vh
+    if x.device.type == "cpu" and k > _CPU_JACOBI_MAX_COLUMNS:
+        return _lapack_svd(x.detach().float())
     batch = 1
     for d in batch_shape:
         batch *= d
@@ -46,6 +49,29 @@ def batched_svd(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tens
         return (u.reshape(*batch_shape, m, k), s.reshape(*batch_shape, k),
                 vh.reshape(*batch_shape, k, n))
     return _jacobi_svd(flat, batch_shape, x.device)
+
+
+# Largest min(m, n) the CPU Jacobi takes; LAPACK's SVD overtakes it above. Measured on the
+# 2-core EPYC, Gaussian matrices, batched_svd vs torch.linalg.svd (min of 7):
+#   16 x 512: 2.1x, 32 x 256: 1.6x, 48 x 128: 1.3x, 64 x 64: 1.07x, 72 x 64: 0.88x,
+#   96 x 64: 0.76x, 128 x 16: 0.63x, 256 x 16: 0.40x.
+_CPU_JACOBI_MAX_COLUMNS = 64
+
+
+def _lapack_svd(a: torch.Tensor):
+    """torch.linalg.svd of every finite matrix of a [..., m, n]; NaN factors for the others
+    (which LAPACK refuses), as the Jacobi kernel gives."""
+    finite = finite_per_matrix(a)
+    if bool(finite.all()):
+        return torch.linalg.svd(a, full_matrices=False)
+    *batch_shape, m, n = a.shape
+    k = min(m, n)
+    u = torch.full((*batch_shape, m, k), float("nan"))
+    s = torch.full((*batch_shape, k), float("nan"))
+    vh = torch.full((*batch_shape, k, n), float("nan"))
+    if bool(finite.any()):
+        u[finite], s[finite], vh[finite] = torch.linalg.svd(a[finite], full_matrices=False)
+    return u, s, vh
 
 
 # The CUDA Jacobi keeps per-column statistics in shared memory (kMaxCudaColumns in
