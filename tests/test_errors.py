@@ -209,7 +209,11 @@ def test_sparse_inputs_are_refused_by_name():
 
 def test_outputs_sharing_memory_are_refused():
     out = torch.empty(1).expand(12).reshape(3, 4)
-    raises(lambda: F.ties(B, E, 1.0, 0.5, out=out), "out", "expanded")
+    raises(lambda: F.ties(B, E, 1.0, 0.5, out=out), "out", "share memory")
+    rows_overlap = torch.empty(10).as_strided((3, 4), (2, 1))
+    raises(lambda: F.ties(B, E, 1.0, 0.5, out=rows_overlap), "out", "share memory")
+    for fine in (torch.empty(4, 3).mT, torch.empty(3, 8)[:, ::2], torch.empty(6, 4)[1:4]):
+        assert torch.equal(F.ties(B, E, 1.0, 0.5, out=fine), F.ties(B, E, 1.0, 0.5))
     negated = torch.zeros(3, 4)._neg_view()
     raises(lambda: F.ties(B, E, 1.0, 0.5, out=negated), "out", "negated")
 

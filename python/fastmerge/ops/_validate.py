@@ -107,15 +107,28 @@ def check_out(out, reference: torch.Tensor, out_dtype, inputs: Sequence[tuple]) 
         raise InvalidArgumentError(f"out_dtype={out_dtype} disagrees with out, which has dtype {out.dtype}")
     if out.requires_grad:
         raise InvalidArgumentError("out requires grad; fastmerge ops do not record autograd history")
-    if any(size > 1 and stride == 0 for size, stride in zip(out.shape, out.stride())):
-        raise InvalidArgumentError(f"out is an expanded view (strides {tuple(out.stride())}) whose "
-                                   "elements share memory; pass a tensor of its own")
+    if _overlaps_itself(out):
+        raise InvalidArgumentError(f"out is a view whose elements share memory (shape "
+                                   f"{tuple(out.shape)}, strides {tuple(out.stride())}, e.g. an "
+                                   "expanded one); pass a tensor of its own")
     if out.is_neg() or out.is_conj():
         raise InvalidArgumentError("out is a lazily negated view; pass a materialised tensor")
     for name, t in inputs:
         if t is not None and _shares_memory(out, t):
             raise InvalidArgumentError(f"out overlaps {name} in memory; pass a separate tensor")
     return out.dtype
+
+
+def _overlaps_itself(t: torch.Tensor) -> bool:
+    """Whether two elements of t may share memory: taken from the smallest stride up, each
+    dimension must step past everything the smaller ones span (conservative, like
+    _shares_memory; every layout torch creates for a fresh or sliced tensor passes)."""
+    span = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+        if stride < span:
+            return True
+        span = stride * (size - 1) + span
+    return False
 
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
