@@ -236,6 +236,20 @@ def test_tome_ops_check_their_maps():
         raises(call, "maps must be the TomeMaps")
 
 
+def test_zero_dim_arrays_and_tensors_are_scalars():
+    """A scalar argument given as a 0-d tensor or numpy array (torch.tensor(0.5), a value read
+    with numpy) is that number; a 0-d bool is refused as a bool is."""
+    import numpy as np
+
+    x = torch.arange(-5.0, 7.0)
+    for zero_dim in (np.array(0.25), torch.tensor(0.25)):
+        assert torch.equal(F.magnitude_mask(x, zero_dim), F.magnitude_mask(x, 0.25))
+        assert torch.equal(F.slerp(B, E[0], zero_dim), F.slerp(B, E[0], 0.25))
+        assert torch.equal(F.ties(B, E, zero_dim, 0.5), F.ties(B, E, 0.25, 0.5))
+    raises(lambda: F.slerp(B, E[0], np.array(True)), "t must be a real number")
+    raises(lambda: F.magnitude_mask(x, torch.tensor(True)), "density must be a real number")
+
+
 @pytest.mark.parametrize("seed", [-1, 2**64, 1.5])
 def test_randomized_svd_seed_range(seed):
     raises(lambda: F.randomized_svd(torch.randn(8, 6), 2, seed=seed), "seed")

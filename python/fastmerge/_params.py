@@ -45,9 +45,19 @@ def della_rank_axis(shape: Sequence[int]):
 
 
 
+def _as_python_scalar(value):
+    """A 0-d torch tensor or numpy array as the number it holds (what `t=torch.tensor(0.5)` or
+    a value read with numpy means); anything else as given."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item") and \
+            not isinstance(value, (bool, Real)):
+        return value.item()
+    return value
+
+
 def per_expert(value, count: int, name: str, *, low: Optional[float] = None,
                high: Optional[float] = None) -> List[float]:
     """A float or one value per expert -> list of finite floats within [low, high]."""
+    value = _as_python_scalar(value)
     if hasattr(value, "detach") and hasattr(value, "reshape"):  # a torch tensor
         value = value.detach().cpu().reshape(-1).tolist()
         if len(value) == 1:
@@ -75,6 +85,7 @@ def per_expert(value, count: int, name: str, *, low: Optional[float] = None,
 
 
 def check_scalar(value, name: str, *, low: Optional[float] = None, high: Optional[float] = None) -> float:
+    value = _as_python_scalar(value)
     if isinstance(value, bool) or not isinstance(value, Real):
         raise InvalidArgumentError(f"{name} must be a real number, got {value!r}")
     v = float(value)
