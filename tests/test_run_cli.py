@@ -387,6 +387,35 @@ def test_thread_count_changes_nothing_and_is_restored(method, family, tmp_path):
         assert f.read_bytes() == (tmp_path / "default" / f.name).read_bytes(), f.name
 
 
+def test_an_error_waits_for_the_read_in_flight_before_closing_the_readers(family, tmp_path,
+                                                                          monkeypatch):
+    """When the merge fails, the prefetch thread may be reading the next group; the readers'
+    descriptors are closed only after that read ends (a reused descriptor number would
+    otherwise be read from)."""
+    import threading
+    import time
+
+    from fastmerge import host_kernels
+    from fastmerge.io import CheckpointReader
+
+    base, experts = family
+    cfg = write_config(tmp_path, base, experts)
+    slow_read = CheckpointReader.get_array
+
+    def get_array(self, name, **kw):
+        time.sleep(0.05)
+        return slow_read(self, name, **kw)
+
+    def failing_merge(*args, **kw):
+        raise RuntimeError("merge failed")
+
+    monkeypatch.setattr(CheckpointReader, "get_array", get_array)
+    monkeypatch.setattr(host_kernels, "gta", failing_merge)
+    with pytest.raises(RuntimeError, match="merge failed"):
+        run_merge(cfg, tmp_path / "out", MergeOptions(quiet=True))
+    assert not any(t.name == "fastmerge-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
 def test_missing_model_message_names_each_place_once(tmp_path, monkeypatch):
     from types import SimpleNamespace
 

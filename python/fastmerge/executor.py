@@ -198,10 +198,13 @@ class _Prefetcher:
                 self._bytes_ahead -= job.nbytes_in
                 self._lock.notify_all()
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 10.0) -> None:
+        """Stops the thread and waits for the load in flight (at most wait_s): the caller
+        closes the readers next, and a read still running would use their descriptors."""
         with self._lock:
             self._stop = True
             self._lock.notify_all()
+        self._thread.join(timeout=wait_s)
 
 
 class _WriteBehind:
