@@ -64,7 +64,7 @@ def per_expert(value, count: int, name: str, *, low: Optional[float] = None,
             value = value[0]
     if isinstance(value, Real) and not isinstance(value, bool):
         values = [float(value)] * count
-        count_labels = 1  # one value: name it as given, not as weight[0]
+        given_once = True  # a bad value is named as given, not as weight[0]
     else:
         try:
             if isinstance(value, (str, bytes)):
@@ -74,9 +74,9 @@ def per_expert(value, count: int, name: str, *, low: Optional[float] = None,
             raise InvalidArgumentError(f"{name} must be a float or one float per expert, got {value!r}") from None
         if len(values) != count:
             raise InvalidArgumentError(f"{name} has {len(values)} values for {count} experts: {values}")
-        count_labels = count
+        given_once = count == 1
     for i, v in enumerate(values):
-        label = name if count_labels == 1 else f"{name}[{i}]"
+        label = name if given_once else f"{name}[{i}]"
         if not math.isfinite(v):
             raise InvalidArgumentError(f"{label} must be finite, got {v}")
         if low is not None and v < low or high is not None and v > high:

@@ -221,8 +221,8 @@ void prepare_screening(BatchPack& pk) {
 
 // a-rows per scoring work item: a multiple of 8, several items per thread.
 int64_t rows_per_item(int64_t rows) {
-  return std::clamp<int64_t>(
-      ((rows + 4 * team_size() - 1) / (4 * team_size()) + 7) / 8 * 8, 8, kTomeMaxRows);
+  const int64_t items = 4 * int64_t(team_size());
+  return std::clamp<int64_t>(((rows + items - 1) / items + 7) / 8 * 8, 8, kTomeMaxRows);
 }
 
 // Row maxima of a-rows [a0, a1) of a packed batch.
